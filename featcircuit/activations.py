@@ -1,0 +1,140 @@
+"""Harvest: activations at several hooks from one forward pass per batch.
+
+1. the forward stops after the last block any requested hook lives in (``stop_at_layer``);
+2. batches are written as they finish — into memory, or into a disk cache of chunk files
+   (``chunk_00000.safetensors`` …) beside a ``manifest.json`` that names the tokens, hooks and
+   model they belong to;
+3. each chunk is written atomically, so a killed harvest leaves only whole chunks, and a rerun
+   with the same manifest skips them and computes only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .io import atomic_save_safetensors, atomic_write_text
+from .sites import hook_layer, n_layers
+
+MANIFEST_VERSION = 1
+
+
+def tokens_digest(tokens: Tensor) -> str:
+    """A short SHA-256 of a token tensor (shape and values), to tie caches to their data."""
+    h = hashlib.sha256(str(tuple(tokens.shape)).encode())
+    h.update(tokens.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def stop_layer(model, hooks: Sequence[str]) -> int | None:
+    """The block after the last one the hooks live in, or None when a hook needs the full model."""
+    layers = [hook_layer(h) for h in hooks]
+    if any(lay is None for lay in layers):
+        return None
+    last = max(layers) + 1  # type: ignore[type-var]
+    return None if last >= n_layers(model) else last
+
+
+@torch.no_grad()
+def _forward(model, batch: Tensor, hooks: Sequence[str], stop: int | None) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+
+    def saver(name: str):
+        # Key by the requested name: aliases (hook_resid_pre) fire as their target (hook_in).
+        def save(act: Tensor, hook) -> None:
+            out[name] = act.detach().to("cpu", torch.float32)
+        return save
+
+    model.run_with_hooks(batch, fwd_hooks=[(h, saver(h)) for h in hooks], stop_at_layer=stop,
+                         return_type=None)
+    missing = [h for h in hooks if h not in out]
+    if missing:
+        raise UserError(f"hook(s) {missing} did not fire: check the names with `featcircuit model info`")
+    return out
+
+
+def harvest(model, tokens: Tensor, hooks: Sequence[str], *, batch_size: int = 16,
+            cache_dir: str | Path | None = None, chunk_size: int = 64,
+            progress: bool = True) -> dict[str, Tensor]:
+    """Activations ``{hook: [n_seq, n_ctx, width]}`` (float32, CPU) of ``tokens`` at ``hooks``.
+
+    With ``cache_dir``, chunks of ``chunk_size`` sequences are saved there and reused; a killed
+    run resumes from the last whole chunk.
+    """
+    if tokens.ndim != 2 or tokens.shape[0] == 0:
+        raise UserError(f"tokens must be a non-empty [n_seq, n_ctx] tensor, got shape {tuple(tokens.shape)}")
+    hooks = list(dict.fromkeys(hooks))
+    unknown = [h for h in hooks if h not in model.hook_dict]
+    if unknown:
+        raise UserError(f"unknown hook {unknown[0]!r}: see `featcircuit model info` for the sites")
+    stop = stop_layer(model, hooks)
+    device = next(model.parameters()).device
+    if cache_dir is None:
+        parts: dict[str, list[Tensor]] = {h: [] for h in hooks}
+        for i in tqdm(range(0, len(tokens), batch_size), desc="harvest", disable=not progress,
+                      unit="batch"):
+            acts = _forward(model, tokens[i:i + batch_size].to(device), hooks, stop)
+            for h in hooks:
+                parts[h].append(acts[h])
+        return {h: torch.cat(v) for h, v in parts.items()}
+    return _harvest_cached(model, tokens, hooks, stop, device, Path(cache_dir), batch_size,
+                           chunk_size, progress)
+
+
+def _manifest(model, tokens: Tensor, hooks: list[str], chunk_size: int) -> dict:
+    from .models import model_name
+
+    return {"version": MANIFEST_VERSION, "model": model_name(model), "hooks": hooks,
+            "n_seq": int(tokens.shape[0]), "n_ctx": int(tokens.shape[1]),
+            "tokens": tokens_digest(tokens), "chunk_size": chunk_size}
+
+
+def _harvest_cached(model, tokens, hooks, stop, device, cache: Path, batch_size, chunk_size,
+                    progress) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    man = _manifest(model, tokens, hooks, chunk_size)
+    man_path = cache / "manifest.json"
+    if man_path.exists():
+        try:
+            old = json.loads(man_path.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"activation cache manifest {man_path} is corrupt: delete {cache}") from None
+        if old != man:
+            diff = [k for k in man if old.get(k) != man[k]]
+            raise UserError(f"activation cache {cache} was made for other {', '.join(diff)}: "
+                            "use another cache folder or delete this one")
+    else:
+        atomic_write_text(man_path, json.dumps(man, indent=1))
+    n_chunks = -(-len(tokens) // chunk_size)
+    todo = [c for c in range(n_chunks) if not (cache / f"chunk_{c:05d}.safetensors").exists()]
+    bar = tqdm(total=n_chunks, initial=n_chunks - len(todo), desc="harvest", unit="chunk",
+               disable=not progress)
+    for c in todo:
+        chunk = tokens[c * chunk_size:(c + 1) * chunk_size]
+        parts: dict[str, list[Tensor]] = {h: [] for h in hooks}
+        for i in range(0, len(chunk), batch_size):
+            acts = _forward(model, chunk[i:i + batch_size].to(device), hooks, stop)
+            for h in hooks:
+                parts[h].append(acts[h])
+        atomic_save_safetensors({h: torch.cat(v) for h, v in parts.items()},
+                                cache / f"chunk_{c:05d}.safetensors")
+        bar.update(1)
+    bar.close()
+    out: dict[str, list[Tensor]] = {h: [] for h in hooks}
+    for c in range(n_chunks):
+        path = cache / f"chunk_{c:05d}.safetensors"
+        try:
+            d = load_file(path)
+        except Exception:
+            raise UserError(f"activation cache chunk {path} is corrupt: delete it and rerun") from None
+        for h in hooks:
+            out[h].append(d[h])
+    return {h: torch.cat(v) for h, v in out.items()}

@@ -1,0 +1,126 @@
+"""The ``featcircuit`` command line: one sub-command per job, thin wrappers over the API.
+
+Bad input raises :class:`~featcircuit.errors.UserError` anywhere below; ``main`` prints it as
+one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    from .models import BUILTIN_NAME
+
+    p.add_argument("--model", default=BUILTIN_NAME,
+                   help=f"built-in name ({BUILTIN_NAME}), HuggingFace name or local HF folder")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def cmd_model_info(args) -> None:
+    from .models import load_model, model_info
+    from .sites import site_table
+
+    model = load_model(args.model, args.device)
+    info = model_info(model)
+    if args.json:
+        print(json.dumps({**info, "sites": site_table(model)}, indent=1))
+        return
+    for k, v in info.items():
+        print(f"{k:>14}: {v:,}" if isinstance(v, int) else f"{k:>14}: {v}")
+    print("\nsites (resid = the residual the MLP reads; mlp = MLP hidden after the nonlinearity)")
+    print(f"{'layer':>5}  {'resid hook':<28} {'width':>5}  {'mlp hook':<26} {'width':>5}")
+    for r in site_table(model):
+        print(f"{r['layer']:>5}  {r['resid']:<28} {r['d_resid']:>5}  {r['mlp']:<26} {r['d_mlp']:>5}")
+
+
+def cmd_model_train(args) -> None:
+    from .lm_training import LMConfig, train_lm
+    from .models import BUILTIN_DIR
+
+    out = Path(args.out) if args.out else BUILTIN_DIR
+    cfg = LMConfig(steps=args.steps, seed=args.seed)
+    prov = train_lm(out, cfg)
+    h = prov["heldout"]
+    print(f"held-out CE {h['ce']:.3f} nats/token, top-1 {h['top1']:.3f} "
+          f"(bigram {prov['baselines']['bigram']['ce']:.3f}, unigram {prov['baselines']['unigram']['ce']:.3f})")
+    print(f"wrote {out}")
+
+
+def cmd_harvest(args) -> None:
+    from .activations import harvest
+    from .data import load_tokens
+    from .models import load_model, model_name
+    from .sites import pair_sites
+
+    model = load_model(args.model, args.device)
+    tokens = load_tokens(args.data, model, n_ctx=args.n_ctx, n_tokens=args.tokens, split=args.split)
+    sites = pair_sites(model, args.layer)
+    out = Path(args.out or f"featcircuit-out/{model_name(model).replace('/', '_')}-L{args.layer}-acts")
+    t0 = time.time()
+    acts = harvest(model, tokens, [s.hook for s in sites], cache_dir=out, batch_size=args.batch_size)
+    dt = time.time() - t0
+    print(f"harvested {tokens.numel():,} tokens in {dt:.1f}s from {model_name(model)} layer {args.layer}")
+    print(f"{'site':<6} {'hook':<28} {'width':>5} {'mean |x|':>9} {'max |x|':>9}")
+    for s in sites:
+        n = acts[s.hook].flatten(0, 1)[:, :].norm(dim=-1)
+        print(f"{s.name:<6} {s.hook:<28} {s.width:>5} {n.mean():>9.2f} {n.max():>9.2f}")
+    print(f"wrote activation cache to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every sub-command."""
+    from .data import BUILTIN_DATA
+
+    parser = argparse.ArgumentParser(
+        prog="featcircuit",
+        description="Paired sparse dictionaries on a model's residual stream and MLP, linked "
+                    "feature to feature by exact attribution and ablation search.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="inspect or train models").add_subparsers(dest="model_cmd", required=True)
+    p = model.add_parser("info", help="architecture, parameter count and sites per layer")
+    _add_model(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_model_info)
+    p = model.add_parser("train", help="train the built-in model on the stdlib source")
+    p.add_argument("--out", help="output folder (default: the package's built-in model folder)")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_model_train)
+
+    p = sub.add_parser("harvest", help="cache the resid and mlp activations of one layer")
+    _add_model(p)
+    p.add_argument("--layer", type=int, default=2)
+    p.add_argument("--data", default=BUILTIN_DATA)
+    p.add_argument("--split", default="heldout")
+    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--n-ctx", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", help="cache folder (resumable)")
+    p.set_defaults(func=cmd_harvest)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``featcircuit`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"featcircuit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("featcircuit: interrupted (saved work is kept; rerun to resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
