@@ -1,0 +1,120 @@
+"""Dictionary quality, measured on held-out tokens (DESIGN §4).
+
+Per site: L0, fraction of variance explained, cosine similarity, dead and dense fractions.
+Downstream: next-token CE and KL(clean ‖ spliced) with each dictionary spliced in and with
+both, against zero- and mean-ablation of the same sites:
+``recovered = (CE_ablated − CE_spliced) / (CE_ablated − CE_clean)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .dictionary import Pair
+from .errors import UserError
+from .sites import pair_sites
+from .splicing import mean_ablate, reconstruct_with, run_spliced, zero_ablate
+
+DENSE_FREQ = 0.1  # a feature firing on more than 10% of tokens counts as dense
+
+
+def _ce_kl(logits: Tensor, clean_logp: Tensor, tokens: Tensor) -> tuple[float, float, int]:
+    logp = logits[:, :-1].log_softmax(-1)
+    tgt = tokens[:, 1:]
+    ce = -logp.gather(-1, tgt[..., None]).sum()
+    kl = (clean_logp.exp() * (clean_logp - logp)).sum()
+    return float(ce), float(kl), tgt.numel()
+
+
+@torch.no_grad()
+def site_stats(d, acts: Tensor) -> dict:
+    """Reconstruction statistics of dictionary ``d`` on activations ``acts [n, d_in]``."""
+    codes = d.encode(acts)
+    recon = d.decode(codes)
+    fired = codes > 0
+    freq = fired.float().mean(0)
+    var = (acts - acts.mean(0)).pow(2).sum()
+    return {
+        "l0": float(fired.sum(-1).float().mean()),
+        "variance_explained": float(1 - (acts - recon).pow(2).sum() / var),
+        "cos_sim": float(F.cosine_similarity(acts, recon, dim=-1).mean()),
+        "dead_frac": float((freq == 0).float().mean()),
+        "dense_frac": float((freq > DENSE_FREQ).float().mean()),
+        "rel_error_norm": float(((acts - recon).norm(dim=-1) / acts.norm(dim=-1).clamp_min(1e-8)).mean()),
+        "n_tokens": int(acts.shape[0]),
+    }
+
+
+def evaluate_pair(model, pair: Pair, tokens: Tensor, layer: int, *, batch_size: int = 16,
+                  progress: bool = True) -> dict:
+    """Quality of a dictionary pair on ``tokens`` (BOS positions excluded from every number)."""
+    if tokens.ndim != 2 or len(tokens) == 0:
+        raise UserError(f"evaluation needs a non-empty [n, n_ctx] token tensor, got {tuple(tokens.shape)}")
+    from .activations import harvest
+
+    r_site, m_site = pair_sites(model, layer)
+    device = next(model.parameters()).device
+    acts = harvest(model, tokens, [r_site.hook, m_site.hook], batch_size=batch_size, progress=False)
+    flat = {s.name: acts[s.hook][:, 1:].reshape(-1, s.width) for s in (r_site, m_site)}
+    dicts = {"resid": pair.resid, "mlp": pair.mlp}
+    out: dict = {"sites": {k: site_stats(dicts[k].to("cpu"), flat[k]) for k in dicts}}
+    for d in dicts.values():
+        d.to(device)
+    means = {k: v.mean(0).to(device) for k, v in flat.items()}
+    hook = {"resid": r_site.hook, "mlp": m_site.hook}
+    conditions = {
+        "spliced": lambda k: reconstruct_with(dicts[k]),
+        "zero": lambda k: zero_ablate(),
+        "mean": lambda k: mean_ablate(means[k]),
+    }
+    which = {"resid": ["resid"], "mlp": ["mlp"], "both": ["resid", "mlp"]}
+    sums: dict[str, list[float]] = {}
+    n_tok = 0
+    for i in tqdm(range(0, len(tokens), batch_size), desc="evaluate", disable=not progress):
+        b = tokens[i:i + batch_size].to(device)
+        with torch.no_grad():
+            clean = model(b)
+            clean_logp = clean[:, :-1].log_softmax(-1)
+            ce, _, n = _ce_kl(clean, clean_logp, b)
+            sums.setdefault("clean", [0.0, 0.0])[0] += ce
+            n_tok += n
+            for cond, make in conditions.items():
+                for w, ks in which.items():
+                    logits = run_spliced(model, b, {hook[k]: make(k) for k in ks})
+                    ce, kl, _ = _ce_kl(logits, clean_logp, b)
+                    acc = sums.setdefault(f"{w}/{cond}", [0.0, 0.0])
+                    acc[0] += ce
+                    acc[1] += kl
+    ce_clean = sums["clean"][0] / n_tok
+    down: dict = {"ce_clean": ce_clean, "n_tokens": n_tok}
+    for w in which:
+        row = {}
+        for cond in conditions:
+            row[f"ce_{cond}"] = sums[f"{w}/{cond}"][0] / n_tok
+            row[f"kl_{cond}"] = sums[f"{w}/{cond}"][1] / n_tok
+        for base in ("zero", "mean"):
+            gap = row[f"ce_{base}"] - ce_clean
+            row[f"recovered_vs_{base}"] = (row[f"ce_{base}"] - row["ce_spliced"]) / gap if abs(gap) > 1e-9 else float("nan")
+        down[w] = row
+    out["downstream"] = down
+    return out
+
+
+def format_quality(ev: dict) -> str:
+    """A plain-text table of an :func:`evaluate_pair` result."""
+    lines = [f"{'site':<6} {'L0':>6} {'var.expl':>8} {'cos':>6} {'dead':>6} {'dense':>6}"]
+    for k, s in ev["sites"].items():
+        lines.append(f"{k:<6} {s['l0']:>6.1f} {s['variance_explained']:>8.3f} {s['cos_sim']:>6.3f} "
+                     f"{s['dead_frac']:>6.3f} {s['dense_frac']:>6.3f}")
+    d = ev["downstream"]
+    lines.append("")
+    lines.append(f"CE clean {d['ce_clean']:.4f} nats/token over {d['n_tokens']:,} tokens")
+    lines.append(f"{'spliced':<8} {'CE':>7} {'KL':>7} {'CE zero':>8} {'CE mean':>8} {'rec(zero)':>9} {'rec(mean)':>9}")
+    for w in ("resid", "mlp", "both"):
+        r = d[w]
+        lines.append(f"{w:<8} {r['ce_spliced']:>7.4f} {r['kl_spliced']:>7.4f} {r['ce_zero']:>8.4f} "
+                     f"{r['ce_mean']:>8.4f} {r['recovered_vs_zero']:>9.3f} {r['recovered_vs_mean']:>9.3f}")
+    return "\n".join(lines)
