@@ -102,6 +102,10 @@ def load_model(name_or_path: str = BUILTIN_NAME, device: str | torch.device = "a
     """A ``TransformerBridge`` (HF numerics, eval mode, frozen weights) for a name or folder."""
     from transformer_lens.model_bridge import TransformerBridge
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a 1-second "Loading weights" bar is noise on every command
+    hf_logging.set_verbosity_error()
     target, offline = resolve_model_path(name_or_path)
     dev = resolve_device(device)
     old = os.environ.get("HF_HUB_OFFLINE")

@@ -1,0 +1,379 @@
+"""ACDC-style ablation search over resid → MLP feature edges (DESIGN §6).
+
+Attribution is a linear estimate; ablation is the ground truth. Given candidate edges (the top
+N of an :class:`~featcircuit.attribution.EdgeTable`; every other edge stays in the model):
+
+1. order: MLP targets by increasing importance (the sum of |attribution| over their candidate
+   edges), and within a target its edges by increasing |attribution| — the weakest go first;
+2. ablate an edge (i → j) *path-specifically*: only MLP feature j sees the residual without
+   feature i — ``x − a_i·r_i`` (zero) or ``x − (a_i − ā_i)·r_i`` (mean); j's pre-activation is
+   recomputed through LN, ``W_in``, σ and its encoder column, with the clean TopK mask held;
+   the MLP is re-decoded with its clean error ``ε_M`` kept, and the rest of the model runs to
+   the logits;
+3. measure ``Δ = D(H′) − D(H)``, ``D`` = mean KL(clean ‖ circuit) over next-token
+   distributions (or the user's metric); remove the edge when ``Δ < τ`` and carry the removal
+   forward;
+4. batch speculatively: the next B edges are evaluated in one forward as the chain
+   ``H+e₁, H+e₁+e₂, …`` (B copies of the tokens on the batch dimension); decisions are read in
+   order and the chain restarts after the first kept edge, so the result is exactly that of
+   the one-forward-per-edge search.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .attribution import EdgeTable, Metric, grad_rows, node_effects
+from .errors import UserError
+from .sites import mlp_parts, pair_sites
+
+Config = dict[int, frozenset]  # MLP feature j -> resid features whose edge into j is ablated
+
+
+@dataclass
+class AblationContext:
+    """Clean activations of one token set, and the machinery to score ablated configurations."""
+
+    model: object
+    pair: object
+    layer: int
+    tokens: Tensor
+    ablation: str = "zero"
+    metric: Metric | None = None
+    max_rows: int = 128
+    """sequences per forward pass (configurations × contexts)"""
+    passes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ablation not in ("zero", "mean"):
+            raise UserError(f"unknown ablation {self.ablation!r}: use zero or mean")
+        from .activations import harvest
+
+        r, m = pair_sites(self.model, self.layer)
+        self.hook_mlp = m.hook
+        self.parts = mlp_parts(self.model, self.layer)
+        dev = self.parts.W_in.device
+        self.tokens = self.tokens.to(dev)
+        acts = harvest(self.model, self.tokens, [r.hook, m.hook], batch_size=32, progress=False)
+        R, M = self.pair.resid, self.pair.mlp
+        with torch.no_grad():
+            self.x = acts[r.hook][:, 1:].to(dev).flatten(0, 1)  # [N, d]  (N = n_seq·(n_ctx−1))
+            self.z = acts[m.hook][:, 1:].to(dev).flatten(0, 1)  # [N, d_mlp]
+            self.a = R.encode(self.x)
+            self.f = M.encode(self.z)
+            self.base = self.a.mean(0) if self.ablation == "mean" else torch.zeros_like(self.a[0])
+            logits = self._forward([torch.zeros_like(self.z)])
+            self.clean_logp = logits[0][:, :-1].log_softmax(-1)
+            self.passes = 0
+        self._fcache: dict[tuple[int, frozenset], Tensor] = {}
+
+    # ---- the ablated MLP ----------------------------------------------------------------
+
+    def f_ablated(self, j: int, removed: frozenset) -> Tensor:
+        """MLP feature j's activation [N] when it sees the residual without ``removed`` features."""
+        key = (j, removed)
+        if key not in self._fcache:
+            R, M = self.pair.resid, self.pair.mlp
+            idx = torch.tensor(sorted(removed), dtype=torch.long, device=self.x.device)
+            coef = self.a[:, idx] - self.base[idx]  # [N, |S|]
+            x2 = self.x - coef @ R.W_dec[idx]
+            z2 = self.parts.hidden(x2)
+            pre = (z2 - M.b_dec) @ M.W_enc[:, j] + M.b_enc[j]
+            self._fcache[key] = torch.relu(pre) * (self.f[:, j] != 0)  # clean mask held
+        return self._fcache[key]
+
+    def z_delta(self, config: Config) -> Tensor:
+        """Change of the mid-MLP activation [N, d_mlp] under ``config`` (clean error kept)."""
+        M = self.pair.mlp
+        js = [j for j, s in config.items() if s]
+        if not js:
+            return torch.zeros_like(self.z)
+        df = torch.stack([self.f_ablated(j, config[j]) - self.f[:, j] for j in js], 1)  # [N, J]
+        return df @ M.W_dec[js]
+
+    # ---- scoring -------------------------------------------------------------------------
+
+    def _forward(self, deltas: list[Tensor]) -> list[Tensor]:
+        """Logits per configuration, given each one's mid-MLP change; counts forward passes."""
+        n_seq, n_ctx = self.tokens.shape
+        per = max(1, self.max_rows // n_seq)
+        out: list[Tensor] = []
+        for c in range(0, len(deltas), per):
+            chunk = deltas[c:c + per]
+            d = torch.stack(chunk).view(len(chunk) * n_seq, n_ctx - 1, -1)
+
+            def hook(act: Tensor, hook=None, d=d) -> Tensor:
+                return torch.cat([act[:, :1], act[:, 1:] + d.to(act.dtype)], 1)
+
+            toks = self.tokens.repeat(len(chunk), 1)
+            with torch.no_grad():
+                logits = self.model.run_with_hooks(toks, fwd_hooks=[(self.hook_mlp, hook)])
+            self.passes += 1
+            out.extend(logits.view(len(chunk), n_seq, n_ctx, -1).unbind(0))
+        return out
+
+    def score(self, configs: list[Config]) -> list[float]:
+        """D for each configuration: mean KL(clean ‖ ablated), or the user metric."""
+        logits = self._forward([self.z_delta(c) for c in configs])
+        out = []
+        for lg in logits:
+            if self.metric is not None:
+                out.append(float(self.metric(lg, self.tokens)))
+            else:
+                logp = lg[:, :-1].log_softmax(-1)
+                out.append(float((self.clean_logp.exp() * (self.clean_logp - logp)).sum(-1).mean()))
+        return out
+
+
+def _with(config: Config, i: int, j: int) -> Config:
+    new = dict(config)
+    new[j] = frozenset(config.get(j, frozenset()) | {i})
+    return new
+
+
+def visit_order(candidates: EdgeTable) -> list[tuple[int, int, float]]:
+    """(src, dst, attribution) in search order: targets by increasing importance, edges by |attr|."""
+    imp: dict[int, float] = {}
+    rows = list(zip(candidates.src.tolist(), candidates.dst.tolist(), candidates.weight.tolist()))
+    for i, j, w in rows:
+        imp[j] = imp.get(j, 0.0) + abs(w)
+    rows.sort(key=lambda r: (imp[r[1]], r[1], abs(r[2]), r[0]))
+    return rows
+
+
+@dataclass
+class SearchResult:
+    """Kept edges with their measured Δ, every visit in order, and the pass accounting."""
+
+    visited: list[dict]
+    tau: float
+    ablation: str
+    passes: int
+    naive_passes: int
+    seconds: float
+    d_full: float
+    d_empty: float
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def kept(self) -> list[dict]:
+        return [v for v in self.visited if v["kept"]]
+
+    def to_dict(self) -> dict:
+        """JSON-able summary."""
+        return {"tau": self.tau, "ablation": self.ablation, "passes": self.passes,
+                "naive_passes": self.naive_passes, "seconds": self.seconds, "d_full": self.d_full,
+                "d_empty": self.d_empty, "n_candidates": len(self.visited), "n_kept": len(self.kept),
+                "visited": self.visited, **self.meta}
+
+
+def search_edges(model, pair, tokens: Tensor, candidates: EdgeTable, *, tau: float, layer: int | None = None,
+                 ablation: str = "zero", metric: Metric | None = None, batch: int = 8,
+                 max_rows: int = 128, progress: bool = True, ctx: AblationContext | None = None) -> SearchResult:
+    """Prune ``candidates`` by path-specific ablation (see the module docstring for the order)."""
+    if len(candidates) == 0:
+        raise UserError("no candidate edges to search: raise --candidates or lower the thresholds")
+    if candidates.src.min() < 0:
+        raise UserError("candidate edges must be feature edges (error sources cannot be ablated by edge)")
+    layer = candidates.layer if layer is None else layer
+    t0 = time.time()
+    ctx = ctx or AblationContext(model, pair, layer, tokens, ablation, metric, max_rows)
+    p0 = ctx.passes
+    order = visit_order(candidates)
+    H: Config = {}
+    (d_H,) = ctx.score([H])
+    d_full = d_H
+    visited: list[dict] = []
+    pos = 0
+    bar = tqdm(total=len(order), desc="ablation search", disable=not progress)
+    while pos < len(order):
+        chain = order[pos:pos + batch]
+        configs, c = [], H
+        for i, j, _ in chain:
+            c = _with(c, i, j)
+            configs.append(c)
+        ds = ctx.score(configs)
+        prev = d_H
+        for k, (i, j, w) in enumerate(chain):
+            delta = ds[k] - prev
+            keep = not delta < tau
+            visited.append({"src": i, "dst": j, "attribution": w, "delta": delta, "kept": keep,
+                            "visit": len(visited)})
+            pos += 1
+            bar.update(1)
+            if keep:
+                break  # later configurations in this chain assumed the edge removed
+            H, d_H, prev = configs[k], ds[k], ds[k]
+    bar.close()
+    empty: Config = {}
+    for i, j, _ in order:
+        empty = _with(empty, i, j)
+    (d_empty,) = ctx.score([empty])
+    n_seq = len(ctx.tokens)
+    per_naive = math.ceil(n_seq / ctx.max_rows) if n_seq > ctx.max_rows else 1
+    return SearchResult(visited, tau, ctx.ablation, ctx.passes - p0, (len(order) + 2) * per_naive,
+                        round(time.time() - t0, 2), d_full, d_empty)
+
+
+# ---- validation: every edge alone, and faithfulness curves -------------------------------
+
+
+def _pearson(x: list[float], y: list[float]) -> float:
+    a, b = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+def _spearman(x: list[float], y: list[float]) -> float:
+    rank = lambda v: torch.tensor(v, dtype=torch.float64).argsort().argsort().double()  # noqa: E731
+    return _pearson(rank(x).tolist(), rank(y).tolist())
+
+
+def predicted_effects(ctx: AblationContext, candidates: EdgeTable, metric: Metric) -> list[float]:
+    """Attribution's linear estimate of Δm for ablating each candidate edge alone.
+
+    ``−Σ_t (a_i − base_i)·∂f_j/∂a_i·∂m/∂f_j``: exact to first order for zero and mean ablation.
+    """
+    eff = node_effects(ctx.model, ctx.pair, ctx.tokens, layer=ctx.layer, metric=metric, keep_tensors=True)
+    gf = eff["grad_f"]  # [N, d_M]
+    R, M = ctx.pair.resid, ctx.pair.mlp
+    out = []
+    by_j: dict[int, Tensor] = {}
+    with torch.no_grad():
+        for i, j in zip(candidates.src.tolist(), candidates.dst.tolist()):
+            if j not in by_j:
+                g = grad_rows(ctx.parts, ctx.x, M.W_enc[:, j].expand(len(ctx.x), 1, -1))[:, 0]
+                by_j[j] = g * (ctx.f[:, j] != 0)[:, None]  # ∂f_j/∂x  [N, d]
+            dfa = by_j[j] @ R.W_dec[i]  # ∂f_j/∂a_i  [N]
+            out.append(float(-((ctx.a[:, i] - ctx.base[i]) * dfa * gf[:, j]).sum()))
+    return out
+
+
+def mean_ce(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Mean next-token cross-entropy (nats/token)."""
+    from .attribution import default_metric
+
+    return default_metric(logits, tokens) / tokens[:, 1:].numel()
+
+
+def validate_edges(ctx: AblationContext, candidates: EdgeTable, metric: Metric | None = None) -> dict:
+    """Each candidate ablated alone: measured Δm vs attribution's estimate, with correlations."""
+    metric = metric or mean_ce
+    saved = ctx.metric
+    ctx.metric = metric
+    try:
+        pairs = list(zip(candidates.src.tolist(), candidates.dst.tolist()))
+        base, *single = ctx.score([{}] + [_with({}, i, j) for i, j in pairs])
+    finally:
+        ctx.metric = saved
+    measured = [s - base for s in single]
+    predicted = predicted_effects(ctx, candidates, metric)
+    rows, disagree = [], []
+    for (i, j), m, p in zip(pairs, measured, predicted):
+        row = {"src": i, "dst": j, "measured": m, "predicted": p}
+        rows.append(row)
+        ratio = abs(m) / abs(p) if p != 0 else math.inf
+        if (m > 0) != (p > 0) or ratio > 3 or ratio < 1 / 3:
+            disagree.append(row)
+    return {"metric_full": base, "edges": rows, "pearson": _pearson(measured, predicted),
+            "spearman": _spearman(measured, predicted), "disagree": disagree,
+            "n_disagree": len(disagree)}
+
+
+def faithfulness_curves(ctx: AblationContext, candidates: EdgeTable, result: SearchResult,
+                        sizes: list[int] | None = None, seed: int = 0) -> dict:
+    """Faithfulness and completeness against circuit size for attribution, search and random orders.
+
+    faithfulness(C) = (D(C) − D(∅)) / (D(full) − D(∅)) with D measured as ``−KL`` (higher is
+    better), so it is 1 − KL(C)/KL(∅); completeness scores the complement (C ablated, the rest
+    kept) the same way: a complete circuit's complement scores near 0.
+    """
+    edges = list(zip(candidates.src.tolist(), candidates.dst.tolist()))
+    n = len(edges)
+    by_attr = [edges[k] for k in candidates.order().tolist()]
+    vis = sorted(result.visited, key=lambda v: (not v["kept"], -v["delta"]))
+    by_search = [(v["src"], v["dst"]) for v in vis]
+    rnd = edges[:]
+    random.Random(seed).shuffle(rnd)
+    sizes = sorted({s for s in (sizes or [0, 1, 2, 5, 10, 20, 50, 100, 200, 500, n]) if s <= n})
+    orders = {"attribution": by_attr, "search": by_search, "random": rnd}
+
+    def ablate(es) -> Config:
+        c: Config = {}
+        for i, j in es:
+            c = _with(c, i, j)
+        return c
+
+    configs = [{}, ablate(edges)]
+    for o in orders.values():
+        for s in sizes:
+            configs.append(ablate(o[s:]))  # keep the first s, ablate the rest
+            configs.append(ablate(o[:s]))  # the complement: ablate the circuit
+    saved = ctx.metric
+    ctx.metric = None
+    try:
+        d = ctx.score(configs)
+    finally:
+        ctx.metric = saved
+    d_full, d_empty = d[0], d[1]
+    gap = d_empty - d_full
+    norm = lambda v: (d_empty - v) / gap if gap > 0 else float("nan")  # noqa: E731
+    curves, k = {}, 2
+    for name in orders:
+        pts = []
+        for s in sizes:
+            pts.append({"size": s, "kl": d[k], "faithfulness": norm(d[k]),
+                        "kl_complement": d[k + 1], "completeness": norm(d[k + 1])})
+            k += 2
+        curves[name] = pts
+    n_kept = len(result.kept)
+    kept_cfg = ablate([(v["src"], v["dst"]) for v in result.visited if not v["kept"]])
+    (d_circ,) = ctx.score([kept_cfg]) if ctx.metric is None else _kl_score(ctx, kept_cfg)
+    return {"sizes": sizes, "curves": curves, "kl_full": d_full, "kl_empty": d_empty,
+            "circuit": {"size": n_kept, "kl": d_circ, "faithfulness": norm(d_circ)}}
+
+
+def _kl_score(ctx: AblationContext, cfg: Config) -> list[float]:
+    saved = ctx.metric
+    ctx.metric = None
+    try:
+        return ctx.score([cfg])
+    finally:
+        ctx.metric = saved
+
+
+def plot_curves(curves: dict, path) -> None:
+    """Faithfulness and completeness against size, one line per order, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, pts in curves["curves"].items():
+        s = [max(p["size"], 0.5) for p in pts]
+        axes[0].plot(s, [p["faithfulness"] for p in pts], marker="o", label=name)
+        axes[1].plot(s, [p["completeness"] for p in pts], marker="o", label=name)
+    for ax, t in zip(axes, ("faithfulness (circuit kept)", "completeness (circuit ablated)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("edges in circuit")
+        ax.set_title(t)
+        ax.axhline(1, color="grey", lw=0.5)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.legend()
+    c = curves["circuit"]
+    axes[0].scatter([max(c["size"], 0.5)], [c["faithfulness"]], color="black", zorder=5, label="found circuit")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
