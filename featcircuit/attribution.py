@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .adapters import as_pair
 from .errors import UserError
 from .sites import MLPParts, mlp_parts, pair_sites
 
@@ -208,10 +209,14 @@ def batch_edges(parts: MLPParts, resid_dict, mlp_dict, x: Tensor, *, ln: str = "
     """
     a = resid_dict.encode(x)
     err = x - resid_dict.decode(a)
-    f = mlp_dict.encode(parts.hidden(x))
+    z = parts.hidden(x)
+    f = mlp_dict.encode(z)
     a_vals, a_idx = _active(a)
     f_vals, f_idx = _active(f)
-    w_cols = mlp_dict.W_enc.T[f_idx]  # [T, k_out, d_mlp]
+    if hasattr(mlp_dict, "enc_cols"):  # any module: ∂f_j/∂z by vjp on its encode()
+        w_cols = mlp_dict.enc_cols(z, f_idx)
+    else:  # affine encoder: ∂f_j/∂z = w_j for an active feature
+        w_cols = mlp_dict.W_enc.T[f_idx]  # [T, k_out, d_mlp]
     g = grad_rows(parts, x, w_cols, ln) * (f_vals != 0)[..., None]  # ∂f_j/∂x, zero if inactive
     src = torch.cat([resid_dict.W_dec[a_idx] * a_vals[..., None], err[:, None, :]], 1)  # [T, k_in+1, d]
     e = g @ src.transpose(1, 2)  # [T, k_out, k_in+1]
@@ -221,11 +226,12 @@ def batch_edges(parts: MLPParts, resid_dict, mlp_dict, x: Tensor, *, ln: str = "
 
 def _check_pair(model, pair, layer: int):
     r_site, m_site = pair_sites(model, layer)
+    pair = as_pair(pair, r_site.width, m_site.width)
     for name, d, s in (("resid", pair.resid, r_site), ("mlp", pair.mlp, m_site)):
         d_in = getattr(getattr(d, "cfg", None), "d_in", None) or d.W_dec.shape[-1]
         if d_in != s.width:
             raise UserError(f"the {name} dictionary takes width {d_in} but {s.hook} has width {s.width}")
-    return r_site, m_site
+    return r_site, m_site, pair
 
 
 def default_metric(logits: Tensor, tokens: Tensor) -> Tensor:
@@ -245,7 +251,7 @@ def attribute_edges(model, pair, tokens: Tensor, *, layer: int, ln: str = "exact
     """
     from .activations import harvest
 
-    r_site, m_site = _check_pair(model, pair, layer)
+    r_site, m_site, pair = _check_pair(model, pair, layer)
     parts = mlp_parts(model, layer)
     device = parts.W_in.device
     R, M = pair.resid, pair.mlp
@@ -294,7 +300,7 @@ def node_effects(model, pair, tokens: Tensor, *, layer: int, metric: Metric | No
     BOS positions are left clean and excluded.
     """
     metric = metric or default_metric
-    r_site, m_site = _check_pair(model, pair, layer)
+    r_site, m_site, pair = _check_pair(model, pair, layer)
     R, M = pair.resid, pair.mlp
     device = next(model.parameters()).device
     tokens = tokens.to(device)

@@ -72,6 +72,39 @@ def _parse_target(target: str, d_mlp: int) -> int:
     return j
 
 
+def explain_target(table, j: int, mlp_stats) -> dict:
+    """What drives MLP feature ``j``: its incoming edges and the share of its activation they explain.
+
+    Over the tokens where j is active, ``Σ_t f_j(t)`` splits (to first order) into the summed
+    edges from resid features, the edge from the residual error, and the rest (encoder bias,
+    decoder bias and the nonlinearity's curvature).
+    """
+    t = table.for_target(j)
+    total = float(mlp_stats.mean_act[j] * mlp_stats.freq[j] * mlp_stats.n_tokens)
+    feat = float(t.weight[t.src >= 0].sum())
+    err = float(t.weight[t.src < 0].sum())
+    safe = total if total > 0 else float("nan")
+    drivers = [{"src": i, "weight": w, "share": w / safe, "count": c}
+               for i, w, c in zip(t.src.tolist(), t.weight.tolist(), t.count.tolist())]
+    return {"target": j, "total_activation": total,
+            "n_active_tokens": int(round(float(mlp_stats.freq[j]) * mlp_stats.n_tokens)),
+            "frac_features": feat / safe, "frac_error": err / safe, "frac_rest": 1 - (feat + err) / safe,
+            "drivers": drivers}
+
+
+def _weight_view(model, pair, layer, tokens, table, stats) -> dict:
+    from .activations import harvest
+    from .sites import mlp_parts, pair_sites
+    from .weights import compare, mean_stats, sufficiency, virtual_weights
+
+    parts = mlp_parts(model, layer)
+    hook = pair_sites(model, layer)[0].hook
+    x = harvest(model, tokens, [hook], progress=False)[hook][:, 1:].flatten(0, 1).to(parts.W_in.device)
+    vw = virtual_weights(parts, pair, mean_stats(parts, x))
+    suff = sufficiency(parts, pair, stats["resid"].max_act.to(x.device), x.mean(0))
+    return compare(table, vw.cpu(), suff.cpu())
+
+
 def discover(cfg: DiscoverConfig) -> dict:
     """Run the pipeline and write its files into ``cfg.out``; returns the summary dict."""
     from .attribution import attribute_edges, node_effects
@@ -118,6 +151,7 @@ def discover(cfg: DiscoverConfig) -> dict:
     effects = node_effects(model, pair, tokens[:16], layer=layer, metric=metric,
                            baseline="corrupt" if prompts else "zero",
                            corrupt=prompts.corrupt[:16] if prompts else None)
+    weights_view = _weight_view(model, pair, layer, tokens[:16], table, stats)
     t_attr = time.time() - t0 - t_setup
 
     # candidates: the top edges (by |behavioural weight|: what matters for the output)
@@ -173,6 +207,10 @@ def discover(cfg: DiscoverConfig) -> dict:
     top_all = table.select(table.order(by)[:1000])
     written.append(atomic_write_text(out / "edges.json", json.dumps(top_all.to_dict())))
     written.append(atomic_write_text(out / "quality.json", json.dumps(quality, indent=1)))
+    written.append(atomic_write_text(out / "weights.json", json.dumps(weights_view, indent=1)))
+    if target is not None:
+        expl = explain_target(table, target, stats["mlp"])
+        written.append(atomic_write_text(out / "target.json", json.dumps(expl, indent=1)))
     if search_res is not None:
         written.append(atomic_write_text(out / "search.json", json.dumps(
             {"search": search_res.to_dict(), "validation": validation, "faithfulness": curves}, indent=1)))
@@ -193,6 +231,19 @@ def discover(cfg: DiscoverConfig) -> dict:
     print(format_quality(quality))
     print(f"\n== top edges of layer {layer} ({len(table):,} co-active pairs over {table.n_tokens:,} tokens) ==")
     print(format_table(graph.top_edges(min(15, cfg.top_edges))))
+    print(f"\nweight-based view: Spearman(data edges, virtual weights) = "
+          f"{weights_view['spearman_data_vs_virtual']:.3f}; of the top {len(weights_view['top_edges'])} data edges, "
+          f"{weights_view['top_sign_agreement']:.0%} agree in sign and {weights_view['top_fire_alone']:.0%} fire "
+          f"from a_max·r_i + mean residual alone (weights.json)")
+    if target is not None:
+        print(f"\n== what drives mlp{layer}/{target} (active on {expl['n_active_tokens']} tokens, "
+              f"total activation {expl['total_activation']:.3g}) ==")
+        print(f"resid features account for {expl['frac_features']:.1%}, the residual error for "
+              f"{expl['frac_error']:.1%}, bias and nonlinearity the remaining {expl['frac_rest']:.1%}")
+        print(format_table([{"source": f"resid{layer}/{r['src']}" if r["src"] >= 0 else f"resid{layer}/err",
+                             "label": labels_for([("resid", r["src"])], stats, tokens, tok, layer)[f"resid{layer}/{r['src']}"]
+                             if r["src"] >= 0 else "error", "weight": r["weight"], "share": r["share"], "count": r["count"]}
+                            for r in expl["drivers"][:12]]))
     if search_res is not None:
         s = summary["search"]
         print(f"\n== ablation search ({cfg.ablation}, tau={cfg.tau:g}) ==")

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .adapters import as_pair
 from .attribution import EdgeTable, Metric, grad_rows, node_effects
 from .errors import UserError
 from .sites import mlp_parts, pair_sites
@@ -58,6 +59,7 @@ class AblationContext:
         from .activations import harvest
 
         r, m = pair_sites(self.model, self.layer)
+        self.pair = as_pair(self.pair, r.width, m.width)
         self.hook_mlp = m.hook
         self.parts = mlp_parts(self.model, self.layer)
         dev = self.parts.W_in.device
@@ -86,8 +88,11 @@ class AblationContext:
             coef = self.a[:, idx] - self.base[idx]  # [N, |S|]
             x2 = self.x - coef @ R.W_dec[idx]
             z2 = self.parts.hidden(x2)
-            pre = (z2 - M.b_dec) @ M.W_enc[:, j] + M.b_enc[j]
-            self._fcache[key] = torch.relu(pre) * (self.f[:, j] != 0)  # clean mask held
+            if hasattr(M, "pre_acts"):  # our dictionaries: j's own pre-activation, mask held
+                pre = torch.relu((z2 - M.b_dec) @ M.W_enc[:, j] + M.b_enc[j])
+            else:  # any module: its encode(), mask held
+                pre = M.encode(z2)[:, j]
+            self._fcache[key] = pre * (self.f[:, j] != 0)  # the clean TopK mask held
         return self._fcache[key]
 
     def z_delta(self, config: Config) -> Tensor:
@@ -251,7 +256,10 @@ def predicted_effects(ctx: AblationContext, candidates: EdgeTable, metric: Metri
     with torch.no_grad():
         for i, j in zip(candidates.src.tolist(), candidates.dst.tolist()):
             if j not in by_j:
-                g = grad_rows(ctx.parts, ctx.x, M.W_enc[:, j].expand(len(ctx.x), 1, -1))[:, 0]
+                jj = torch.full((len(ctx.x), 1), j, dtype=torch.long, device=ctx.x.device)
+                cols = (M.enc_cols(ctx.parts.hidden(ctx.x), jj) if hasattr(M, "enc_cols")
+                        else M.W_enc[:, j].expand(len(ctx.x), 1, -1))
+                g = grad_rows(ctx.parts, ctx.x, cols)[:, 0]
                 by_j[j] = g * (ctx.f[:, j] != 0)[:, None]  # ∂f_j/∂x  [N, d]
             dfa = by_j[j] @ R.W_dec[i]  # ∂f_j/∂a_i  [N]
             out.append(float(-((ctx.a[:, i] - ctx.base[i]) * dfa * gf[:, j]).sum()))

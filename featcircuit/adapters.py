@@ -1,0 +1,68 @@
+"""Any module with ``encode``/``decode`` as a dictionary the attribution code can use.
+
+Attribution needs decoder rows ``r_i`` and, for active MLP features, the encoder's gradient
+``∂f_j/∂z``. Our :class:`~featcircuit.dictionary.Dictionary` has them as weights; for any other
+module (a SAELens SAE, a dictionary_learning AutoEncoder, your own) the decoder is read off by
+decoding the basis vectors (it must be affine, as every sparse dictionary's is), and encoder
+gradients come from ``torch.func.vjp`` on ``encode``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .dictionary import Dictionary, Pair
+
+
+class ModuleDictionary(torch.nn.Module):
+    """Wraps ``module`` (with ``encode(x) -> codes`` and ``decode(codes) -> x``) for attribution."""
+
+    def __init__(self, module, d_in: int):
+        super().__init__()
+        self.module = module
+        p = next(iter(module.parameters()), None)
+        dev = p.device if p is not None else torch.device("cpu")
+        dt = p.dtype if p is not None and p.is_floating_point() else torch.float32
+        with torch.no_grad():
+            d_sae = module.encode(torch.zeros(1, d_in, device=dev, dtype=dt)).shape[-1]
+            b = module.decode(torch.zeros(1, d_sae, device=dev, dtype=dt))[0]
+            W = module.decode(torch.eye(d_sae, device=dev, dtype=dt)) - b
+        self.register_buffer("W_dec", W)  # [d_sae, d_in]
+        self.register_buffer("b_dec", b)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The wrapped module's codes."""
+        return self.module.encode(x)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """The wrapped module's reconstruction."""
+        return self.module.decode(codes)
+
+    def enc_cols(self, z: Tensor, idx: Tensor) -> Tensor:
+        """``∂f_j/∂z`` for the features ``idx [T, k]`` of each row: ``[T, k, d_in]``."""
+        with torch.enable_grad():
+            _, vjp = torch.func.vjp(self.module.encode, z.detach())
+            cols = []
+            for s in range(idx.shape[1]):
+                cot = torch.zeros(z.shape[0], self.W_dec.shape[0], device=z.device, dtype=z.dtype)
+                cot.scatter_(1, idx[:, s:s + 1], 1.0)
+                cols.append(vjp(cot)[0])
+        return torch.stack(cols, 1)
+
+
+def as_dictionary(d, d_in: int):
+    """``d`` itself if it is a featcircuit Dictionary, else a :class:`ModuleDictionary` around it."""
+    if isinstance(d, (Dictionary, ModuleDictionary)):
+        return d
+    if not (hasattr(d, "encode") and hasattr(d, "decode")):
+        from .errors import UserError
+
+        raise UserError(f"a dictionary must have encode() and decode(); got {type(d).__name__}")
+    return ModuleDictionary(d, d_in)
+
+
+def as_pair(pair, d_resid: int, d_mlp: int) -> Pair:
+    """A :class:`Pair` of attribution-ready dictionaries from any (resid, mlp) pair of modules."""
+    resid, mlp = pair
+    return Pair(as_dictionary(resid, d_resid), as_dictionary(mlp, d_mlp))
