@@ -9,18 +9,11 @@ import argparse
 import time
 
 import torch
+from _timing import best_time
 
 import featcircuit.activations as A
 from featcircuit import harvest, load_model, load_tokens, pair_sites
 
-
-def _time(fn, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main() -> None:
@@ -34,11 +27,11 @@ def main() -> None:
     tokens = load_tokens("builtin:stdlib", model, n_tokens=args.tokens, split="heldout")
     hooks = [s.hook for s in pair_sites(model, args.layer)]
     n = tokens.numel()
-    early = _time(lambda: harvest(model, tokens, hooks, batch_size=args.batch_size, progress=False))
+    early = best_time(lambda: harvest(model, tokens, hooks, batch_size=args.batch_size, progress=False))
     real_stop = A.stop_layer
     A.stop_layer = lambda m, h: None  # the baseline: same harvest, full forward
     try:
-        full = _time(lambda: harvest(model, tokens, hooks, batch_size=args.batch_size, progress=False))
+        full = best_time(lambda: harvest(model, tokens, hooks, batch_size=args.batch_size, progress=False))
     finally:
         A.stop_layer = real_stop
     print(f"model {args.model}, layer {args.layer} of {model.cfg.n_layers}, {n:,} tokens, "

@@ -2,6 +2,15 @@
 linked feature to feature by exact activation×gradient attribution and ablation search."""
 
 from .activations import harvest
+from .attribution import EdgeTable, attribute_edges, node_effects
+from .dictionary import DictConfig, Dictionary, Pair, load_pair, save_pair
+from .discover import DiscoverConfig, discover
+from .evaluation import evaluate_pair
+from .graph import CircuitGraph
+from .pairs import default_pair
+from .search import AblationContext, SearchResult, search_edges, validate_edges, faithfulness_curves
+from .training import TrainConfig, train_pair
+from .weights import sufficiency, virtual_weights
 from .data import load_tokens
 from .errors import UserError
 from .models import BUILTIN_NAME, load_model, model_info
@@ -10,6 +19,10 @@ from .sites import MLPParts, Site, mlp_parts, pair_sites, resolve_site
 __version__ = "0.1.0"
 
 __all__ = [
-    "BUILTIN_NAME", "MLPParts", "Site", "UserError", "harvest", "load_model", "load_tokens",
-    "mlp_parts", "model_info", "pair_sites", "resolve_site",
+    "BUILTIN_NAME", "AblationContext", "CircuitGraph", "DictConfig", "Dictionary", "DiscoverConfig",
+    "EdgeTable", "MLPParts", "Pair", "SearchResult", "Site", "TrainConfig", "UserError",
+    "attribute_edges", "default_pair", "discover", "evaluate_pair", "faithfulness_curves", "harvest",
+    "load_model", "load_pair", "load_tokens", "mlp_parts", "model_info", "node_effects", "pair_sites",
+    "resolve_site", "save_pair", "search_edges", "sufficiency", "train_pair", "validate_edges",
+    "virtual_weights",
 ]

@@ -49,7 +49,8 @@ def _forward(model, batch: Tensor, hooks: Sequence[str], stop: int | None) -> di
     def saver(name: str):
         # Key by the requested name: aliases (hook_resid_pre) fire as their target (hook_in).
         def save(act: Tensor, hook) -> None:
-            out[name] = act.detach().to("cpu", torch.float32)
+            a = act.detach().to("cpu")
+            out[name] = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
         return save
 
     model.run_with_hooks(batch, fwd_hooks=[(h, saver(h)) for h in hooks], stop_at_layer=stop,
@@ -63,7 +64,7 @@ def _forward(model, batch: Tensor, hooks: Sequence[str], stop: int | None) -> di
 def harvest(model, tokens: Tensor, hooks: Sequence[str], *, batch_size: int = 16,
             cache_dir: str | Path | None = None, chunk_size: int = 64,
             progress: bool = True) -> dict[str, Tensor]:
-    """Activations ``{hook: [n_seq, n_ctx, width]}`` (float32, CPU) of ``tokens`` at ``hooks``.
+    """Activations ``{hook: [n_seq, n_ctx, width]}`` (on the CPU; half precisions as float32).
 
     With ``cache_dir``, chunks of ``chunk_size`` sequences are saved there and reused; a killed
     run resumes from the last whole chunk.

@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-threshold", type=float, default=0.0)
     p.add_argument("--edge-threshold", type=float, default=0.0)
     p.set_defaults(func=cmd_render)
+
+    from .features import add_features_parser
+    add_features_parser(sub)
     return parser
 
 

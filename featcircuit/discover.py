@@ -4,8 +4,9 @@
 2. held-out tokens; dictionary quality on a slice of them;
 3. exact edges with behavioural weights (one backward per batch), feature stats and labels;
 4. ablation search over the top candidates, single-edge validation, faithfulness curves;
-5. the graph (top edges, measured Δ on the searched ones) written as JSON, GraphML, DOT, SVG,
-   plus the edge table, quality and search results as JSON; a printed summary.
+5. the graph (the kept edges with their measured Δ) as JSON, GraphML, DOT and SVG, the edge
+   table, quality and search results as JSON, feature cards (Neuronpedia-style JSON) and a
+   self-contained ``report.html``; a printed summary.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ class DiscoverConfig:
     node_threshold: float = 0.0
     edge_threshold: float = 0.0
     search: str = "acdc"
-    tau: float = 2e-4
-    candidates: int = 48
+    tau: float = 2e-5
+    candidates: int = 64
     ablation: str = "zero"
     search_tokens: int = 2048
     ln: str = "exact"
@@ -95,14 +96,14 @@ def explain_target(table, j: int, mlp_stats) -> dict:
 def _weight_view(model, pair, layer, tokens, table, stats) -> dict:
     from .activations import harvest
     from .sites import mlp_parts, pair_sites
-    from .weights import compare, mean_stats, sufficiency, virtual_weights
+    from .weights import compare, mean_slope_weights, mean_stats, sufficiency, virtual_weights
 
     parts = mlp_parts(model, layer)
     hook = pair_sites(model, layer)[0].hook
     x = harvest(model, tokens, [hook], progress=False)[hook][:, 1:].flatten(0, 1).to(parts.W_in.device)
     vw = virtual_weights(parts, pair, mean_stats(parts, x))
     suff = sufficiency(parts, pair, stats["resid"].max_act.to(x.device), x.mean(0))
-    return compare(table, vw.cpu(), suff.cpu())
+    return compare(table, vw.cpu(), suff.cpu(), vw_slope=mean_slope_weights(parts, pair, x).cpu())
 
 
 def discover(cfg: DiscoverConfig) -> dict:
@@ -115,7 +116,8 @@ def discover(cfg: DiscoverConfig) -> dict:
     from .models import load_model, model_name
     from .pairs import default_pair
     from .prompts import load_prompts
-    from .search import AblationContext, faithfulness_curves, plot_curves, search_edges, validate_edges
+    from .report import write_report
+    from .search import AblationContext, faithfulness_curves, mean_ce, plot_curves, search_edges, validate_edges
     from .sites import check_layer, pair_sites
 
     t0 = time.time()
@@ -163,9 +165,12 @@ def discover(cfg: DiscoverConfig) -> dict:
     deltas: dict[tuple[int, int], float] = {}
     if cfg.search == "acdc" and len(cands):
         stoks = tokens[: max(1, cfg.search_tokens // tokens.shape[1])]
-        ctx = AblationContext(model, pair, layer, stoks, cfg.ablation)
+        vmetric = prompts.metric if prompts else mean_ce
+        # the companion metric rides on every search forward: validation's single-edge
+        # ablations are the search's own speculation singles, read back from the cache
+        ctx = AblationContext(model, pair, layer, stoks, cfg.ablation, companion=vmetric)
         search_res = search_edges(model, pair, stoks, cands, tau=cfg.tau, ctx=ctx, progress=cfg.progress)
-        validation = validate_edges(ctx, cands, metric=None if prompts is None else prompts.metric)
+        validation = validate_edges(ctx, cands, metric=vmetric)
         curves = faithfulness_curves(ctx, cands, search_res, seed=cfg.seed)
         deltas = {(v["src"], v["dst"]): v["delta"] for v in search_res.visited}
     t_search = time.time() - t0 - t_setup - t_attr
@@ -216,6 +221,11 @@ def discover(cfg: DiscoverConfig) -> dict:
             {"search": search_res.to_dict(), "validation": validation, "faithfulness": curves}, indent=1)))
         plot_curves(curves, out / "faithfulness.png")
         written.append(out / "faithfulness.png")
+    search_d = ({"search": search_res.to_dict(), "validation": validation, "faithfulness": curves}
+                if search_res is not None else None)
+    written.append(write_report(out, model=model, pair=pair, tokens=tokens, layer=layer, graph=graph,
+                                quality=quality, search=search_d, stats=stats, progress=cfg.progress))
+    written += [out / "features.json", out / "attribution_graph.json"]
     summary = {"config": asdict(cfg), "model": name, "layer": layer, "quality": quality,
                "n_edges_total": len(table), "n_tokens": table.n_tokens,
                "seconds": {"setup_and_pair": round(t_setup, 1), "quality_attribution_stats": round(t_attr, 1),
@@ -231,10 +241,13 @@ def discover(cfg: DiscoverConfig) -> dict:
     print(format_quality(quality))
     print(f"\n== top edges of layer {layer} ({len(table):,} co-active pairs over {table.n_tokens:,} tokens) ==")
     print(format_table(graph.top_edges(min(15, cfg.top_edges))))
-    print(f"\nweight-based view: Spearman(data edges, virtual weights) = "
-          f"{weights_view['spearman_data_vs_virtual']:.3f}; of the top {len(weights_view['top_edges'])} data edges, "
-          f"{weights_view['top_sign_agreement']:.0%} agree in sign and {weights_view['top_fire_alone']:.0%} fire "
-          f"from a_max·r_i + mean residual alone (weights.json)")
+    wv = weights_view
+    print(f"\n== weight-based view vs the data (weights.json) ==\n"
+          f"virtual weights at σ'(mean h): Spearman with data edges {wv['spearman_data_vs_virtual']:+.3f}, "
+          f"top-{len(wv['top_edges'])} sign agreement {wv['top_sign_agreement']:.0%}\n"
+          f"with the mean slope E[σ'(h)]:  Spearman {wv['spearman_data_vs_mean_slope']:+.3f}, "
+          f"sign agreement {wv['top_sign_agreement_mean_slope']:.0%}\n"
+          f"sufficiency: {wv['top_fire_alone']:.0%} of the top data edges' targets fire from a_max·r_i + mean residual alone")
     if target is not None:
         print(f"\n== what drives mlp{layer}/{target} (active on {expl['n_active_tokens']} tokens, "
               f"total activation {expl['total_activation']:.3g}) ==")

@@ -9,14 +9,17 @@ N of an :class:`~featcircuit.attribution.EdgeTable`; every other edge stays in t
    feature i — ``x − a_i·r_i`` (zero) or ``x − (a_i − ā_i)·r_i`` (mean); j's pre-activation is
    recomputed through LN, ``W_in``, σ and its encoder column, with the clean TopK mask held;
    the MLP is re-decoded with its clean error ``ε_M`` kept, and the rest of the model runs to
-   the logits;
+   the logits — starting at block L+1 from the clean residual plus ``Δz·W_out``, so the blocks
+   before never rerun;
 3. measure ``Δ = D(H′) − D(H)``, ``D`` = mean KL(clean ‖ circuit) over next-token
    distributions (or the user's metric); remove the edge when ``Δ < τ`` and carry the removal
    forward;
 4. batch speculatively: the next B edges are evaluated in one forward as the chain
    ``H+e₁, H+e₁+e₂, …`` (B copies of the tokens on the batch dimension); decisions are read in
-   order and the chain restarts after the first kept edge, so the result is exactly that of
-   the one-forward-per-edge search.
+   order and the chain restarts after the first decision that differs from the speculation,
+   so the result is exactly that of the one-forward-per-edge search. The speculation uses
+   each edge's single-edge Δ (all candidates ablated alone first, also batched): an edge whose
+   Δ alone is ≥ τ is assumed kept and left out of the rest of the chain.
 """
 
 from __future__ import annotations
@@ -49,8 +52,10 @@ class AblationContext:
     tokens: Tensor
     ablation: str = "zero"
     metric: Metric | None = None
-    max_rows: int = 128
+    max_rows: int = 512
     """sequences per forward pass (configurations × contexts)"""
+    companion: Metric | None = None
+    """a second metric computed on every forward (validation reads it from the cache)"""
     passes: int = 0
 
     def __post_init__(self) -> None:
@@ -72,10 +77,14 @@ class AblationContext:
             self.a = R.encode(self.x)
             self.f = M.encode(self.z)
             self.base = self.a.mean(0) if self.ablation == "mean" else torch.zeros_like(self.a[0])
+            self._tail = self._capture_tail()
             logits = self._forward([torch.zeros_like(self.z)])
-            self.clean_logp = logits[0][:, :-1].log_softmax(-1)
+            clean_logp = logits[0][:, :-1].log_softmax(-1)
+            self.clean_p = clean_logp.exp()
+            self.clean_negent = (self.clean_p * clean_logp).sum(-1)  # Σ_v p log p per position
             self.passes = 0
         self._fcache: dict[tuple[int, frozenset], Tensor] = {}
+        self._scores: dict[tuple, dict] = {}
 
     # ---- the ablated MLP ----------------------------------------------------------------
 
@@ -106,6 +115,65 @@ class AblationContext:
 
     # ---- scoring -------------------------------------------------------------------------
 
+    def _capture_tail(self):
+        """The HF blocks after ``layer``, their clean call arguments, and the residual they read.
+
+        An ablation only changes block ``layer``'s MLP output, so the forward can start at block
+        ``layer + 1`` from the clean residual plus ``Δz·W_out``: the blocks before never rerun.
+        Returns None (and the slower full forward with a hook is used) when the model's blocks
+        cannot be driven this way; the check compares the restarted forward with the clean one.
+        """
+        m = self.model
+        try:
+            blocks = [m.blocks[l].original_component for l in range(self.layer + 1, m.cfg.n_layers)]
+            ln_f, head = m.ln_final.original_component, m.unembed.original_component
+            entry = blocks[0] if blocks else ln_f
+            cap: dict = {}
+
+            def pre(mod, args, kwargs):
+                cap["x"], cap["kwargs"] = args[0], dict(kwargs)
+
+            h = entry.register_forward_pre_hook(pre, with_kwargs=True)
+            try:
+                with torch.no_grad():
+                    clean = m(self.tokens)
+            finally:
+                h.remove()
+            kw = {k: v for k, v in cap["kwargs"].items()
+                  if k not in ("layer_past", "past_key_values", "past_key_value", "cache_position")}
+            if "use_cache" in kw:
+                kw["use_cache"] = False
+            tail = (blocks, ln_f, head, cap["x"].detach(), kw)
+            with torch.no_grad():
+                again = self._run_tail(tail, torch.zeros(1, *cap["x"].shape, dtype=cap["x"].dtype,
+                                                         device=cap["x"].device))
+            if again.shape == clean.shape and torch.allclose(again, clean, rtol=1e-4, atol=1e-4):
+                return tail
+        except Exception:  # any architecture this generic restart does not fit
+            pass
+        return None
+
+    @staticmethod
+    def _run_tail(tail, d_resid: Tensor) -> Tensor:
+        """Logits of the blocks after the layer, from the clean residual plus ``d_resid [B, n, ctx, d]``."""
+        blocks, ln_f, head, x, kw = tail
+        B = d_resid.shape[0]
+        n = x.shape[0]
+
+        def rep(v):
+            if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n and n > 1:
+                return v.repeat(B, *([1] * (v.ndim - 1)))
+            if isinstance(v, tuple):
+                return tuple(rep(t) for t in v)
+            return v
+
+        kwb = {k: rep(v) for k, v in kw.items()}
+        h = (x[None] + d_resid).flatten(0, 1)
+        for blk in blocks:
+            h = blk(h, **kwb)
+            h = h[0] if isinstance(h, tuple) else h
+        return head(ln_f(h))
+
     def _forward(self, deltas: list[Tensor]) -> list[Tensor]:
         """Logits per configuration, given each one's mid-MLP change; counts forward passes."""
         n_seq, n_ctx = self.tokens.shape
@@ -114,28 +182,46 @@ class AblationContext:
         for c in range(0, len(deltas), per):
             chunk = deltas[c:c + per]
             d = torch.stack(chunk).view(len(chunk) * n_seq, n_ctx - 1, -1)
-
-            def hook(act: Tensor, hook=None, d=d) -> Tensor:
-                return torch.cat([act[:, :1], act[:, 1:] + d.to(act.dtype)], 1)
-
-            toks = self.tokens.repeat(len(chunk), 1)
             with torch.no_grad():
-                logits = self.model.run_with_hooks(toks, fwd_hooks=[(self.hook_mlp, hook)])
+                if self._tail is not None:  # restart after the layer: Δresid = Δz·W_out
+                    dr = torch.zeros(len(chunk) * n_seq, n_ctx, self.parts.W_out.shape[1],
+                                     dtype=self.x.dtype, device=self.x.device)
+                    dr[:, 1:] = d @ self.parts.W_out
+                    logits = self._run_tail(self._tail, dr.view(len(chunk), n_seq, n_ctx, -1))
+                else:
+                    def hook(act: Tensor, hook=None, d=d) -> Tensor:
+                        return torch.cat([act[:, :1], act[:, 1:] + d.to(act.dtype)], 1)
+
+                    toks = self.tokens.repeat(len(chunk), 1)
+                    logits = self.model.run_with_hooks(toks, fwd_hooks=[(self.hook_mlp, hook)])
             self.passes += 1
             out.extend(logits.view(len(chunk), n_seq, n_ctx, -1).unbind(0))
         return out
 
-    def score(self, configs: list[Config]) -> list[float]:
-        """D for each configuration: mean KL(clean ‖ ablated), or the user metric."""
-        logits = self._forward([self.z_delta(c) for c in configs])
-        out = []
-        for lg in logits:
-            if self.metric is not None:
-                out.append(float(self.metric(lg, self.tokens)))
-            else:
-                logp = lg[:, :-1].log_softmax(-1)
-                out.append(float((self.clean_logp.exp() * (self.clean_logp - logp)).sum(-1).mean()))
-        return out
+    def score(self, configs: list[Config], metric: Metric | None = None) -> list[float]:
+        """D for each configuration: mean KL(clean ‖ ablated), or a metric of the logits.
+
+        Every forward computes the KL, the context's ``metric`` and its ``companion`` metric
+        from the same logits, and caches them per configuration, so validation (which asks for
+        the companion on single-edge ablations the search already ran) costs no extra pass.
+        """
+        metric = metric if metric is not None else self.metric
+        wanted = [m for m in (metric, self.metric, self.companion) if m is not None]
+        keys = [tuple(sorted((j, tuple(sorted(v))) for j, v in c.items() if v)) for c in configs]
+        todo = list(dict.fromkeys(k for k in keys
+                                  if k not in self._scores or any(id(m) not in self._scores[k] for m in wanted)))
+        if todo:
+            cfg_of = dict(zip(keys, configs))
+            logits = self._forward([self.z_delta(cfg_of[k]) for k in todo])
+            for k, lg in zip(todo, logits):
+                # KL(p‖q) = Σ p log p − Σ p·logits + logsumexp(logits): no full log-softmax needed
+                lg1 = lg[:, :-1]
+                kl = self.clean_negent - (self.clean_p * lg1).sum(-1) + lg1.logsumexp(-1)
+                entry = {None: float(kl.mean())}
+                for m in wanted:
+                    entry[id(m)] = float(m(lg, self.tokens))
+                self._scores[k] = entry
+        return [self._scores[k][None if metric is None else id(metric)] for k in keys]
 
 
 def _with(config: Config, i: int, j: int) -> Config:
@@ -181,9 +267,15 @@ class SearchResult:
 
 
 def search_edges(model, pair, tokens: Tensor, candidates: EdgeTable, *, tau: float, layer: int | None = None,
-                 ablation: str = "zero", metric: Metric | None = None, batch: int = 8,
-                 max_rows: int = 128, progress: bool = True, ctx: AblationContext | None = None) -> SearchResult:
-    """Prune ``candidates`` by path-specific ablation (see the module docstring for the order)."""
+                 ablation: str = "zero", metric: Metric | None = None, batch: int = 32,
+                 max_rows: int = 512, predict: bool = True, progress: bool = True,
+                 ctx: AblationContext | None = None) -> SearchResult:
+    """Prune ``candidates`` by path-specific ablation (see the module docstring for the order).
+
+    With ``predict``, every candidate is first ablated alone (batched) and the speculative chain
+    assumes each edge's decision is the one its single-edge Δ gives; the chain restarts only
+    where the real decision differs, so the result is still exactly the sequential search's.
+    """
     if len(candidates) == 0:
         raise UserError("no candidate edges to search: raise --candidates or lower the thresholds")
     if candidates.src.min() < 0:
@@ -193,35 +285,44 @@ def search_edges(model, pair, tokens: Tensor, candidates: EdgeTable, *, tau: flo
     ctx = ctx or AblationContext(model, pair, layer, tokens, ablation, metric, max_rows)
     p0 = ctx.passes
     order = visit_order(candidates)
-    H: Config = {}
-    (d_H,) = ctx.score([H])
-    d_full = d_H
+    empty: Config = {}
+    for i, j, _ in order:
+        empty = _with(empty, i, j)
+    if predict:
+        d_full, d_empty, *singles = ctx.score([{}, empty] + [_with({}, i, j) for i, j, _ in order])
+        pred_keep = [not (s - d_full) < tau for s in singles]
+    else:
+        d_full, d_empty = ctx.score([{}, empty])
+        singles, pred_keep = [None] * len(order), [False] * len(order)
+    H, d_H = {}, d_full
     visited: list[dict] = []
     pos = 0
     bar = tqdm(total=len(order), desc="ablation search", disable=not progress)
     while pos < len(order):
-        chain = order[pos:pos + batch]
-        configs, c = [], H
-        for i, j, _ in chain:
-            c = _with(c, i, j)
-            configs.append(c)
+        chain = range(pos, min(pos + batch, len(order)))
+        configs: list[Config] = []
+        bases: list[int | None] = []  # index of the configuration each one is measured against
+        base_cfg, base_idx = H, None
+        for k in chain:
+            i, j, _ = order[k]
+            configs.append(_with(base_cfg, i, j))
+            bases.append(base_idx)
+            if not pred_keep[k]:  # assumed removed: the next edges are tested without it
+                base_cfg, base_idx = configs[-1], len(configs) - 1
         ds = ctx.score(configs)
-        prev = d_H
-        for k, (i, j, w) in enumerate(chain):
-            delta = ds[k] - prev
+        for n, k in enumerate(chain):
+            i, j, w = order[k]
+            delta = ds[n] - (d_H if bases[n] is None else ds[bases[n]])
             keep = not delta < tau
             visited.append({"src": i, "dst": j, "attribution": w, "delta": delta, "kept": keep,
-                            "visit": len(visited)})
-            pos += 1
+                            "visit": k, "single_delta": None if singles[k] is None else singles[k] - d_full})
+            pos = k + 1
             bar.update(1)
-            if keep:
-                break  # later configurations in this chain assumed the edge removed
-            H, d_H, prev = configs[k], ds[k], ds[k]
+            if not keep:
+                H, d_H = configs[n], ds[n]
+            if keep != pred_keep[k]:
+                break  # later configurations in this chain assumed the other decision
     bar.close()
-    empty: Config = {}
-    for i, j, _ in order:
-        empty = _with(empty, i, j)
-    (d_empty,) = ctx.score([empty])
     n_seq = len(ctx.tokens)
     per_naive = math.ceil(n_seq / ctx.max_rows) if n_seq > ctx.max_rows else 1
     return SearchResult(visited, tau, ctx.ablation, ctx.passes - p0, (len(order) + 2) * per_naive,
@@ -276,13 +377,8 @@ def mean_ce(logits: Tensor, tokens: Tensor) -> Tensor:
 def validate_edges(ctx: AblationContext, candidates: EdgeTable, metric: Metric | None = None) -> dict:
     """Each candidate ablated alone: measured Δm vs attribution's estimate, with correlations."""
     metric = metric or mean_ce
-    saved = ctx.metric
-    ctx.metric = metric
-    try:
-        pairs = list(zip(candidates.src.tolist(), candidates.dst.tolist()))
-        base, *single = ctx.score([{}] + [_with({}, i, j) for i, j in pairs])
-    finally:
-        ctx.metric = saved
+    pairs = list(zip(candidates.src.tolist(), candidates.dst.tolist()))
+    base, *single = ctx.score([{}] + [_with({}, i, j) for i, j in pairs], metric=metric)
     measured = [s - base for s in single]
     predicted = predicted_effects(ctx, candidates, metric)
     rows, disagree = [], []
@@ -302,8 +398,9 @@ def faithfulness_curves(ctx: AblationContext, candidates: EdgeTable, result: Sea
     """Faithfulness and completeness against circuit size for attribution, search and random orders.
 
     faithfulness(C) = (D(C) − D(∅)) / (D(full) − D(∅)) with D measured as ``−KL`` (higher is
-    better), so it is 1 − KL(C)/KL(∅); completeness scores the complement (C ablated, the rest
-    kept) the same way: a complete circuit's complement scores near 0.
+    better), so it is 1 − KL(C)/KL(∅) (KL(full) = 0); completeness(C) = KL(full ∖ C) / KL(∅): the
+    share of the candidates' whole effect that is lost when only C is ablated. Both run from 0
+    (empty circuit) to 1 (all candidates).
     """
     edges = list(zip(candidates.src.tolist(), candidates.dst.tolist()))
     n = len(edges)
@@ -335,12 +432,13 @@ def faithfulness_curves(ctx: AblationContext, candidates: EdgeTable, result: Sea
     d_full, d_empty = d[0], d[1]
     gap = d_empty - d_full
     norm = lambda v: (d_empty - v) / gap if gap > 0 else float("nan")  # noqa: E731
+    lost = lambda v: (v - d_full) / gap if gap > 0 else float("nan")  # noqa: E731
     curves, k = {}, 2
     for name in orders:
         pts = []
         for s in sizes:
             pts.append({"size": s, "kl": d[k], "faithfulness": norm(d[k]),
-                        "kl_complement": d[k + 1], "completeness": norm(d[k + 1])})
+                        "kl_complement": d[k + 1], "completeness": lost(d[k + 1])})
             k += 2
         curves[name] = pts
     n_kept = len(result.kept)
@@ -371,7 +469,7 @@ def plot_curves(curves: dict, path) -> None:
         s = [max(p["size"], 0.5) for p in pts]
         axes[0].plot(s, [p["faithfulness"] for p in pts], marker="o", label=name)
         axes[1].plot(s, [p["completeness"] for p in pts], marker="o", label=name)
-    for ax, t in zip(axes, ("faithfulness (circuit kept)", "completeness (circuit ablated)")):
+    for ax, t in zip(axes, ("faithfulness (only the circuit kept)", "completeness (effect lost when the circuit is ablated)")):
         ax.set_xscale("log")
         ax.set_xlabel("edges in circuit")
         ax.set_title(t)

@@ -108,7 +108,9 @@ def _loss(d: Dictionary, x: Tensor, cfg: TrainConfig, dead: Tensor, l1_scale: fl
         loss = loss + cfg.l1_coefficient * l1_scale * l1  # inputs have unit mean square norm
     elif cfg.auxk_alpha > 0 and bool(dead.any()):
         # AuxK (Gao et al. 2024): dead latents try to explain the main reconstruction's error.
-        k_aux = min(x.shape[-1] // 2, int(dead.sum()))
+        # k_aux = d_in/2 as in the paper, capped at 4k: beyond that the sparse decode of the
+        # auxiliary codes costs more than the main step on a CPU and dead latents revive as well.
+        k_aux = min(x.shape[-1] // 2, 4 * d.cfg.k, int(dead.sum()))
         dead_pre = pre.masked_fill(~dead, -torch.inf)
         a_acts, a_idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
         e_hat = d.decode_sparse(F.relu(a_acts), a_idx) - d.b_dec

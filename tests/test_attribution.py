@@ -16,10 +16,11 @@ def random_pair(model, layer, arch="topk", k=6, width=3, seed=0, dtype=torch.flo
     for i, s in enumerate((r, m)):
         d = Dictionary(DictConfig(d_in=s.width, d_sae=width * r.width, architecture=arch, k=k),
                        seed=seed + i).to(dtype)
+        g = torch.Generator().manual_seed(100 + seed + i)  # independent of the global RNG state
         with torch.no_grad():
-            d.W_enc.copy_(torch.randn_like(d.W_enc) / s.width**0.5)
-            d.b_enc.copy_(torch.randn_like(d.b_enc) * 0.1)
-            d.b_dec.copy_(torch.randn_like(d.b_dec) * 0.1)
+            d.W_enc.copy_(torch.randn(d.W_enc.shape, generator=g) / s.width**0.5)
+            d.b_enc.copy_(torch.randn(d.b_enc.shape, generator=g) * 0.1)
+            d.b_dec.copy_(torch.randn(d.b_dec.shape, generator=g) * 0.1)
         out.append(d.eval())
     return Pair(*out)
 
@@ -51,7 +52,7 @@ def autograd_edges(parts, R, M, x, frozen=False):
             (g,) = torch.autograd.grad(f[j], xt, retain_graph=True)
             g = g[0]
             for i in torch.nonzero(a).flatten().tolist():
-                out[t, j, i] = float(a[i] * (g @ R.W_dec[i]))
+                out[t, j, i] = float(a[i] * (g @ R.W_dec[i]).detach())
             out[t, j, d_r] = float(g @ err)
     return out
 

@@ -46,12 +46,19 @@ def test_builtin_stdlib_splits(builtin):
     assert not torch.equal(held, train)
 
 
+def _write(name, text):
+    def make(d):
+        (d / name).write_text(text)
+        return str(d / name)
+    return make
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda d: str(d / "missing.txt"), "not found"),
     (lambda d: (d / "empty").mkdir() or str(d / "empty"), "holds no text files"),
-    (lambda d: (d / "e.txt").write_text("") or str(d / "e.txt"), "too little text"),
-    (lambda d: (d / "b.jsonl").write_text('{"text": "a"}\nnot json\n') or str(d / "b.jsonl"), r"b.jsonl:2 is not a JSON object"),
-    (lambda d: (d / "c.jsonl").write_text('{"body": "a"}\n') or str(d / "c.jsonl"), "'text' field"),
+    (_write("e.txt", ""), "too little text"),
+    (_write("b.jsonl", '{"text": "a"}\nnot json\n'), r"b.jsonl:2 is not a JSON object"),
+    (_write("c.jsonl", '{"body": "a"}\n'), "'text' field"),
 ])
 def test_bad_data(neox, tmp_path, make, match):
     with pytest.raises(UserError, match=match):

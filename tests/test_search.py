@@ -32,14 +32,15 @@ def reference_search(model, pair, tokens, cands, tau, ablation="zero"):
     return out, ctx.passes
 
 
-@pytest.mark.parametrize("ablation", ["zero", "mean"])
-def test_batched_equals_unbatched(setup64, ablation):
+@pytest.mark.parametrize("ablation, predict", [("zero", True), ("zero", False), ("mean", True)])
+def test_batched_equals_unbatched(setup64, ablation, predict):
     model, pair, tokens, cands = setup64
     deltas = [v["delta"] for v in search_edges(model, pair, tokens, cands, tau=0.0, ablation=ablation,
                                                progress=False).visited]
     tau = float(torch.tensor(deltas).abs().median())  # a τ that keeps some and removes some
     ref, ref_passes = reference_search(model, pair, tokens, cands, tau, ablation)
-    res = search_edges(model, pair, tokens, cands, tau=tau, ablation=ablation, batch=8, progress=False)
+    res = search_edges(model, pair, tokens, cands, tau=tau, ablation=ablation, batch=8, predict=predict,
+                       progress=False)
     got = [(v["src"], v["dst"], v["delta"], v["kept"]) for v in res.visited]
     assert [g[:2] for g in got] == [r[:2] for r in ref]
     assert [g[3] for g in got] == [r[3] for r in ref]
@@ -87,8 +88,25 @@ def test_end_points_and_validation(setup64):
         assert first["size"] == 0 and last["size"] == n
         assert first["faithfulness"] == pytest.approx(0.0, abs=1e-9)  # ∅
         assert last["faithfulness"] == pytest.approx(1.0, abs=1e-9)  # full
+        assert first["completeness"] == pytest.approx(0.0, abs=1e-9)  # nothing ablated
+        assert last["completeness"] == pytest.approx(1.0, abs=1e-9)  # every candidate ablated
         assert first["kl"] == pytest.approx(curves["kl_empty"]) and last["kl"] == pytest.approx(curves["kl_full"])
     val = validate_edges(ctx, cands)
     assert len(val["edges"]) == n
     # the linear estimate is close to the measured single-edge effect on this smooth tiny model
     assert val["pearson"] > 0.9, val["pearson"]
+
+
+def test_restart_after_layer_equals_full_forward(tiny_model):
+    """The forward restarted at block L+1 gives the logits of the full forward with a hook."""
+    pair = random_pair(tiny_model, 1)
+    tokens = torch.randint(0, tiny_model.cfg.d_vocab, (3, 8), generator=torch.Generator().manual_seed(2))
+    fast = AblationContext(tiny_model, pair, 1, tokens)
+    assert fast._tail is not None
+    slow = AblationContext(tiny_model, pair, 1, tokens)
+    slow._tail = None
+    cands = attribute_edges(tiny_model, pair, tokens, layer=1, progress=False).top(6)
+    configs = [{}] + [_with({}, i, j) for i, j in zip(cands.src.tolist(), cands.dst.tolist())]
+    torch.testing.assert_close(torch.tensor(fast.score(configs)), torch.tensor(slow.score(configs)),
+                               rtol=1e-4, atol=1e-7)
+    assert max(fast.score(configs)) > 1e-6  # the configurations really change the output

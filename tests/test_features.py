@@ -1,0 +1,283 @@
+"""Feature cards on cases with known answers: a token-detector feature built by hand, a hand-set
+unembedding for the logit lens, a stub activation for token removal, a synthetic index for bins."""
+
+import json
+
+import pytest
+import torch
+
+from featcircuit import load_model
+from featcircuit.dictionary import DictConfig, Dictionary, Pair, save_pair
+from featcircuit.features import (FeatureIndex, analyze_features, collect_stats, feature_card,
+                                  feature_directions, feature_index, format_card, labels_for,
+                                  lens_mask, token_label, token_removal, unembed)
+from featcircuit.models import model_name
+from featcircuit.sites import mlp_parts, pair_sites
+
+from conftest import TEXT
+
+
+@pytest.fixture(scope="module")
+def own_neox(neox_dir):
+    """A private copy of the tiny NeoX whose unembedding the tests below rewrite."""
+    return load_model(str(neox_dir), device="cpu")
+
+
+def _tokens(model, n_ctx=32):
+    ids = model.tokenizer(TEXT)["input_ids"]
+    body = n_ctx - 1
+    n = len(ids) // body
+    t = torch.tensor(ids[: n * body]).view(n, body)
+    return torch.cat([torch.full((n, 1), model.tokenizer.bos_token_id), t], 1)
+
+
+def _detector_pair(model, target: int, layer: int = 0, d_sae: int = 4, seed: int = 0) -> Pair:
+    """Resid feature 0 fires exactly on ``target`` at layer 0 (resid = the token's embedding)."""
+    r, m = pair_sites(model, layer)
+    E = model.original_model.gpt_neox.embed_in.weight.detach()
+    u = E[target] / E[target].norm()
+    proj = E @ u
+    others = torch.cat([proj[:target], proj[target + 1:]])
+    assert proj[target] > others.max()  # the detector is possible for this embedding
+    thr = float(others.max() + proj[target]) / 2
+    dicts = []
+    for site in (r, m):
+        cfg = DictConfig(d_in=site.width, d_sae=d_sae, architecture="relu", k=1, hook_name=site.hook,
+                         model_name=model_name(model), layer=layer, site=site.name)
+        d = Dictionary(cfg, seed=seed)
+        with torch.no_grad():
+            d.W_enc.zero_()
+            d.b_enc.fill_(-1.0)  # every other feature is dead
+            d.b_dec.zero_()
+            if site.name == "resid":
+                d.W_enc[:, 0] = u
+                d.b_enc[0] = -thr
+                d.W_dec[0] = u
+        dicts.append(d.eval())
+    return Pair(*dicts)
+
+
+def _target(model, tokens):
+    """The most frequent non-BOS token whose embedding a detector can separate from all others."""
+    E = model.original_model.gpt_neox.embed_in.weight.detach()
+    counts = torch.bincount(tokens[:, 1:].flatten(), minlength=E.shape[0])
+    for t in counts.argsort(descending=True).tolist():
+        u = E[t] / E[t].norm()
+        proj = E @ u
+        if proj[t] > torch.cat([proj[:t], proj[t + 1:]]).max() + 0.05:
+            return t
+    raise AssertionError("no separable token")
+
+
+@pytest.fixture(scope="module")
+def lens_setup(own_neox):
+    """The detector pair plus an unembedding with known top/bottom tokens and two decoys."""
+    model = own_neox
+    tokens = _tokens(model)
+    target = _target(model, tokens)
+    pair = _detector_pair(model, target)
+    counts = torch.bincount(tokens[:, 1:].flatten(), minlength=model.cfg.d_vocab)
+    special = set(model.tokenizer.all_special_ids)
+    seen = [t for t in torch.nonzero(counts).flatten().tolist() if t != target and t not in special]
+    unseen = [t for t in range(len(model.tokenizer)) if counts[t] == 0
+              and t not in special]
+    W = model.original_model.lm_head.weight  # [d_vocab, d_model] = W_U.T
+    ln_w = model.original_model.gpt_neox.final_layer_norm.weight.detach()
+    u = pair.resid.W_dec[0].detach()
+    v = (u - u.mean()) * ln_w  # what the lens multiplies W_U by
+    v = v / v.norm()
+    med = float(W.detach().norm(dim=1).median())
+    promote, suppress, junk, ghost = seen[0], seen[1], seen[2], unseen[0]
+    with torch.no_grad():
+        W[promote] = med * v  # largest lens value among shown tokens
+        W[suppress] = -med * v  # smallest
+        W[junk] = 50 * med * v  # an unembedding-norm outlier: hidden
+        W[ghost] = 1.5 * med * v  # never in the data: hidden
+    return {"model": model, "pair": pair, "tokens": tokens, "target": target, "promote": promote,
+            "suppress": suppress, "junk": junk, "ghost": ghost}
+
+
+def test_detector_card_top_tokens_freq_and_lens(lens_setup, tmp_path):
+    s = lens_setup
+    model, tokens, target = s["model"], s["tokens"], s["target"]
+    (card,) = analyze_features(model, s["pair"], tokens, 0, "resid", [0], cache_dir=tmp_path)
+    n_target = int((tokens[:, 1:] == target).sum())
+    assert card["n_active"] == n_target
+    assert card["freq"] == pytest.approx(n_target / (tokens.shape[0] * (tokens.shape[1] - 1)))
+    assert len(card["top"]) == min(10, n_target)
+    for ex in card["top"]:
+        assert ex["ids"][ex["index"]] == target  # the activating token is the detected one
+        assert tokens[ex["seq"], ex["pos"]] == target
+        # only occurrences of the target token are nonzero in the context
+        assert all((v > 0) == (i == target) for v, i in zip(ex["values"], ex["ids"]))
+    # logit lens: the hand-set columns, with the outlier and the unseen token hidden
+    assert card["lens"]["top"][0]["id"] == s["promote"]
+    assert card["lens"]["bottom"][0]["id"] == s["suppress"]
+    shown = {x["id"] for x in card["lens"]["top"] + card["lens"]["bottom"]}
+    assert s["junk"] not in shown and s["ghost"] not in shown
+    mask = lens_mask(model, torch.bincount(tokens[:, 1:].flatten(), minlength=model.cfg.d_vocab))
+    assert not mask[s["junk"]] and not mask[s["ghost"]] and mask[s["promote"]]
+    assert not mask[model.tokenizer.bos_token_id]
+    # label: the detected token, then the promoted one
+    tok = model.tokenizer
+    assert card["label"] == f"{tok.decode([target])!r} → {tok.decode([s['promote']])!r}"
+    # layer 0 reads only the current token's embedding: dropping earlier tokens changes nothing
+    rem = card["removal"]
+    assert rem["effects"] and rem["act"] == pytest.approx(card["top"][0]["act"], abs=1e-5)
+    assert max(abs(e["delta"]) for e in rem["effects"]) < 1e-5
+    assert rem["effects"][0]["pos"] >= 1  # BOS is never dropped
+    text = format_card(card)
+    assert f"⟦{tok.decode([target]).replace(chr(10), '⏎')}⟧" in text
+
+
+def test_labels_for_and_collect_stats_agree_with_card(lens_setup, tmp_path):
+    s = lens_setup
+    model, tokens = s["model"], s["tokens"]
+    stats = collect_stats(model, s["pair"], tokens, 0, progress=False)
+    assert stats["resid"].lens_top[0, 0] == s["promote"]
+    labels = labels_for([("resid", 0), ("mlp", 1)], stats, tokens, model.tokenizer, 0)
+    (card,) = analyze_features(model, s["pair"], tokens, 0, "resid", [0], removal=False, cache_dir=tmp_path)
+    assert labels["resid0/0"] == card["label"]
+    assert labels["mlp0/1"].startswith("(never active)")
+    want = repr(model.tokenizer.decode([s["target"]]))
+    assert token_label(stats["resid"], tokens, model.tokenizer, 0) == want
+    assert stats["resid"].node_stats(0)["freq"] == pytest.approx(card["freq"])
+
+
+def test_unembed_matches_the_model_logits(neox):
+    """unembed(x)/σ(x) plus the bias terms is exactly the model's logits (LayerNorm final norm)."""
+    tokens = _tokens(neox)[:2]
+    logits, cache = neox.run_with_cache(tokens)
+    x = cache[f"blocks.{neox.cfg.n_layers - 1}.hook_resid_post"].flatten(0, 1)
+    ln = neox.original_model.gpt_neox.final_layer_norm
+    xc = x - x.mean(-1, keepdim=True)
+    sigma = (xc.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()
+    want = unembed(neox, x) / sigma + ln.bias @ neox.W_U + neox.b_U
+    torch.testing.assert_close(want, logits.flatten(0, 1), atol=1e-4, rtol=1e-4)
+
+
+def test_mlp_direction_goes_through_w_out(neox):
+    from test_attribution import random_pair
+
+    pair = random_pair(neox, 1)
+    d = feature_directions(neox, pair, 1, "mlp", [3, 5])
+    torch.testing.assert_close(d, pair.mlp.W_dec[[3, 5]] @ mlp_parts(neox, 1).W_out)
+    torch.testing.assert_close(feature_directions(neox, pair, 1, "resid", [2]), pair.resid.W_dec[[2]])
+
+
+def test_token_removal_previous_token_stub():
+    """A feature that fires when the previous token is 7: only dropping that token changes it."""
+    def act(batch):
+        return (batch[:, -2] == 7).float() * 2.0 + 0.5
+
+    context = torch.tensor([0, 3, 5, 7, 9])
+    base, eff = token_removal(act, context, window=None, keep_first=1)
+    assert base == 2.5
+    assert [e["pos"] for e in eff] == [1, 2, 3]
+    assert {e["pos"]: e["delta"] for e in eff} == {1: 0.0, 2: 0.0, 3: -2.0}
+    # the window keeps only the nearest tokens; keep_first protects the start
+    _, eff = token_removal(act, context, window=2, keep_first=1)
+    assert [e["pos"] for e in eff] == [2, 3]
+    _, eff = token_removal(act, context, window=None, keep_first=0, batch_size=2)
+    assert [e["pos"] for e in eff] == [0, 1, 2, 3] and eff[3]["delta"] == -2.0
+
+
+def _synthetic_index(vals: list[float], n_seq=4, n_ctx=16) -> FeatureIndex:
+    tokens = torch.arange(n_seq * n_ctx).view(n_seq, n_ctx) % 50
+    pos = torch.tensor([s * n_ctx + p for s in range(n_seq) for p in range(1, n_ctx)])[: len(vals)]
+    return FeatureIndex("mlp", 1, "h", tokens, torch.tensor([0, len(vals)]), pos,
+                        torch.tensor(vals, dtype=torch.float32), torch.ones(50, dtype=torch.long))
+
+
+def test_bins_cover_the_range_and_histogram_counts():
+    # activations skewed to small values: top-k alone would never show the low end
+    vals = [0.07 + 0.1 * i for i in range(40)] + [8.0, 9.0, 10.0]
+    idx = _synthetic_index(vals)
+    card = feature_card(None, None, idx, 0, n_bins=8, n_hist=10, removal=False,
+                        mask=torch.ones(50, dtype=torch.bool), lens_values=torch.linspace(-1, 1, 50))
+    assert card["max_act"] == pytest.approx(10.0)
+    edges = [(b["lo"], b["hi"]) for b in card["bins"]]
+    assert edges[0][0] == 0 and edges[-1][1] == pytest.approx(10.0) and len(edges) == 8
+    assert sum(b["count"] for b in card["bins"]) == len(vals)
+    for b in card["bins"]:
+        if b["count"]:
+            assert b["lo"] < b["example"]["act"] <= b["hi"] + 1e-6
+            ex = b["example"]
+            assert ex["values"][ex["index"]] == pytest.approx(ex["act"])
+        else:
+            assert b["example"] is None
+    assert [b["count"] > 0 for b in card["bins"]] == [True, True, True, True, False, False, True, True]
+    assert sum(card["histogram"]["counts"]) == len(vals)
+    assert card["histogram"]["counts"][0] == 10  # 0.07 … 0.97 fall in (0, 1]
+    assert [ex["act"] for ex in card["top"][:3]] == pytest.approx([10.0, 9.0, 8.0])
+    assert card["lens"]["top"][0]["id"] == 49 and card["lens"]["bottom"][0]["id"] == 0
+    # deterministic: same seed, same examples
+    again = feature_card(None, None, idx, 0, n_bins=8, n_hist=10, removal=False,
+                         mask=torch.ones(50, dtype=torch.bool), lens_values=torch.linspace(-1, 1, 50))
+    assert json.dumps(again) == json.dumps(card)
+
+
+def test_index_is_cached_per_dictionary(neox, tmp_path, monkeypatch):
+    from test_attribution import random_pair
+
+    import featcircuit.features as F
+
+    tokens = _tokens(neox)[:6]
+    pair = random_pair(neox, 1)
+    a = feature_index(neox, pair, tokens, 1, "mlp", cache_dir=tmp_path)
+    files = list(tmp_path.glob("*.pt"))
+    assert len(files) == 1
+    # the one pass matches a dense encode of the harvested activations
+    from featcircuit import harvest
+    hook = pair_sites(neox, 1)[1].hook
+    codes = pair.mlp.encode(harvest(neox, tokens, [hook], progress=False)[hook][:, 1:])
+    p, v = a.acts(5)
+    dense = codes[..., 5]
+    nz = torch.nonzero(dense > 0)
+    assert torch.equal(p, nz[:, 0] * tokens.shape[1] + nz[:, 1] + 1)
+    torch.testing.assert_close(v, dense[dense > 0])
+    monkeypatch.setattr(F, "build_index", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rebuilt")))
+    b = feature_index(neox, pair, tokens, 1, "mlp", cache_dir=tmp_path)
+    assert torch.equal(a.pos, b.pos) and torch.equal(a.val, b.val) and a.key == b.key
+    with torch.no_grad():
+        pair.mlp.b_enc[0] += 1.0  # another dictionary: another key, so a new pass
+    with pytest.raises(AssertionError, match="rebuilt"):
+        feature_index(neox, pair, tokens, 1, "mlp", cache_dir=tmp_path)
+
+
+def test_unknown_feature_and_site_are_user_errors(neox, tmp_path):
+    from test_attribution import random_pair
+
+    from featcircuit.errors import UserError
+
+    pair = random_pair(neox, 1)
+    tokens = _tokens(neox)[:2]
+    with pytest.raises(UserError, match="unknown feature mlp:9999"):
+        analyze_features(neox, pair, tokens, 1, "mlp", [9999], cache_dir=tmp_path)
+    with pytest.raises(UserError, match="unknown site"):
+        analyze_features(neox, pair, tokens, 1, "attn", [0], cache_dir=tmp_path)
+
+
+def test_cli_prints_a_card(lens_setup, tmp_path, capsys, monkeypatch):
+    import argparse
+
+    from featcircuit.features import add_features_parser
+
+    s = lens_setup
+    model = s["model"]
+    save_pair(s["pair"].resid, s["pair"].mlp, tmp_path / "pair")
+    txt = tmp_path / "data.txt"
+    txt.write_text(TEXT)
+    monkeypatch.setenv("FEATCIRCUIT_CACHE", str(tmp_path / "cache"))
+    parser = argparse.ArgumentParser()
+    add_features_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["features", "--model", model_name(model), "--device", "cpu", "--layer", "0",
+                              "--site", "resid", "--feature", "0", "--dicts", str(tmp_path / "pair"),
+                              "--data", str(txt), "--split", "all", "--tokens", "512"])
+    monkeypatch.setattr("featcircuit.models.load_model", lambda *a, **k: model)  # keep the rewritten W_U
+    args.func(args)
+    out = capsys.readouterr().out
+    tok = model.tokenizer
+    assert "resid0/0" in out and f"⟦{tok.decode([s['target']]).replace(chr(10), '⏎')}⟧" in out
+    assert "logit lens" in out and "token removal" in out and "activation density" in out
+    assert list((tmp_path / "cache" / "features").glob("*.pt"))
