@@ -1,6 +1,6 @@
 """Ablation search: speculatively batched vs naive ACDC (one forward per edge), same candidates.
 
-    .venv/bin/python benchmarks/bench_search.py [--candidates 48] [--tau 2e-4]
+    .venv/bin/python benchmarks/bench_search.py [--candidates 64] [--tau 2e-5]
 
 Both searches run on the built-in model's layer-2 default pair and the same held-out tokens;
 prints wall time and forward passes of each, and checks the kept sets and Δ values agree.
@@ -34,8 +34,8 @@ def naive(ctx: AblationContext, cands, tau: float):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layer", type=int, default=2)
-    ap.add_argument("--candidates", type=int, default=48)
-    ap.add_argument("--tau", type=float, default=2e-4)
+    ap.add_argument("--candidates", type=int, default=64)
+    ap.add_argument("--tau", type=float, default=2e-5)
     ap.add_argument("--search-tokens", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=32, help="speculative chain length")
     ap.add_argument("--max-rows", type=int, default=512, help="sequences per forward pass")

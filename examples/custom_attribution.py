@@ -34,7 +34,7 @@ class MyAutoencoder(torch.nn.Module):
         return self.dec(f)
 
 
-def fit(ae: MyAutoencoder, x: torch.Tensor, steps: int = 300, l1: float = 3e-3) -> MyAutoencoder:
+def fit(ae: MyAutoencoder, x: torch.Tensor, steps: int = 300, l1: float = 1e-2) -> MyAutoencoder:
     opt = torch.optim.Adam(ae.parameters(), lr=3e-3)
     for _ in range(steps):
         b = x[torch.randint(0, len(x), (512,))]

@@ -234,6 +234,17 @@ def _check_pair(model, pair, layer: int):
     return r_site, m_site, pair
 
 
+def _chunk_size(parts: MLPParts, R, M, x: Tensor, budget: int = 2**24) -> int:
+    """Tokens per closed-form chunk so that the ``[T, k_out, d_mlp]`` rows stay within ``budget``.
+
+    TopK dictionaries have k_out = k; dense (ReLU) ones can have hundreds of active features.
+    """
+    k_out = int((M.encode(parts.hidden(x[:4096])) != 0).sum(-1).max()) if len(x) else 1
+    k_in = int((R.encode(x[:4096]) != 0).sum(-1).max()) if len(x) else 1
+    per_token = max(k_out, 1) * (parts.W_in.shape[1] + parts.W_in.shape[0]) + max(k_in, 1) * parts.W_in.shape[0]
+    return max(8, min(4096, budget // per_token))
+
+
 def default_metric(logits: Tensor, tokens: Tensor) -> Tensor:
     """Summed next-token cross-entropy (nats) of ``logits`` on ``tokens``."""
     return torch.nn.functional.cross_entropy(
@@ -267,9 +278,10 @@ def attribute_edges(model, pair, tokens: Tensor, *, layer: int, ln: str = "exact
             eff = node_effects(model, pair, b, layer=layer, metric=metric, keep_tensors=True)
             x, grad_f = eff["x"], eff["grad_f"]
         with torch.no_grad():
-            for s in range(0, len(x), 4096):  # bounded memory per chunk of tokens
-                xs = x[s:s + 4096]
-                gf = None if grad_f is None else grad_f[s:s + 4096]
+            chunk = _chunk_size(parts, R, M, x)
+            for s in range(0, len(x), chunk):  # bounded memory per chunk of tokens
+                xs = x[s:s + chunk]
+                gf = None if grad_f is None else grad_f[s:s + chunk]
                 a_vals, a_idx, f_vals, f_idx, e, behav = batch_edges(parts, R, M, xs, ln=ln, grad_f=gf)
                 src_idx = torch.cat([a_idx, torch.full_like(a_idx[:, :1], d_r)], 1)  # error = d_r
                 src_on = torch.cat([a_vals != 0, torch.ones_like(a_vals[:, :1], dtype=torch.bool)], 1)

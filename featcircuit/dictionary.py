@@ -157,7 +157,10 @@ class Dictionary(torch.nn.Module):
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """Encoder pre-activations ``(x - b_dec) @ W_enc + b_enc``, shape [..., d_sae]."""
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        # Written as x·W_enc − b_dec·W_enc rather than (x − b_dec)·W_enc: the same number, but
+        # autograd then gets b_dec's gradient from a vector product instead of a third
+        # [batch, d_sae] × [d_sae, d_in] matmul (a third of a training step's matmul time).
+        return x @ self.W_enc - self.b_dec @ self.W_enc + self.b_enc
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense codes [..., d_sae] for any architecture (zeros where inactive)."""
