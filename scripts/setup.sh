@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# This machine's pip config names local mirrors that may be absent; their warnings are noise.
+quiet_pip() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 TORCH_PIN=${FEATCIRCUIT_TORCH:-torch==2.13.0}
 
 if [ ! -x .venv/bin/python ]; then
@@ -16,7 +18,7 @@ VPY=.venv/bin/python
 
 if ! "$VPY" -c "import torch" 2>/dev/null; then
   echo "setup: installing $TORCH_PIN (CPU build)"
-  "$VPY" -m pip install -q --disable-pip-version-check "$TORCH_PIN"
+  quiet_pip "$VPY" -m pip install -q --disable-pip-version-check "$TORCH_PIN"
 fi
 
 # Reinstall the package only when its metadata changed since the last setup.
@@ -24,7 +26,7 @@ STAMP=.venv/.featcircuit-setup
 WANT=$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ] || ! .venv/bin/featcircuit --help >/dev/null 2>&1; then
   echo "setup: installing featcircuit and its dependencies into .venv"
-  "$VPY" -m pip install -q --disable-pip-version-check -e ".[test]"
+  quiet_pip "$VPY" -m pip install -q --disable-pip-version-check -e ".[test]"
   echo "$WANT" > "$STAMP"
 fi
 
