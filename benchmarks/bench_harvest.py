@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from _timing import best_time

@@ -12,7 +12,6 @@ the peak of a plain [B,d]@[d,m] matmul of the same shape measured in the same ru
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from _timing import best_time

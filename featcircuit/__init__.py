@@ -8,7 +8,8 @@ from .discover import DiscoverConfig, discover
 from .evaluation import evaluate_pair
 from .graph import CircuitGraph
 from .pairs import default_pair
-from .search import AblationContext, SearchResult, search_edges, validate_edges, faithfulness_curves
+from .search import AblationContext, SearchResult, search_edges
+from .validation import faithfulness_curves, validate_edges
 from .training import TrainConfig, train_pair
 from .weights import sufficiency, virtual_weights
 from .data import load_tokens

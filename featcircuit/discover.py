@@ -117,7 +117,8 @@ def discover(cfg: DiscoverConfig) -> dict:
     from .pairs import default_pair
     from .prompts import load_prompts
     from .report import write_report
-    from .search import AblationContext, faithfulness_curves, mean_ce, plot_curves, search_edges, validate_edges
+    from .search import AblationContext, search_edges
+    from .validation import faithfulness_curves, mean_ce, plot_curves, validate_edges
     from .sites import check_layer, pair_sites
 
     t0 = time.time()

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from featcircuit.graph import CircuitGraph
 from featcircuit.training import TrainConfig, train_pair

@@ -8,7 +8,6 @@ import math
 import re
 import shutil
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import graphviz
 import networkx as nx

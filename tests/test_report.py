@@ -39,7 +39,7 @@ def _search_result(n: int) -> dict:
 @pytest.fixture(scope="module")
 def report(neox, tmp_path_factory):
     """A report of a small graph over features that do fire, with quality, search and a PNG."""
-    from featcircuit.search import plot_curves
+    from featcircuit.validation import plot_curves
 
     out = tmp_path_factory.mktemp("report")
     tokens = _tokens(neox)[:8]

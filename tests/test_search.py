@@ -5,7 +5,8 @@ import torch
 
 from featcircuit import load_model
 from featcircuit.attribution import attribute_edges
-from featcircuit.search import AblationContext, _with, faithfulness_curves, search_edges, validate_edges, visit_order
+from featcircuit.search import AblationContext, _with, search_edges, visit_order
+from featcircuit.validation import faithfulness_curves, validate_edges
 from test_attribution import random_pair
 
 
