@@ -106,6 +106,24 @@ def _weight_view(model, pair, layer, tokens, table, stats) -> dict:
     return compare(table, vw.cpu(), suff.cpu(), vw_slope=mean_slope_weights(parts, pair, x).cpu())
 
 
+def _check_options(cfg: DiscoverConfig) -> None:
+    """Reject bad option values before any model is loaded or anything is computed."""
+    if cfg.search not in ("acdc", "none"):
+        raise UserError(f"unknown --search {cfg.search!r}: use acdc or none")
+    if cfg.ablation not in ("zero", "mean"):
+        raise UserError(f"unknown --ablation {cfg.ablation!r}: use zero or mean")
+    if cfg.ln not in ("exact", "frozen"):
+        raise UserError(f"unknown --ln {cfg.ln!r}: use exact or frozen")
+    if not cfg.tau >= 0:
+        raise UserError(f"--tau {cfg.tau} is negative: use a number >= 0 (nats of KL)")
+    for name in ("tokens", "eval_tokens", "search_tokens", "candidates", "top_edges"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least 1")
+    for name in ("node_threshold", "edge_threshold"):
+        if not getattr(cfg, name) >= 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 0")
+
+
 def discover(cfg: DiscoverConfig) -> dict:
     """Run the pipeline and write its files into ``cfg.out``; returns the summary dict."""
     from .attribution import attribute_edges, node_effects
@@ -123,8 +141,7 @@ def discover(cfg: DiscoverConfig) -> dict:
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    if cfg.search not in ("acdc", "none"):
-        raise UserError(f"unknown --search {cfg.search!r}: use acdc or none")
+    _check_options(cfg)
     model = load_model(cfg.model, cfg.device)
     layer = check_layer(model, cfg.layer)
     r_site, m_site = pair_sites(model, layer)

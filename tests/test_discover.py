@@ -80,6 +80,9 @@ def test_target_and_prompts(setup):
     (dict(target="resid:3"), "bad --target 'resid:3'"),
     (dict(search="greedy"), "unknown --search 'greedy'"),
     (dict(metric="bleu"), "unknown metric 'bleu'"),
+    (dict(ablation="resample"), "unknown --ablation 'resample': use zero or mean"),
+    (dict(tau=-1), "--tau -1.0 is negative"),
+    (dict(candidates=0), "--candidates 0 must be at least 1"),
 ])
 def test_bad_inputs_exit_2(setup, change, match):
     args = base_args(setup)
