@@ -58,7 +58,8 @@ def autograd_edges(parts, R, M, x, frozen=False):
 
 
 def closed_dense(parts, R, M, x, ln):
-    a_vals, a_idx, f_vals, f_idx, e, _ = batch_edges(parts, R, M, x, ln=ln)
+    with torch.no_grad():
+        a_vals, a_idx, f_vals, f_idx, e, _ = batch_edges(parts, R, M, x, ln=ln)
     T, d_r, d_m = len(x), R.W_dec.shape[0], M.W_dec.shape[0]
     out = torch.zeros(T, d_m, d_r + 1, dtype=torch.float64)
     for t in range(T):

@@ -15,7 +15,8 @@ def test_virtual_weights_match_frozen_edges_at_one_token(tiny_model):
     _, x = _x(tiny_model, layer, n=1)
     x1 = x[3:4]  # at a single token, h̄ = h(x) and s̄ = s(x): the linearisation is exact
     vw = virtual_weights(parts, pair, mean_stats(parts, x1))
-    a_vals, a_idx, f_vals, f_idx, e, _ = batch_edges(parts, pair.resid, pair.mlp, x1, ln="frozen")
+    with torch.no_grad():
+        a_vals, a_idx, f_vals, f_idx, e, _ = batch_edges(parts, pair.resid, pair.mlp, x1, ln="frozen")
     active = (f_vals[0] != 0)
     expected = e[0, :, :-1][active]  # [k_out active, k_in]
     got = vw[f_idx[0][active]][:, a_idx[0]] * a_vals[0]
