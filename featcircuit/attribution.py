@@ -268,7 +268,7 @@ def attribute_edges(model, pair, tokens: Tensor, *, layer: int, ln: str = "exact
     R, M = pair.resid, pair.mlp
     d_r, d_m = R.W_dec.shape[0], M.W_dec.shape[0]
     acc = _Accumulator(d_m * (d_r + 1), metric is not None, device, dense)
-    n_tok = 0
+    n_tok, chunk = 0, None
     for i in tqdm(range(0, len(tokens), batch_size), desc="attribute", disable=not progress):
         b = tokens[i:i + batch_size].to(device)
         if metric is None:
@@ -278,7 +278,8 @@ def attribute_edges(model, pair, tokens: Tensor, *, layer: int, ln: str = "exact
             eff = node_effects(model, pair, b, layer=layer, metric=metric, keep_tensors=True)
             x, grad_f = eff["x"], eff["grad_f"]
         with torch.no_grad():
-            chunk = _chunk_size(parts, R, M, x)
+            if chunk is None:  # sized once, from the first batch: not an extra encode per batch
+                chunk = _chunk_size(parts, R, M, x)
             for s in range(0, len(x), chunk):  # bounded memory per chunk of tokens
                 xs = x[s:s + chunk]
                 gf = None if grad_f is None else grad_f[s:s + chunk]

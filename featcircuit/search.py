@@ -197,14 +197,15 @@ class AblationContext:
             out.extend(logits.view(len(chunk), n_seq, n_ctx, -1).unbind(0))
         return out
 
-    def score(self, configs: list[Config], metric: Metric | None = None) -> list[float]:
+    def score(self, configs: list[Config], metric: Metric | None = None, kl: bool = False) -> list[float]:
         """D for each configuration: mean KL(clean ‖ ablated), or a metric of the logits.
 
-        Every forward computes the KL, the context's ``metric`` and its ``companion`` metric
+        ``kl=True`` asks for the KL whatever the context's metric. Every forward computes the
+        KL, the context's ``metric`` and its ``companion`` metric
         from the same logits, and caches them per configuration, so validation (which asks for
         the companion on single-edge ablations the search already ran) costs no extra pass.
         """
-        metric = metric if metric is not None else self.metric
+        metric = None if kl else (metric if metric is not None else self.metric)
         wanted = [m for m in (metric, self.metric, self.companion) if m is not None]
         keys = [tuple(sorted((j, tuple(sorted(v))) for j, v in c.items() if v)) for c in configs]
         todo = list(dict.fromkeys(k for k in keys

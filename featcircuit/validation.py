@@ -111,12 +111,7 @@ def faithfulness_curves(ctx: AblationContext, candidates: EdgeTable, result: Sea
         for s in sizes:
             configs.append(ablate(o[s:]))  # keep the first s, ablate the rest
             configs.append(ablate(o[:s]))  # the complement: ablate the circuit
-    saved = ctx.metric
-    ctx.metric = None
-    try:
-        d = ctx.score(configs)
-    finally:
-        ctx.metric = saved
+    d = ctx.score(configs, kl=True)
     d_full, d_empty = d[0], d[1]
     gap = d_empty - d_full
     norm = lambda v: (d_empty - v) / gap if gap > 0 else float("nan")  # noqa: E731
@@ -131,18 +126,9 @@ def faithfulness_curves(ctx: AblationContext, candidates: EdgeTable, result: Sea
         curves[name] = pts
     n_kept = len(result.kept)
     kept_cfg = ablate([(v["src"], v["dst"]) for v in result.visited if not v["kept"]])
-    (d_circ,) = ctx.score([kept_cfg]) if ctx.metric is None else _kl_score(ctx, kept_cfg)
+    (d_circ,) = ctx.score([kept_cfg], kl=True)
     return {"sizes": sizes, "curves": curves, "kl_full": d_full, "kl_empty": d_empty,
             "circuit": {"size": n_kept, "kl": d_circ, "faithfulness": norm(d_circ)}}
-
-
-def _kl_score(ctx: AblationContext, cfg: Config) -> list[float]:
-    saved = ctx.metric
-    ctx.metric = None
-    try:
-        return ctx.score([cfg])
-    finally:
-        ctx.metric = saved
 
 
 def plot_curves(curves: dict, path) -> None:
