@@ -35,17 +35,21 @@ import numpy as np
 
 from featcircuit.errors import UserError
 from featcircuit.io import _UMASK, atomic_write_text
+from featcircuit.stats import DENSE_FREQ, is_dense
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "featcircuit.graph"
 VERSION = 1
 SITES = ("resid", "mlp", "out")
-NODE_FLOAT_KEYS = ("freq", "mean_act", "max_act", "effect")  # all optional (None when unknown)
+NODE_FLOAT_KEYS = ("freq", "mean_act", "max_act", "effect", "label_f1")  # all optional (None when unknown)
+NODE_NEW_KEYS = ("label_f1",)  # may be missing from files written before they existed
 NODE_KEYS = ("site", "layer", "feature", "label") + NODE_FLOAT_KEYS
 EDGE_KEYS = ("weight", "abs_weight", "count", "behav_weight", "delta")
 POS_COLOR, NEG_COLOR, ZERO_COLOR = "#1f77b4", "#d62728", "#7f7f7f"
 RENDER_FORMATS = ("svg", "png", "pdf")
+MAX_LABEL = 4096  # characters; graphviz fails on labels over 16k, and ours are a line or two
+MAX_GRAPH_BYTES = 256 << 20
 _SITE_ORDER = {s: i for i, s in enumerate(SITES)}
 _ID_RE = re.compile(r"(resid|mlp)(0|[1-9][0-9]*)/(0|[1-9][0-9]*|err)")
 _ID_HELP = "resid{L}/{i}, mlp{L}/{j}, resid{L}/err, mlp{L}/err or out"
@@ -287,7 +291,8 @@ class CircuitGraph:
             d = self.g.nodes[n]
             nodes.append({"id": n, "site": str(d["site"]), "layer": int(d["layer"]),
                           "feature": int(d["feature"]), "label": str(d["label"]),
-                          **{k: _opt_float(d.get(k)) for k in NODE_FLOAT_KEYS}})
+                          **{k: _opt_float(d.get(k)) for k in NODE_FLOAT_KEYS},
+                          "dense": is_dense(d.get("freq"))})  # derived from freq; not read back
         edges = [{"source": u, "target": v, "weight": float(d["weight"]),
                   "abs_weight": float(d["abs_weight"]), "count": int(d["count"]),
                   "behav_weight": _opt_float(d.get("behav_weight")),
@@ -334,6 +339,11 @@ class CircuitGraph:
                 raise UserError(f"{source}: {where} key {key!r} is {_short(v)}; expected {want}")
             return float(v) if kind.startswith("float") and v is not None else v
 
+        def nonneg(v: Any, key: str, where: str) -> Any:
+            if v < 0:
+                raise UserError(f"{source}: {where} key {key!r} is {_short(v)}; expected >= 0")
+            return v
+
         g = nx.DiGraph()
         for i, nd in enumerate(d["nodes"]):
             nid = get(nd, "id", f"node {i}", "str")
@@ -345,7 +355,8 @@ class CircuitGraph:
             attrs = {"site": get(nd, "site", where, "str"), "layer": get(nd, "layer", where, "int"),
                      "feature": get(nd, "feature", where, "int"),
                      "label": get(nd, "label", where, "str"),
-                     **{k: get(nd, k, where, "float?") for k in NODE_FLOAT_KEYS}}
+                     **{k: get(nd, k, where, "float?") if k in nd or k not in NODE_NEW_KEYS else None
+                        for k in NODE_FLOAT_KEYS}}
             want = (site, layer, -1 if feature == "err" else feature)
             if (attrs["site"], attrs["layer"], attrs["feature"]) != want:
                 raise UserError(f"{source}: {where} has site/layer/feature "
@@ -353,6 +364,9 @@ class CircuitGraph:
                                 f"its id says {want[0]!r}/{want[1]}/{want[2]}")
             if nid in g:
                 raise UserError(f"{source}: {where} is a duplicate node id")
+            if len(attrs["label"]) > MAX_LABEL:
+                raise UserError(f"{source}: {where} has a label of {len(attrs['label']):,} "
+                                f"characters; at most {MAX_LABEL:,} accepted")
             g.add_node(nid, **attrs)
         for i, ed in enumerate(d["edges"]):
             u, v = get(ed, "source", f"edge {i}", "str"), get(ed, "target", f"edge {i}", "str")
@@ -362,9 +376,14 @@ class CircuitGraph:
                     raise UserError(f"{source}: {where} refers to node {end!r}, not in 'nodes'")
             if g.has_edge(u, v):
                 raise UserError(f"{source}: {where} is a duplicate edge")
+            (su, lu, _), (sv, lv, _) = parse_node_id(u), parse_node_id(v)
+            # edges go up the rows: resid -> mlp of the same layer, or into out
+            if not (_SITE_ORDER[su] < _SITE_ORDER[sv] and (sv == "out" or lu == lv)):
+                raise UserError(f"{source}: {where} is not a circuit edge: expected resid{{L}} -> "
+                                "mlp{L} (same layer) or an edge into out")
             g.add_edge(u, v, weight=get(ed, "weight", where, "float"),
-                       abs_weight=get(ed, "abs_weight", where, "float"),
-                       count=get(ed, "count", where, "int"),
+                       abs_weight=nonneg(get(ed, "abs_weight", where, "float"), "abs_weight", where),
+                       count=nonneg(get(ed, "count", where, "int"), "count", where),
                        behav_weight=get(ed, "behav_weight", where, "float?"),
                        delta=get(ed, "delta", where, "float?"))
         return cls(g, d["meta"])
@@ -377,19 +396,12 @@ class CircuitGraph:
     @classmethod
     def load_json(cls, path: str | Path) -> CircuitGraph:
         """Read a graph saved by :meth:`save_json`; UserError naming ``path`` if it cannot."""
+        from featcircuit.checks import read_json_file
+
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError(f"graph file {path} not found") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read graph file {path}: {getattr(e, 'strerror', None) or e}"
-                            ) from None
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} "
-                            f"column {e.colno}") from None
+        # bounded: a regular file of at most MAX_GRAPH_BYTES, nesting depth 16, integers of at
+        # most 30 digits, no NaN/Infinity (a device such as /dev/zero is refused before reading)
+        d = read_json_file(path, "graph file", max_bytes=MAX_GRAPH_BYTES, max_depth=16)
         return cls.from_json(d, source=str(path))
 
     # ---- GraphML -----------------------------------------------------------------------------
@@ -412,7 +424,12 @@ class CircuitGraph:
     # ---- DOT and rendering -------------------------------------------------------------------
 
     def to_dot(self) -> str:
-        """DOT source: resid row under the mlp row, ``out`` on top, edges coloured by sign."""
+        """DOT source: resid row under the mlp row, ``out`` on top, edges coloured by sign.
+
+        Pen width follows the measured effect ``|delta|`` when any edge has one (else ``|weight|``);
+        error nodes are triangles; dense nodes (freq > DENSE_FREQ) get a red dashed border and a
+        ``DENSE`` line; a node's ``label_f1`` is shown under its label.
+        """
         title = " ".join(f"{k}={self.meta[k]}" for k in ("model", "layer") if k in self.meta)
         dot = graphviz.Digraph(name="circuit")
         dot.attr(rankdir="BT", nodesep="0.25", ranksep="0.9")
@@ -431,9 +448,15 @@ class CircuitGraph:
                     d = self.g.nodes[n]
                     label = str(d.get("label", n))
                     text = n if label == n else f"{n}\n{label}"
+                    if d.get("label_f1") is not None and "[F1 " not in label:
+                        text += f"\nF1 {d['label_f1']:.2f}"
+                    dense = is_dense(d.get("freq"))
+                    if dense:
+                        text += f"\nDENSE: {d['freq']:.0%} of tokens"
                     stats = "  ".join(f"{k}={_fmt(d.get(k))}" for k in NODE_FLOAT_KEYS
                                       if d.get(k) is not None)
-                    tip = (n if label == n else f"{n}: {label}") + (f"\n{stats}" if stats else "")
+                    tip = ((n if label == n else f"{n}: {label}") + (f"\n{stats}" if stats else "")
+                           + (f"\ndense: active on more than {DENSE_FREQ:.0%} of tokens" if dense else ""))
                     if n == "out":
                         shape, style = "doubleoctagon", "filled"
                     elif d.get("feature", 0) < 0:
@@ -441,14 +464,19 @@ class CircuitGraph:
                     else:
                         shape, style = "box", "rounded,filled"
                     color = "#dddddd" if shape == "triangle" else fill.get(d.get("site"), "white")
+                    flag = {"color": NEG_COLOR, "penwidth": "3", "style": style + ",dashed"} if dense else {}
                     sub.node(n, label=_dot_text(text), tooltip=_dot_text(tip), shape=shape,
-                             style=style, fillcolor=color)
+                             **({"style": style} | flag), fillcolor=color)
         edges = self.sorted_edges()
-        wmax = max((abs(d["weight"]) for _, _, d in edges), default=0.0)
+        # pen width by the measured effect |Δ| when the search measured any edge, else by |weight|
+        by_delta = any(d.get("delta") is not None for _, _, d in edges)
+        size = (lambda d: abs(d["delta"]) if d.get("delta") is not None else 0.0) if by_delta else \
+            (lambda d: abs(d["weight"]))
+        wmax = max((size(d) for _, _, d in edges), default=0.0)
         for u, v, d in edges:
             w = d["weight"]
             color = POS_COLOR if w > 0 else NEG_COLOR if w < 0 else ZERO_COLOR
-            width = 0.5 + 4.5 * abs(w) / wmax if wmax > 0 else 0.5
+            width = 0.5 + 4.5 * size(d) / wmax if wmax > 0 else 0.5
             tip = (f"{u} -> {v}\nweight={_fmt(w)}  abs_weight={_fmt(d['abs_weight'])}  "
                    f"count={d['count']}  behav_weight={_fmt(d.get('behav_weight'))}  "
                    f"delta={_fmt(d.get('delta'))}")
@@ -496,9 +524,37 @@ class CircuitGraph:
     def top_edges(self, n: int) -> list[dict[str, Any]]:
         """The ``n`` strongest edges as rows for :func:`format_table`."""
         lab = {k: str(d.get("label", k)) for k, d in self.g.nodes(data=True)}
+        dense = {k: is_dense(d.get("freq")) for k, d in self.g.nodes(data=True)}
         return [{"source": u, "target": v, "source_label": lab[u], "target_label": lab[v],
                  "weight": d["weight"], "abs_weight": d["abs_weight"], "count": d["count"],
-                 "delta": d.get("delta")} for u, v, d in self.sorted_edges()[:max(n, 0)]]
+                 "delta": d.get("delta"), "dense": _dense_ends(dense[u], dense[v])}
+                for u, v, d in self.sorted_edges()[:max(n, 0)]]
+
+
+def _dense_ends(src: bool, dst: bool) -> str:
+    return "both" if src and dst else "source" if src else "target" if dst else ""
+
+
+def table_rows(table, layer: int, n: int, *, by: str = "abs_weight", freq: Mapping[str, Any] | None = None,
+               labels: Mapping[str, str] | None = None, features_only: bool = False) -> list[dict[str, Any]]:
+    """The ``n`` largest edges of an :class:`~featcircuit.attribution.EdgeTable` as rows for :func:`format_table`.
+
+    For the layer's top edges (before any search), beside the circuit's own table
+    (:meth:`CircuitGraph.top_edges`). ``freq``: ``{"resid": [d_R], "mlp": [d_M]}`` activation
+    frequencies (e.g. ``FeatureStats.freq``) for the dense column; ``labels``: by node id.
+    """
+    labels = labels or {}
+    sub = table.top(n, by=by, features_only=features_only)
+    rows = []
+    for i, j, w, aw, c in zip(sub.src.tolist(), sub.dst.tolist(), sub.weight.tolist(), sub.abs_weight.tolist(),
+                              sub.count.tolist()):
+        u, v = node_id("resid", layer, i if i >= 0 else "err"), node_id("mlp", layer, j)
+        fs = None if freq is None or i < 0 else float(freq["resid"][i])
+        fd = None if freq is None else float(freq["mlp"][j])
+        rows.append({"source": u, "target": v, "source_label": labels.get(u, ""), "target_label": labels.get(v, ""),
+                     "weight": w, "abs_weight": aw, "count": c, "mean_per_coact": w / c if c else None,
+                     "dense": _dense_ends(is_dense(fs), is_dense(fd))})
+    return rows
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], max_width: int = 40) -> str:

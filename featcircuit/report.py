@@ -33,10 +33,12 @@ import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from .errors import UserError
-from .features import LENS_RULE, analyze_features, show_token
+from .cards import analyze_features
+from .contexts import show_token
+from .lens import LENS_RULE
 from .io import atomic_write_text
 
 CHROMIUM = "/usr/bin/chromium"
@@ -47,8 +49,9 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
 def graph_cards(model, pair, tokens, layer: int, graph, *, removal: bool = True,
-                cache_dir=None, progress: bool = False, **card_kw) -> dict[str, dict]:
-    """``{node id: card}`` for every feature node of ``graph``."""
+                cache_dir=None, progress: bool = False, labels: Mapping[str, Mapping[int, Mapping]] | None = None,
+                **card_kw) -> dict[str, dict]:
+    """``{node id: card}`` for every feature node of ``graph`` (``labels``: ``{site: {feature: label}}``)."""
     want: dict[str, list[int]] = {"resid": [], "mlp": []}
     for n in graph.sorted_nodes():
         d = graph.g.nodes[n]
@@ -57,7 +60,8 @@ def graph_cards(model, pair, tokens, layer: int, graph, *, removal: bool = True,
     cards = {}
     for site, feats in want.items():
         for c in analyze_features(model, pair, tokens, layer, site, feats, removal=removal,
-                                  cache_dir=cache_dir, progress=progress, **card_kw):
+                                  cache_dir=cache_dir, progress=progress,
+                                  labels=(labels or {}).get(site), **card_kw):
             cards[c["id"]] = c
     return cards
 
@@ -132,6 +136,10 @@ tr.click:hover{background:#eef4ff}
 .ctx span{border-radius:2px}
 .ctx .hit{outline:2px solid #d62728;font-weight:bold}
 .note{background:#fff8e1;border:1px solid #f0d98c;padding:6px 10px;border-radius:4px}
+.dense{display:inline-block;background:#d62728;color:#fff;font-size:11px;font-weight:bold;
+  border-radius:3px;padding:0 5px;margin-left:4px}
+.score{font-size:12.5px;margin:2px 0 6px}
+.ev{border-left:3px solid #ccc;padding-left:8px;margin:6px 0 10px}
 .bar{display:inline-block;height:9px;vertical-align:middle}
 .pos{background:#1f77b4}.neg{background:#d62728}
 img.plot{max-width:720px;width:100%;border:1px solid #ddd;background:#fff}
@@ -241,43 +249,100 @@ def _hist_svg(edges: list[float], counts: list[int], w: int = 340, h: int = 70,
             f'<text x="{w}" y="{h + 12}" font-size="10" text-anchor="end">{hi:.3g}</text></svg>')
 
 
-def _edges_of(graph, nid: str) -> str:
+def _edges_of(graph, nid: str, evidence: Mapping | None = None) -> str:
     def lab(n: str) -> str:
         text = str(graph.g.nodes[n].get("label", n))
         return "" if text == n else text
 
-    rows, attrs = [], []
+    rows, attrs, ev_parts = [], [], []
     for u, v, d in graph.sorted_edges():
         if nid in (u, v):
             other = v if u == nid else u
+            dense = _dense_badge(graph.g.nodes[other].get("freq"))
             rows.append(["→" if u == nid else "←",
-                         f"{e(other)} <span class='meta'>{e(lab(other))}</span>", d["weight"],
-                         d.get("delta")])
+                         f"{e(other)}{dense} <span class='meta'>{e(lab(other))}</span>", d["weight"],
+                         d["weight"] / d["count"] if d.get("count") else None, d.get("count"), d.get("delta")])
             attrs.append(f' class="click" data-open="{e(other)}"')
+            ev = (evidence or {}).get((u, v))
+            if ev is not None:
+                ev_parts.append(_evidence_html(ev))
     if not rows:
         return ""
-    return "<h3>Edges in the circuit</h3>" + _table(["", "node", "weight", "Δ (search)"], rows, {2, 3},
-                                                    attrs)
+    out = "<h3>Edges in the circuit</h3>" + _table(["", "node", "weight", "mean per co-activation", "count",
+                                                    "Δ (search)"], rows, {2, 3, 4, 5}, attrs)
+    if ev_parts:
+        out += ("<h3>Edge evidence</h3><p class='meta'>for each edge, the contexts where its per-token "
+                "weight e<sub>ij</sub>(t) is largest (in the direction of its sign; one per document, no "
+                "near-identical contexts), shaded by e<sub>ij</sub> at each token; and the current tokens "
+                "that carry the most of Σ<sub>t</sub> e<sub>ij</sub>(t)</p>" + "".join(ev_parts))
+    return out
 
 
-def card_html(card: dict, graph=None) -> str:
-    """A feature card as an HTML ``<section>`` (hidden until opened)."""
+def _dense_badge(freq) -> str:
+    from .stats import DENSE_FREQ, is_dense
+
+    return (f"<span class='dense' title='active on more than {DENSE_FREQ:.0%} of tokens'>DENSE "
+            f"{float(freq):.0%}</span>" if is_dense(freq) else "")
+
+
+def _evidence_html(ev: Mapping) -> str:
+    """One edge's evidence: mean per co-activation, the tokens that carry it, the top contexts."""
+    toks = ", ".join(f"<code>{e(repr(t['token']))}</code> {t['share']:+.0%}" for t in ev.get("top_tokens", [])[:6])
+    head = (f"<p><b>{e(ev['source'])} → {e(ev['target'])}</b>: Σ e = {_num(ev['sum'])} over "
+            f"{ev['count']:,} co-activations; <b>mean per co-activation {_num(ev.get('mean'))}</b>; "
+            f"max |e| {_num(ev.get('max_abs'))}</p>"
+            + (f"<p class='meta'>share of Σ|e| by current token: {toks}</p>" if toks else ""))
+    top = ev.get("top") or []
+    vmax = max([abs(v) for x in top for v in x["values"]] or [1.0]) or 1.0
+    rows = [[x["edge"], x.get("a"), x.get("f"), _ctx_html(x["tokens"], x["values"], x["index"], vmax, signed=True)]
+            for x in top]
+    table = _table(["e_ij", "a_i", "f_j", "context (e_ij per token)"], rows, {0, 1, 2}) if rows else ""
+    return f"<div class='ev' data-edge='{e(ev['source'])}->{e(ev['target'])}'>{head}{table}</div>"
+
+
+def _score_html(card: Mapping) -> str:
+    sc = card.get("label_score")
+    if not sc:
+        return ("<p class='score'>label: <b>" + e(card["label"]) + "</b> <span class='meta'>(unscored: the "
+                "dominant token of the top activations)</span></p>")
+    if sc.get("f1") is None:
+        return (f"<p class='score'>label: <b>{e(card['label'])}</b> <span class='meta'>(no score: the "
+                f"feature never fires on the held-out tokens)</span></p>")
+    return (f"<p class='score'>label: <b>{e(card['label'])}</b> — held-out <b>F1 {sc['f1']:.2f}</b> "
+            f"(precision {sc['precision']:.2f}, recall {sc['recall']:.2f}; {sc['n_fire']:,} firing tokens, "
+            f"fires = activation &gt; {sc.get('threshold', 0):.3g}; the rule “every token” scores "
+            f"F1 {sc.get('base_f1', 0):.2f}; training F1 {_num(sc.get('train_f1'), '.2f')})</p>")
+
+
+def card_html(card: dict, graph=None, evidence: Mapping | None = None) -> str:
+    """A feature card as an HTML ``<section>`` (hidden until opened); ``evidence`` by (source, target)."""
     nid, vmax = card["id"], card["max_act"]
     node = graph.g.nodes[nid] if graph is not None and nid in graph.g else {}
     parts = [f'<section class="card" data-node="{e(nid)}"><button class="close" title="close">×</button>',
-             f"<h3>{e(nid)} <span class='meta'>{e(card['label'])}</span></h3>",
+             f"<h3>{e(nid)} <span class='meta'>{e(card['label'])}</span>{_dense_badge(card['freq'])}</h3>",
+             _score_html(card),
              f"<p class='meta'>active on {card['n_active']:,} of {card['n_tokens']:,} tokens "
-             f"(freq {card['freq']:.3%}); mean {card['mean_act']:.3g}, max {vmax:.3g}; "
-             f"hook <code>{e(card['hook'])}</code>"
+             f"(freq {card['freq']:.3%}{', dense' if card.get('dense') else ''}); mean {card['mean_act']:.3g}, "
+             f"max {vmax:.3g}; hook <code>{e(card['hook'])}</code>"
              + (f"; node effect {_num(node.get('effect'))}" if node.get("effect") is not None else "")
              + "</p>"]
-    parts.append(_edges_of(graph, nid) if graph is not None else "")
-    parts.append("<h3>Top activations</h3>")
+    parts.append(_edges_of(graph, nid, evidence) if graph is not None else "")
+    parts.append(f"<h3>Top activations</h3><p class='meta'>one per document, no near-identical contexts "
+                 f"({card.get('n_docs', '?')} documents hold activations)</p>")
     if card["top"]:
         parts.append(_table(["act", "context (activating token outlined)"],
                             [[ex["act"], _example_html(ex, vmax)] for ex in card["top"]], {0}))
     else:
         parts.append("<p class='note'>never active on the analysed tokens</p>")
+    if card.get("quantiles"):
+        parts.append(f"<h3>Across the quantiles</h3><p class='meta'>the activations cut into "
+                     f"{len(card['quantiles'])} groups of equal size; one example from each</p>")
+        parts.append(_table(["quantiles", "count", "range", "act", "context"],
+                            [[f"{q['q_lo']:.0%}–{q['q_hi']:.0%}", q["count"],
+                              f"{_num(q['lo'], '.3g')}–{_num(q['hi'], '.3g')}",
+                              q["example"]["act"] if q["example"] else None,
+                              _example_html(q["example"], vmax) if q["example"] else "–"]
+                             for q in reversed(card["quantiles"])], {1, 3}))
     if card["bins"]:
         parts.append("<h3>Across the range: one example per activation bin</h3>")
         parts.append(_table(["bin", "count", "act", "context"],
@@ -318,9 +383,9 @@ def card_html(card: dict, graph=None) -> str:
     return "".join(parts)
 
 
-def _plain_card(nid: str, title: str, text: str) -> str:
+def _plain_card(nid: str, title: str, text: str, extra: str = "") -> str:
     return (f'<section class="card" data-node="{e(nid)}"><button class="close" title="close">×</button>'
-            f"<h3>{e(nid)} <span class='meta'>{e(title)}</span></h3><p>{e(text)}</p></section>")
+            f"<h3>{e(nid)} <span class='meta'>{e(title)}</span></h3><p>{e(text)}</p>{extra}</section>")
 
 
 def _quality_html(quality: Mapping | None) -> str:
@@ -403,8 +468,10 @@ def _search_html(search: Mapping | None, out_dir: Path) -> str:
 
 
 def report_html(*, graph, cards: Mapping[str, dict], quality: Mapping | None, search: Mapping | None,
-                svg: str | None, out_dir: Path, stats: Mapping | None = None) -> str:
-    """The whole report page as one HTML string."""
+                svg: str | None, out_dir: Path, stats: Mapping | None = None,
+                evidence: Sequence[Mapping] | None = None) -> str:
+    """The whole report page as one HTML string (``evidence``: :func:`featcircuit.evidence.edge_evidence`)."""
+    ev_by = {(x["source"], x["target"]): x for x in evidence or []}
     meta = graph.meta
     title = f"featcircuit: {meta.get('model', '?')} layer {meta.get('layer', '?')}"
     info = ", ".join(f"{k} {meta[k]}" for k in ("tokens", "metric", "search", "tau", "ablation", "ln",
@@ -414,13 +481,14 @@ def report_html(*, graph, cards: Mapping[str, dict], quality: Mapping | None, se
     for n in nodes:
         d = graph.g.nodes[n]
         if n in cards:
-            card_parts.append(card_html(cards[n], graph))
+            card_parts.append(card_html(cards[n], graph, ev_by))
         elif n == "out":
             card_parts.append(_plain_card(n, "output", "The model's next-token loss (or the metric)."))
         elif int(d.get("feature", 0)) < 0:
             card_parts.append(_plain_card(
                 n, "reconstruction error", f"The part of the {d.get('site')} activation the dictionary "
-                "does not reconstruct (activation − reconstruction); not a feature."))
+                "does not reconstruct (activation − reconstruction); not a feature.",
+                _edges_of(graph, n, ev_by)))
         else:
             card_parts.append(_plain_card(n, str(d.get("label", n)), "No card was computed for this node."))
     graph_html = svg if svg else (
@@ -438,19 +506,30 @@ def report_html(*, graph, cards: Mapping[str, dict], quality: Mapping | None, se
             freq = float(st[d["site"]].freq[d["feature"]])
         else:
             freq = d.get("freq")
-        rows.append([f"<a href='#{e(n)}'>{e(n)}</a>", e(str(d.get("label", n))), freq,
+        sc = (c or {}).get("label_score") or {}
+        f1 = sc.get("f1") if sc else d.get("label_f1")
+        rows.append([f"<a href='#{e(n)}'>{e(n)}</a>{_dense_badge(freq)}", e(str(d.get("label", n))), f1, freq,
                      d.get("max_act"), d.get("effect"), graph.g.in_degree(n) + graph.g.out_degree(n)])
         attrs.append(f' class="click" data-open="{e(n)}"')
-    node_table = _table(["node", "label", "freq", "max act", "effect", "edges"], rows, {2, 3, 4, 5}, attrs)
+    node_table = _table(["node", "label", "label F1 (held-out)", "freq", "max act", "effect", "edges"], rows,
+                        {2, 3, 4, 5, 6}, attrs)
     def lab(n: str) -> str:
         text = str(graph.g.nodes[n].get("label", n))
         return "" if text == n else e(text)
 
-    edge_rows = [[f"{e(u)} <span class='meta'>{lab(u)}</span>", f"{e(v)} <span class='meta'>{lab(v)}</span>",
-                  d["weight"], d.get("behav_weight"), d.get("delta"), d["count"]]
+    def toks(u: str, v: str) -> str:
+        ev = ev_by.get((u, v))
+        if not ev:
+            return "–"
+        return ", ".join(f"<code>{e(repr(t['token']))}</code> {t['share']:+.0%}" for t in ev["top_tokens"][:4])
+
+    edge_rows = [[f"{e(u)}{_dense_badge(graph.g.nodes[u].get('freq'))} <span class='meta'>{lab(u)}</span>",
+                  f"{e(v)}{_dense_badge(graph.g.nodes[v].get('freq'))} <span class='meta'>{lab(v)}</span>",
+                  d["weight"], d["weight"] / d["count"] if d["count"] else None, d.get("behav_weight"),
+                  d.get("delta"), d["count"], toks(u, v)]
                  for u, v, d in graph.sorted_edges()]
-    edge_table = _table(["source", "target", "weight", "behav. weight", "Δ (search)", "count"], edge_rows,
-                        {2, 3, 4, 5})
+    edge_table = _table(["source", "target", "weight", "mean per co-activation", "behav. weight", "Δ (search)",
+                         "count", "tokens carrying the edge"], edge_rows, {2, 3, 4, 5, 6})
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -500,7 +579,9 @@ def neuronpedia_feature(card: dict, model_id: str) -> dict:
     lens = card["lens"]
     return {
         "modelId": model_id, "layer": f"{card['layer']}-{card['site']}", "index": str(card["feature"]),
-        "explanations": [{"description": card["label"], "typeName": "featcircuit-label"}],
+        "explanations": [{"description": card["label"], "typeName": "featcircuit-rule",
+                          "score": (card.get("label_score") or {}).get("f1"),
+                          "scorer": "held-out F1 of predicting where the feature fires"}],
         "maxActApprox": card["max_act"], "frac_nonzero": card["freq"],
         "pos_str": [x["token"] for x in lens["top"]], "pos_values": [x["value"] for x in lens["top"]],
         "neg_str": [x["token"] for x in lens["bottom"]], "neg_values": [x["value"] for x in lens["bottom"]],
@@ -511,13 +592,23 @@ def neuronpedia_feature(card: dict, model_id: str) -> dict:
         "activations": acts,
         "featcircuit": {"id": card["id"], "hook": card["hook"], "n_tokens": card["n_tokens"],
                         "mean_act": card["mean_act"], "token_removal": card.get("removal"),
-                        "lens_rule": lens["rule"]},
+                        "lens_rule": lens["rule"], "label": card["label"], "label_score": card.get("label_score"),
+                        "dense": card.get("dense"), "dense_limit": card.get("dense_limit"),
+                        "n_docs": card.get("n_docs"), "quantiles": card.get("quantiles")},
     }
 
 
-def attribution_graph(graph, cards: Mapping[str, dict] | None = None) -> dict:
-    """The graph as attribution-graph JSON: ``metadata``, ``qParams``, ``nodes``, ``links``."""
+def attribution_graph(graph, cards: Mapping[str, dict] | None = None,
+                      evidence: Sequence[Mapping] | None = None) -> dict:
+    """The graph as attribution-graph JSON: ``metadata``, ``qParams``, ``nodes``, ``links``.
+
+    Nodes carry ``dense`` and the label's held-out ``label_f1``; with ``evidence`` each link
+    carries ``mean_per_coactivation``, ``top_tokens`` and its top contexts (``evidence``).
+    """
+    from .stats import is_dense
+
     cards = cards or {}
+    ev_by = {(x["source"], x["target"]): x for x in evidence or []}
     meta = graph.meta
     layer = meta.get("layer")
     nodes = []
@@ -534,10 +625,19 @@ def attribution_graph(graph, cards: Mapping[str, dict] | None = None) -> dict:
                       "ctx_idx": 0, "feature_type": ftype, "site": site, "clerp": str(d.get("label", n)),
                       "activation": d.get("mean_act"), "influence": d.get("effect"), "freq": d.get("freq"),
                       "max_act": d.get("max_act"), "token_prob": 0.0, "is_target_logit": n == "out",
-                      "has_card": n in cards})
-    links = [{"source": u, "target": v, "weight": d["weight"], "abs_weight": d["abs_weight"],
-              "count": d["count"], "behav_weight": d.get("behav_weight"), "delta": d.get("delta")}
-             for u, v, d in graph.sorted_edges()]
+                      "has_card": n in cards, "dense": is_dense(d.get("freq")),
+                      "label_f1": ((cards.get(n) or {}).get("label_score") or {}).get("f1", d.get("label_f1"))})
+    links = []
+    for u, v, d in graph.sorted_edges():
+        link = {"source": u, "target": v, "weight": d["weight"], "abs_weight": d["abs_weight"],
+                "count": d["count"], "behav_weight": d.get("behav_weight"), "delta": d.get("delta"),
+                "mean_per_coactivation": d["weight"] / d["count"] if d["count"] else None}
+        ev = ev_by.get((u, v))
+        if ev is not None:
+            link["top_tokens"] = ev["top_tokens"]
+            link["evidence"] = [{k: x[k] for k in ("seq", "pos", "edge", "a", "f", "tokens", "index")}
+                                for x in ev["top"]]
+        links.append(link)
     model = str(meta.get("model", "model"))
     return {"metadata": {"slug": f"{Path(model).name}-L{layer}", "scan": model, "prompt": "",
                          "prompt_tokens": [],
@@ -555,23 +655,34 @@ def attribution_graph(graph, cards: Mapping[str, dict] | None = None) -> dict:
 def write_report(out_dir: str | Path, *, model, pair, tokens, layer: int, graph, quality: Mapping | None,
                  search: Mapping | None = None, stats: Mapping | None = None,
                  cards: Mapping[str, dict] | None = None, removal: bool = True, cache_dir=None,
-                 progress: bool = False) -> Path:
-    """Write ``report.html``, ``features.json`` and ``attribution_graph.json``; returns the HTML's path."""
+                 progress: bool = False, labels: Mapping[str, Mapping[int, Mapping]] | None = None,
+                 evidence: Sequence[Mapping] | None = None) -> Path:
+    """Write ``report.html``, ``features.json`` and ``attribution_graph.json``; returns the HTML's path.
+
+    ``labels``: scored labels ``{site: {feature: label}}`` (:func:`featcircuit.labels.label_pair`)
+    for the cards; ``evidence``: :func:`featcircuit.evidence.edge_evidence` of the graph's edges,
+    shown in the cards and the edge table and also written to ``edge_evidence.json``.
+    """
     from .models import model_name
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cards is None:
         cards = graph_cards(model, pair, tokens, layer, graph, removal=removal, cache_dir=cache_dir,
-                            progress=progress)
+                            progress=progress, labels=labels)
     svg = render_svg(graph)
     page = report_html(graph=graph, cards=cards, quality=quality, search=search, svg=svg, out_dir=out,
-                       stats=stats)
+                       stats=stats, evidence=evidence)
+    if evidence is not None:
+        from .evidence import save_evidence
+
+        save_evidence(evidence, out / "edge_evidence.json")
     name = model_name(model) if model is not None else str(graph.meta.get("model", "model"))
     atomic_write_text(out / "features.json", json.dumps(
         {"modelId": name, "layer": layer, "source": "featcircuit",
          "features": [neuronpedia_feature(c, name) for c in cards.values()]}, ensure_ascii=False))
-    atomic_write_text(out / "attribution_graph.json", json.dumps(attribution_graph(graph, cards), indent=1))
+    atomic_write_text(out / "attribution_graph.json", json.dumps(attribution_graph(graph, cards, evidence),
+                                                                 indent=1))
     return atomic_write_text(out / "report.html", page)
 
 

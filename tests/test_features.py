@@ -118,9 +118,10 @@ def test_detector_card_top_tokens_freq_and_lens(lens_setup, tmp_path):
     mask = lens_mask(model, torch.bincount(tokens[:, 1:].flatten(), minlength=model.cfg.d_vocab))
     assert not mask[s["junk"]] and not mask[s["ghost"]] and mask[s["promote"]]
     assert not mask[model.tokenizer.bos_token_id]
-    # label: the detected token, then the promoted one
+    # label (unscored here): the detected token; the promoted one stays in the card's lens only
     tok = model.tokenizer
-    assert card["label"] == f"{tok.decode([target])!r} → {tok.decode([s['promote']])!r}"
+    assert card["label"] == repr(tok.decode([target])) and card["label_score"] is None
+    assert card["dense"] == (card["freq"] > 0.1)
     # layer 0 reads only the current token's embedding: dropping earlier tokens changes nothing
     rem = card["removal"]
     assert rem["effects"] and rem["act"] == pytest.approx(card["top"][0]["act"], abs=1e-5)
@@ -138,6 +139,10 @@ def test_labels_for_and_collect_stats_agree_with_card(lens_setup, tmp_path):
     labels = labels_for([("resid", 0), ("mlp", 1)], stats, tokens, model.tokenizer, 0)
     (card,) = analyze_features(model, s["pair"], tokens, 0, "resid", [0], removal=False, cache_dir=tmp_path)
     assert labels["resid0/0"] == card["label"]
+    old = labels_for([("resid", 0)], stats, tokens, model.tokenizer, 0, lens=True)["resid0/0"]
+    assert old == f"{card['label']} → {model.tokenizer.decode([s['promote']])!r}"
+    scored = {"resid": {0: {"text": "'x'", "f1": 0.5}}}
+    assert labels_for([("resid", 0)], stats, tokens, model.tokenizer, 0, scored=scored) == {"resid0/0": "'x' [F1 0.50]"}
     assert labels["mlp0/1"].startswith("(never active)")
     want = repr(model.tokenizer.decode([s["target"]]))
     assert token_label(stats["resid"], tokens, model.tokenizer, 0) == want
@@ -220,7 +225,7 @@ def test_bins_cover_the_range_and_histogram_counts():
 def test_index_is_cached_per_dictionary(neox, tmp_path, monkeypatch):
     from test_attribution import random_pair
 
-    import featcircuit.features as F
+    import featcircuit.stats as F
 
     tokens = _tokens(neox)[:6]
     pair = random_pair(neox, 1)
@@ -281,3 +286,129 @@ def test_cli_prints_a_card(lens_setup, tmp_path, capsys, monkeypatch):
     assert "resid0/0" in out and f"⟦{tok.decode([s['target']]).replace(chr(10), '⏎')}⟧" in out
     assert "logit lens" in out and "token removal" in out and "activation density" in out
     assert list((tmp_path / "cache" / "features").glob("*.pt"))
+
+
+# ---- distinct contexts, quantiles, density, edge evidence ---------------------------------------
+
+
+def test_doc_ids_follow_the_packed_stream():
+    from featcircuit.contexts import doc_ids
+
+    B = 0
+    tokens = torch.tensor([[B, 5, 6, B, 7], [B, 8, B, 9, 9], [B, 4, 4, 4, 4]])
+    # the stream is 5 6 B 7 | 8 B 9 9 | 4 4 4 4: a separator belongs to the document it ends
+    assert doc_ids(tokens, B).tolist() == [[0, 0, 0, 0, 1], [1, 1, 1, 2, 2], [2, 2, 2, 2, 2]]
+    assert doc_ids(tokens, None).tolist() == [[0] * 5, [1] * 5, [2] * 5]
+
+
+def test_distinct_top_one_per_document_and_no_near_duplicates():
+    from featcircuit.contexts import distinct_top, doc_ids
+
+    B = 0
+    # doc 0: "1 2 3 9" twice (the same context) and a weaker "4 5 9"; doc 1: "1 2 3 9" again, "7 9"
+    tokens = torch.tensor([[B, 1, 2, 3, 9, 4, 5, 9, 1, 2, 3, 9, B, 1, 2, 3, 9, 7, 9]])
+    n_ctx = tokens.shape[1]
+    nines = [p for p in range(1, n_ctx) if tokens[0, p] == 9]
+    pos = torch.tensor(nines)
+    val = torch.tensor([5.0, 1.0, 4.0, 3.0, 2.0])  # at positions 4, 7, 11, 16, 18
+    docs = doc_ids(tokens, B)
+    picks = distinct_top(pos, val, tokens, docs, 3, window=3)
+    # 5.0 (doc 0); 4.0 repeats its window "1 2 3 9"; 3.0 repeats it too (doc 1); 2.0 "9 7 9" in doc 1;
+    # then the relaxed pass fills up from doc 0: 1.0
+    assert [float(val[i]) for i in picks] == [5.0, 2.0, 1.0]
+    assert [float(val[i]) for i in distinct_top(pos, val, tokens, docs, 3, window=3, relax=False)] == [5.0, 2.0]
+    # a narrow window (the token alone) makes every activation a near duplicate of the first
+    assert [float(val[i]) for i in distinct_top(pos, val, tokens, docs, 3, window=0)] == [5.0]
+
+
+def test_quantile_groups_cover_the_activations_in_equal_parts():
+    from featcircuit.contexts import quantile_examples
+
+    val = torch.tensor([float(v) for v in range(1, 101)])
+    pos = torch.arange(1, 101)
+    docs = torch.zeros(1, 101, dtype=torch.long)
+    qs = quantile_examples(pos, val, docs, 4, seed=3)
+    assert [q["count"] for q in qs] == [25] * 4
+    assert [(q["lo"], q["hi"]) for q in qs] == [(1.0, 25.0), (26.0, 50.0), (51.0, 75.0), (76.0, 100.0)]
+    for q in qs:
+        assert q["lo"] <= float(val[q["pick"]]) <= q["hi"]
+    assert qs == quantile_examples(pos, val, docs, 4, seed=3)  # deterministic
+
+
+def test_card_examples_are_distinct_and_span_the_quantiles():
+    vals = [0.07 + 0.1 * i for i in range(40)] + [8.0, 9.0, 10.0]
+    idx = _synthetic_index(vals)
+    card = feature_card(None, None, idx, 0, n_top=4, n_quantiles=4, removal=False,
+                        mask=torch.ones(50, dtype=torch.bool), lens_values=torch.linspace(-1, 1, 50))
+    # without a tokenizer each row is a document: the best of each row first (10, 2.97, 1.47), then
+    # filled up from rows already shown (9); shown largest first
+    assert [ex["act"] for ex in card["top"]] == pytest.approx([10.0, 9.0, 2.97, 1.47])
+    assert [ex["seq"] for ex in card["top"]] == [2, 2, 1, 0]
+    assert card["n_docs"] == 3
+    assert [q["count"] for q in card["quantiles"]] == [10, 11, 11, 11]
+    assert card["quantiles"][0]["example"]["act"] < 1.1 and card["quantiles"][-1]["example"]["act"] > 2.9
+    assert card["dense"] is True  # 43 of 60 tokens
+    assert "DENSE" in format_card(card)
+
+
+def test_drop_dense_and_candidate_edges():
+    from featcircuit.attribution import EdgeTable
+    from featcircuit.errors import UserError
+    from featcircuit.stats import FeatureStats, candidate_edges, dense_features, drop_dense
+
+    def st(freq):
+        n = len(freq)
+        return FeatureStats(torch.tensor(freq), torch.ones(n), torch.ones(n), torch.zeros(n, 1),
+                            torch.zeros(n, 1, dtype=torch.long), 100)
+
+    stats = {"resid": st([0.5, 0.01, 0.02]), "mlp": st([0.05, 0.3])}
+    src, dst = torch.tensor([0, 1, 2, -1, -1, 2]), torch.tensor([0, 0, 1, 0, 1, 0])
+    w = torch.tensor([9.0, 5.0, 4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    table = EdgeTable(2, 3, 2, src, dst, w, w.abs(), torch.ones(6, dtype=torch.long), w.abs(), 100)
+    assert dense_features(stats) == {"resid": [0], "mlp": [1]}
+    kept = drop_dense(table, stats)
+    # resid 0 and mlp 1 are dense: their edges go, the error's edge into mlp 0 stays
+    assert set(zip(kept.src.tolist(), kept.dst.tolist())) == {(1, 0), (-1, 0), (2, 0)}
+    top = candidate_edges(table, 2, stats=stats, exclude_dense=True)
+    assert list(zip(top.src.tolist(), top.dst.tolist())) == [(1, 0), (2, 0)]  # error sources left out by top()
+    assert list(zip(*[t.tolist() for t in (candidate_edges(table, 2).src, candidate_edges(table, 2).dst)])) == \
+        [(0, 0), (1, 0)]
+    with pytest.raises(UserError, match="exclude_dense needs the feature stats"):
+        candidate_edges(table, 2, exclude_dense=True)
+
+
+def test_edge_evidence_matches_the_table_and_autograd(neox):
+    from test_attribution import autograd_edges, random_pair
+
+    from featcircuit import harvest
+    from featcircuit.attribution import attribute_edges
+    from featcircuit.evidence import edge_evidence
+
+    tokens = _tokens(neox)[:6]
+    pair = random_pair(neox, 1)
+    table = attribute_edges(neox, pair, tokens, layer=1, progress=False)
+    top = table.top(4, features_only=False)
+    edges = list(zip(top.src.tolist(), top.dst.tolist()))
+    ev = edge_evidence(neox, pair, tokens, 1, edges, k=3, n_tokens_shown=10**6)
+    hook = pair_sites(neox, 1)[0].hook
+    x_all = harvest(neox, tokens, [hook], progress=False)[hook]
+    parts = mlp_parts(neox, 1)
+    for (i, j), x in zip(edges, ev):
+        row = torch.nonzero((table.src == i) & (table.dst == j)).flatten()
+        assert x["sum"] == pytest.approx(float(table.weight[row]), rel=1e-9)
+        assert x["count"] == int(table.count[row])
+        assert x["mean"] == pytest.approx(x["sum"] / x["count"])
+        assert x["max_abs"] == pytest.approx(float(table.max_abs[row]), rel=1e-6)
+        assert sum(t["sum"] for t in x["top_tokens"]) == pytest.approx(x["sum"], rel=1e-6)
+        assert sum(t["count"] for t in x["top_tokens"]) == x["count"]
+        sign = 1 if x["sum"] >= 0 else -1
+        assert [sign * t["edge"] for t in x["top"]] == sorted((sign * t["edge"] for t in x["top"]), reverse=True)
+        # each shown e_ij(t) is the autograd edge at that token
+        for t in x["top"][:2]:
+            xt = x_all[t["seq"], t["pos"]][None]
+            ref = autograd_edges(parts, pair.resid, pair.mlp, xt)  # [1, d_mlp, d_resid + 1]
+            col = pair.resid.W_dec.shape[0] if i < 0 else i
+            assert t["edge"] == pytest.approx(float(ref[0, j, col]), rel=1e-4, abs=1e-6)
+            assert t["values"][t["index"]] == pytest.approx(t["edge"])
+    with pytest.raises(Exception, match="unknown edge"):
+        edge_evidence(neox, pair, tokens, 1, [(0, 10**6)])

@@ -270,6 +270,53 @@ def test_dot_colours_widths_and_layout():
     assert re.search(r'"mlp3/0" \[[^\]]*shape=box style="rounded,filled"', src)
 
 
+def _dot_nodes(src: str) -> dict[str, str]:
+    return {m[1]: m[2] for m in re.finditer(r'^\s*"([\w/]+)" \[(.*?)\]$', src, re.M | re.S)}
+
+
+def test_dot_flags_dense_nodes_shows_label_f1_and_widths_follow_delta():
+    stats = {k: dict(v) for k, v in STATS.items()}
+    stats["mlp3/0"] = {"freq": 0.05, "label_f1": 0.734}
+    cg = build(node_stats=stats, delta=[0.002, None, -0.008, 0.004, None])
+    src = cg.to_dot()
+    nodes = _dot_nodes(src)
+    # mlp3/1 is active on 25% of tokens: dense, flagged in its text and its border; mlp3/0 (5%) is not
+    assert "DENSE: 25% of tokens" in nodes["mlp3/1"] and "dashed" in nodes["mlp3/1"]
+    assert f'color="{NEG_COLOR}"' in nodes["mlp3/1"]
+    assert "DENSE" not in nodes["mlp3/0"] and "dashed" not in nodes["mlp3/0"]
+    assert "F1 0.73" in nodes["mlp3/0"]
+    assert all("shape=triangle" in nodes[n] for n in ("resid3/err", "mlp3/err"))
+    # pen width by |delta| where the search measured one: e2 (|Δ| 0.008) widest, then e3, e0
+    edges = _dot_edges(src)
+    width = {k: float(re.search(r"penwidth=([\d.]+)", edges[E[k]])[1]) for k in E}
+    assert width["e2"] == 5.0 and width["e3"] == pytest.approx(0.5 + 4.5 * 0.5)
+    assert width["e0"] == pytest.approx(0.5 + 4.5 * 0.25) and width["e1"] == width["e4"] == 0.5
+    # the JSON carries label_f1 and the derived dense flag; a file without label_f1 still loads
+    d = cg.to_json()
+    node = {n["id"]: n for n in d["nodes"]}
+    assert node["mlp3/0"]["label_f1"] == 0.734 and node["mlp3/1"]["dense"] is True
+    assert node["mlp3/0"]["dense"] is False
+    assert CircuitGraph.from_json(d).to_json() == d
+    for n in d["nodes"]:
+        del n["label_f1"]
+    assert CircuitGraph.from_json(d).g.nodes["mlp3/0"]["label_f1"] is None
+
+
+def test_table_rows_of_the_layer_flag_dense_ends():
+    from featcircuit.attribution import EdgeTable
+    from featcircuit.graph import table_rows
+
+    w = torch.tensor([3.0, -2.0, 1.0], dtype=torch.float64)
+    table = EdgeTable(2, 3, 2, torch.tensor([0, -1, 2]), torch.tensor([1, 1, 0]), w, w.abs(),
+                      torch.tensor([4, 2, 1]), w.abs(), 10)
+    freq = {"resid": [0.5, 0.0, 0.01], "mlp": [0.02, 0.2]}
+    rows = table_rows(table, 2, 10, freq=freq, labels={"mlp2/1": "x"})
+    assert [(r["source"], r["target"], r["dense"]) for r in rows] == [
+        ("resid2/0", "mlp2/1", "both"), ("resid2/err", "mlp2/1", "target"), ("resid2/2", "mlp2/0", "")]
+    assert rows[0]["mean_per_coact"] == pytest.approx(0.75) and rows[0]["target_label"] == "x"
+    assert "both" in format_table(rows)
+
+
 @pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz `dot` is not installed")
 def test_render_svg_and_png_with_real_dot(tmp_path):
     cg = build()
@@ -313,7 +360,7 @@ def test_top_edges_and_table():
     assert [(r["source"], r["target"]) for r in rows] == [E["e0"], E["e1"]]
     assert rows[0]["source_label"] == TRICKY["resid3/0"] and rows[1]["weight"] == -0.8
     assert set(rows[0]) == {"source", "target", "source_label", "target_label", "weight",
-                            "abs_weight", "count", "delta"}
+                            "abs_weight", "count", "delta", "dense"}
     lines = format_table(rows).splitlines()
     assert len(lines) == 4 and lines[0].split() == list(rows[0])
     end = lines[0].index("weight") + len("weight")  # numeric columns are right-aligned

@@ -2,6 +2,7 @@
 exports; and the page opened in real headless Chromium (click a node, see its card, no console errors)."""
 
 import base64
+import html
 import json
 import re
 from pathlib import Path
@@ -10,7 +11,9 @@ import pytest
 
 from featcircuit.evaluation import evaluate_pair
 from featcircuit.features import collect_stats, labels_for
+from featcircuit.evidence import edge_evidence, graph_edges
 from featcircuit.graph import CircuitGraph
+from featcircuit.labels import label_pair
 from featcircuit.report import CHROMIUM, write_report
 
 from test_attribution import random_pair
@@ -38,11 +41,16 @@ def _search_result(n: int) -> dict:
 
 @pytest.fixture(scope="module")
 def report(neox, tmp_path_factory):
-    """A report of a small graph over features that do fire, with quality, search and a PNG."""
-    from featcircuit.validation import plot_curves
+    """A report of a small graph over features that do fire, with quality, search, a PNG, scored
+    labels (fitted on other rows than the report's) and edge evidence."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     out = tmp_path_factory.mktemp("report")
-    tokens = _tokens(neox)[:8]
+    all_tokens = _tokens(neox)
+    tokens = all_tokens[:8]
     pair = random_pair(neox, LAYER)
     stats = collect_stats(neox, pair, tokens, LAYER, progress=False)
     r = stats["resid"].freq.argsort(descending=True)[:3].tolist()
@@ -51,8 +59,11 @@ def report(neox, tmp_path_factory):
     dst = [m[0], m[1], m[1], m[2], m[0]]
     w = [0.5, -0.3, 0.2, 0.1, 0.05]
     nodes = sorted({("resid", i) for i in src if i >= 0} | {("mlp", j) for j in dst})
-    labels = labels_for(nodes, stats, tokens, neox.tokenizer, LAYER)
-    node_stats = {f"{s}{LAYER}/{f}": {**stats[s].node_stats(f), "effect": 0.01 * (k + 1)}
+    want = {site: [f for s, f in nodes if s == site] for site in ("resid", "mlp")}
+    scored = label_pair(neox, pair, LAYER, all_tokens[8:], tokens, features=want, cache_dir=out / "cache")
+    labels = labels_for(nodes, stats, tokens, neox.tokenizer, LAYER, scored=scored)
+    node_stats = {f"{s}{LAYER}/{f}": {**stats[s].node_stats(f), "effect": 0.01 * (k + 1),
+                                      "label_f1": scored[s][f]["f1"]}
                   for k, (s, f) in enumerate(nodes)}
     graph = CircuitGraph.from_edges(LAYER, src, dst, w, [abs(x) for x in w], [3] * len(w),
                                     delta=[0.01, None, 0.002, None, None], node_stats=node_stats,
@@ -60,10 +71,16 @@ def report(neox, tmp_path_factory):
                                                          "tokens": int(tokens.numel())})
     quality = evaluate_pair(neox, pair, tokens[:2], LAYER, progress=False)
     search = _search_result(len(w))
-    plot_curves(search["faithfulness"], out / "faithfulness.png")
+    fig = plt.figure(figsize=(3, 2))
+    plt.plot([0, 1], [0, 1])
+    fig.savefig(out / "faithfulness.png")
+    plt.close(fig)
+    evidence = edge_evidence(neox, pair, tokens, LAYER, graph_edges(graph), k=3)
     path = write_report(out, model=neox, pair=pair, tokens=tokens, layer=LAYER, graph=graph,
-                        quality=quality, search=search, stats=stats, cache_dir=out / "cache")
-    return {"path": path, "graph": graph, "out": out, "r": r, "m": m}
+                        quality=quality, search=search, stats=stats, cache_dir=out / "cache",
+                        labels=scored, evidence=evidence)
+    return {"path": path, "graph": graph, "out": out, "r": r, "m": m, "scored": scored, "stats": stats,
+            "evidence": evidence}
 
 
 def test_report_is_one_offline_file(report):
@@ -109,6 +126,47 @@ def test_exports_neuronpedia_and_attribution_graph(report):
         (u, v, d["weight"]) for u, v, d in g.g.edges(data=True)}
     err = [n for n in ag["nodes"] if n["feature"] < 0]
     assert err and err[0]["feature_type"] == "resid reconstruction error"
+
+
+def test_cards_show_scored_labels_dense_flags_and_edge_evidence(report):
+    text, g, out = report["path"].read_text(), report["graph"], report["out"]
+    sections = {m.group(1): m.group(0) for m in re.finditer(r'<section class="card" data-node="([^"]+)">.*?</section>',
+                                                            text, re.S)}
+    n_dense = 0
+    for n in g.sorted_nodes():
+        d = g.g.nodes[n]
+        if d["feature"] < 0:
+            continue
+        sec, lab = sections[n], report["scored"][d["site"]][d["feature"]]
+        assert html.escape(lab["text"]) in sec
+        if lab["f1"] is not None:
+            assert f"held-out <b>F1 {lab['f1']:.2f}</b>" in sec
+            assert f"[F1 {lab['f1']:.2f}]" in d["label"]  # the node's own label carries the score
+        dense = float(report["stats"][d["site"]].freq[d["feature"]]) > 0.1
+        n_dense += dense
+        assert ("class='dense'" in sec.split("</h3>")[0]) == dense, n
+        assert "Across the quantiles" in sec
+    assert n_dense  # the fixture's most frequent features include dense ones
+    assert "DENSE" in g.to_dot()
+    # every edge's evidence is in the cards of both its ends, and in the JSON exports
+    for x in report["evidence"]:
+        tag = f"data-edge='{x['source']}->{x['target']}'"
+        assert tag in sections[x["target"]]
+        if x["source"] in sections:
+            assert tag in sections[x["source"]]
+        assert "mean per co-activation" in sections[x["target"]]
+    ev = json.loads((out / "edge_evidence.json").read_text())
+    assert [(e["source"], e["target"]) for e in ev["edges"]] == [(u, v) for u, v, _ in g.sorted_edges()]
+    ag = json.loads((out / "attribution_graph.json").read_text())
+    for link in ag["links"]:
+        assert link["mean_per_coactivation"] == pytest.approx(link["weight"] / link["count"])
+        assert "evidence" in link and "top_tokens" in link
+    feats = {f["featcircuit"]["id"]: f for f in json.loads((out / "features.json").read_text())["features"]}
+    for nid, f in feats.items():
+        site, feat = ("resid" if nid.startswith("resid") else "mlp"), int(nid.split("/")[1])
+        assert f["explanations"][0]["score"] == report["scored"][site][feat]["f1"]
+        assert f["featcircuit"]["label_score"]["f1"] == report["scored"][site][feat]["f1"]
+        assert f["featcircuit"]["dense"] == (f["frac_nonzero"] > 0.1)
 
 
 def test_report_without_dot_says_so(report, neox, monkeypatch, tmp_path):
