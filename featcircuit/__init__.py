@@ -8,8 +8,10 @@ from .discover import DiscoverConfig, discover
 from .evaluation import evaluate_pair
 from .graph import CircuitGraph
 from .pairs import default_pair
-from .search import AblationContext, SearchResult, search_edges
-from .validation import faithfulness_curves, validate_edges
+from .ablation import AblationContext, Config
+from .faithfulness import curves, end_points
+from .search import SearchResult, rank_edges, search_circuit
+from .tasks import TaskPrompts, builtin_task, load_prompts
 from .training import TrainConfig, train_pair
 from .weights import sufficiency, virtual_weights
 from .data import load_tokens
@@ -20,10 +22,10 @@ from .sites import MLPParts, Site, mlp_parts, pair_sites, resolve_site
 __version__ = "0.1.0"
 
 __all__ = [
-    "BUILTIN_NAME", "AblationContext", "CircuitGraph", "DictConfig", "Dictionary", "DiscoverConfig",
-    "EdgeTable", "MLPParts", "Pair", "SearchResult", "Site", "TrainConfig", "UserError",
-    "attribute_edges", "default_pair", "discover", "evaluate_pair", "faithfulness_curves", "harvest",
-    "load_model", "load_pair", "load_tokens", "mlp_parts", "model_info", "node_effects", "pair_sites",
-    "resolve_site", "save_pair", "search_edges", "sufficiency", "train_pair", "validate_edges",
-    "virtual_weights",
+    "BUILTIN_NAME", "AblationContext", "CircuitGraph", "Config", "DictConfig", "Dictionary",
+    "DiscoverConfig", "EdgeTable", "MLPParts", "Pair", "SearchResult", "Site", "TaskPrompts", "TrainConfig",
+    "UserError", "attribute_edges", "builtin_task", "curves", "default_pair", "discover", "end_points",
+    "evaluate_pair", "harvest", "load_model", "load_pair", "load_prompts", "load_tokens", "mlp_parts",
+    "model_info", "node_effects", "pair_sites", "rank_edges", "resolve_site", "save_pair", "search_circuit",
+    "sufficiency", "train_pair", "virtual_weights",
 ]

@@ -1,0 +1,347 @@
+"""What it means to ablate resid(L) → mlp(L) feature edges, held once for search and faithfulness.
+
+The scope S of layer L is every edge from a resid feature i (and, with ``errors="ablated"``, the
+residual error ε_R) into an active MLP feature j, at the tokens where both are present. An edge
+carries ``coef_i(t)·r_i`` into j's input, with ``coef = a − b`` the clean code minus its
+ablation value ``b``:
+
+- ``zero``: ``b = 0``;  ``mean``: ``b`` = the mean code over the tokens (or given means);
+- ``patch``: ``b`` = the code on the corrupt prompt at the same position (tasks' default).
+
+1. one clean forward harvests the resid input ``x`` and mid-MLP ``z`` of every non-BOS token
+   (and one corrupt forward for ``patch``); codes ``a = R(x)``, ``f = M(z)``, the TopK mask of f;
+2. a :class:`Config` says, per MLP feature j, which of its incoming edges are kept; j reads
+   ``x_∅ + Σ_{i kept} coef_i·r_i`` (or ``x − Σ_{i removed} coef_i·r_i``), with
+   ``x_∅ = x − Σ_i coef_i·r_i`` (− ε_R + ε_R's ablation value when errors are ablated);
+   its activation is recomputed through LN2, ``W_in``, σ and j's encoder column with the clean
+   mask held; every other MLP feature keeps the value its own config gives it;
+3. ``Δz = Σ_j (f'_j − f_j)·m_j`` (the MLP error ε_M kept), and the forward restarts at block L+1
+   from the clean residual plus ``Δz·W_out`` — earlier blocks never rerun;
+4. the metric: the task's (logit difference at the last position, only that position's logits
+   are computed), a user metric of the logits, or mean KL(clean ‖ ablated) over non-BOS
+   positions, computed as ``Σ p (log p − log q)`` so an unchanged run gives exactly 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .adapters import as_pair
+from .errors import UserError
+from .sites import mlp_parts, pair_sites
+
+ABLATIONS = ("zero", "mean", "patch")
+ERR = -1  # source index of the residual error ε_R
+Edge = tuple[int, int]  # (src i, dst j)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Which edges of the scope are kept: per listed target, a kept or removed source set.
+
+    ``default`` says what unlisted targets get: ``"full"`` (every incoming edge kept, the clean
+    value) or ``"empty"`` (every incoming edge ablated).
+    """
+
+    default: str
+    targets: tuple[tuple[int, str, frozenset], ...] = ()
+
+    @staticmethod
+    def full() -> Config:
+        return Config("full")
+
+    @staticmethod
+    def empty() -> Config:
+        return Config("empty")
+
+    @staticmethod
+    def keeping(edges: Iterable[Edge]) -> Config:
+        """Only ``edges`` kept; everything else in scope ablated (a circuit C)."""
+        return Config._of("empty", "keep", edges)
+
+    @staticmethod
+    def removing(edges: Iterable[Edge]) -> Config:
+        """Only ``edges`` ablated; everything else kept (the complement S ∖ C)."""
+        return Config._of("full", "remove", edges)
+
+    @staticmethod
+    def _of(default: str, kind: str, edges: Iterable[Edge]) -> Config:
+        by: dict[int, set] = {}
+        for i, j in edges:
+            by.setdefault(int(j), set()).add(int(i))
+        return Config(default, tuple((j, kind, frozenset(s)) for j, s in sorted(by.items())))
+
+    def without(self, i: int, j: int) -> Config:
+        """This configuration with edge (i, j) ablated as well."""
+        t = {jj: (k, s) for jj, k, s in self.targets}
+        kind, s = t.get(j, ("keep", frozenset()) if self.default == "empty" else ("remove", frozenset()))
+        s = s - {i} if kind == "keep" else s | {i}
+        if (kind == "keep" and not s and self.default == "empty") or (kind == "remove" and not s
+                                                                     and self.default == "full"):
+            t.pop(j, None)
+        else:
+            t[j] = (kind, frozenset(s))
+        return Config(self.default, tuple((jj, k, ss) for jj, (k, ss) in sorted(t.items())))
+
+
+class AblationContext:
+    """Clean (and corrupt) activations of one token set, and the scorer of :class:`Config` s."""
+
+    def __init__(self, model, pair, layer: int, tokens: Tensor, ablation: str = "zero", *,
+                 corrupt: Tensor | None = None, task=None, metric=None, errors: str = "kept",
+                 means: Tensor | None = None, max_rows: int = 512):
+        from .activations import harvest
+
+        if ablation not in ABLATIONS:
+            raise UserError(f"unknown ablation {ablation!r}: use one of {', '.join(ABLATIONS)}")
+        if errors not in ("kept", "ablated"):
+            raise UserError(f"unknown errors mode {errors!r}: use kept or ablated")
+        if task is not None:
+            tokens, corrupt, metric = task.clean, task.corrupt, task.metric
+        if ablation == "patch" and (corrupt is None or corrupt.shape != tokens.shape):
+            raise UserError("patch ablation needs corrupt prompts of the clean prompts' shape "
+                            "(a task, or --prompts with clean/corrupt pairs)")
+        self.model, self.layer, self.ablation, self.errors = model, layer, ablation, errors
+        self.task, self.user_metric, self.max_rows = task, (None if task is not None else metric), max_rows
+        r, m = pair_sites(model, layer)
+        self.pair = as_pair(pair, r.width, m.width)
+        self.hook_mlp = m.hook
+        self.parts = mlp_parts(model, layer)
+        dev = self.parts.W_in.device
+        self.tokens = tokens.to(dev)
+        self.passes = 0
+        R, M = self.pair.resid, self.pair.mlp
+        acts = harvest(model, self.tokens, [r.hook, m.hook], batch_size=64, progress=False)
+        with torch.no_grad():
+            self.x = acts[r.hook][:, 1:].to(dev).flatten(0, 1)  # [N, d]  (N = n_seq·(n_ctx−1))
+            z = acts[m.hook][:, 1:].to(dev).flatten(0, 1)  # [N, d_mlp]
+            self.a = R.encode(self.x)
+            self.err = self.x - R.decode(self.a)  # ε_R
+            self.f = M.encode(z)
+            self.mask = self.f != 0
+            if ablation == "patch":
+                xc = harvest(model, corrupt.to(dev), [r.hook], batch_size=64, progress=False)[r.hook]
+                xc = xc[:, 1:].to(dev).flatten(0, 1)
+                b = R.encode(xc)
+                b_err = xc - R.decode(b)
+            elif ablation == "mean":
+                b = (self.a.mean(0) if means is None else means.to(self.a))[None].expand_as(self.a)
+                b_err = self.err.mean(0)[None].expand_as(self.err)
+            else:
+                b, b_err = torch.zeros_like(self.a), torch.zeros_like(self.err)
+            self.coef = self.a - b  # what edge i carries, per token: coef_i·r_i
+            self.err_coef = self.err - b_err
+            self.W_R = R.W_dec
+            x_empty = self.x - self.coef @ self.W_R
+            if errors == "ablated":
+                x_empty = x_empty - self.err_coef
+            self.x_empty = x_empty
+            self.f_empty = self._pre_all(x_empty) * self.mask
+            self._tail = _capture_tail(model, layer, self.tokens)
+            (self.clean_logits,) = self._forward([torch.zeros_like(z)])
+            if self.task is None and self.user_metric is None:
+                self.clean_logp = self.clean_logits[:, 1:].log_softmax(-1)
+                self.clean_p = self.clean_logp.exp()
+            self.dz_empty = (self.f_empty - self.f) @ M.W_dec
+        self.passes = 0
+        self._rows: dict[int, Tensor] = {}
+        self._acts: dict[tuple, Tensor] = {}
+        self._values: dict[Config, float] = {}
+        self.m_full = self.values([Config.full()])[0]
+        self.m_empty = self.values([Config.empty()])[0]
+
+    # ---- the scope -----------------------------------------------------------------------
+
+    def scope_counts(self) -> Tensor:
+        """``[d_M, d_R (+1)]`` co-occurrence counts of every edge in scope (last column: ε_R)."""
+        m = self.mask.to(self.x.dtype)
+        cnt = m.T @ (self.coef != 0).to(m.dtype)
+        if self.errors == "ablated":
+            cnt = torch.cat([cnt, m.T @ (self.err_coef.abs().sum(-1, keepdim=True) > 0).to(m.dtype)], 1)
+        return cnt
+
+    def scope(self) -> list[Edge]:
+        """Every edge (i, j) of the scope (i = −1 for ε_R), in (j, i) order."""
+        cnt = self.scope_counts()
+        d_r = self.coef.shape[1]
+        jj, ii = torch.nonzero(cnt, as_tuple=True)
+        ii = torch.where(ii == d_r, ERR, ii)
+        return list(zip(ii.tolist(), jj.tolist()))
+
+    # ---- ablated MLP features ------------------------------------------------------------
+
+    def _pre_all(self, x: Tensor) -> Tensor:
+        M = self.pair.mlp
+        z = self.parts.hidden(x)
+        return torch.relu(M.pre_acts(z)) if hasattr(M, "pre_acts") else M.encode(z)
+
+    def rows(self, j: int) -> Tensor:
+        """Token indices where MLP feature j is active in the clean run."""
+        if j not in self._rows:
+            self._rows[j] = torch.nonzero(self.mask[:, j]).flatten()
+        return self._rows[j]
+
+    def _contrib(self, rows: Tensor, srcs: frozenset) -> Tensor:
+        feats = sorted(i for i in srcs if i >= 0)
+        idx = torch.tensor(feats, dtype=torch.long, device=rows.device)
+        out = self.coef[rows][:, idx] @ self.W_R[idx]
+        if ERR in srcs:
+            out = out + self.err_coef[rows]
+        return out
+
+    def target_acts(self, j: int, kind: str, srcs: frozenset) -> Tensor:
+        """MLP feature j's activation on its active tokens when it reads the configured input."""
+        key = (j, kind, srcs)
+        if key not in self._acts:
+            rows = self.rows(j)
+            if kind == "keep":
+                xj = self.x_empty[rows] + self._contrib(rows, srcs)
+            else:
+                xj = self.x[rows] - self._contrib(rows, srcs)
+            M = self.pair.mlp
+            zj = self.parts.hidden(xj)
+            if hasattr(M, "pre_acts"):  # j's own pre-activation, mask held
+                pre = torch.relu((zj - M.b_dec) @ M.W_enc[:, j] + M.b_enc[j])
+            else:  # any module: its encode(), mask held
+                pre = M.encode(zj)[:, j]
+            self._acts[key] = pre
+        return self._acts[key]
+
+    def dz(self, cfg: Config) -> Tensor:
+        """Change of the mid-MLP activation ``[N, d_mlp]`` under ``cfg`` (ε_M kept)."""
+        W = self.pair.mlp.W_dec
+        out = self.dz_empty.clone() if cfg.default == "empty" else torch.zeros_like(self.dz_empty)
+        for j, kind, srcs in cfg.targets:
+            rows = self.rows(j)
+            if len(rows) == 0:
+                continue
+            dflt = self.f_empty[rows, j] if cfg.default == "empty" else self.f[rows, j]
+            new = self.target_acts(j, kind, srcs)
+            out.index_add_(0, rows, (new - dflt)[:, None] * W[j][None])
+        return out
+
+    # ---- the forward and the metric ------------------------------------------------------
+
+    def _forward(self, dzs: list[Tensor]) -> list[Tensor]:
+        """Logits per configuration (last position only for a task), given each one's Δz."""
+        n_seq, n_ctx = self.tokens.shape
+        last = self.task is not None
+        vocab = int(self.model.cfg.d_vocab)
+        per_rows = self.max_rows if last else max(1, min(self.max_rows, 2**26 // (n_ctx * vocab)))
+        per = max(1, per_rows // n_seq)
+        out: list[Tensor] = []
+        for c in range(0, len(dzs), per):
+            chunk = dzs[c:c + per]
+            d = torch.stack(chunk).view(len(chunk) * n_seq, n_ctx - 1, -1)
+            with torch.no_grad():
+                dr = torch.zeros(len(chunk) * n_seq, n_ctx, self.parts.W_out.shape[1], dtype=self.x.dtype,
+                                 device=self.x.device)
+                dr[:, 1:] = d @ self.parts.W_out
+                if self._tail is not None:  # restart after the layer: Δresid = Δz·W_out
+                    logits = _run_tail(self._tail, dr.view(len(chunk), n_seq, n_ctx, -1), last)
+                else:
+                    def hook(act: Tensor, hook=None, d=d) -> Tensor:
+                        return torch.cat([act[:, :1], act[:, 1:] + d.to(act.dtype)], 1)
+
+                    logits = self.model.run_with_hooks(self.tokens.repeat(len(chunk), 1),
+                                                       fwd_hooks=[(self.hook_mlp, hook)])
+                    logits = logits[:, -1:] if last else logits
+            self.passes += 1
+            out.extend(logits.view(len(chunk), n_seq, logits.shape[1], -1).unbind(0))
+        return out
+
+    def _metric(self, logits: Tensor) -> float:
+        if self.task is not None:
+            return float(self.task.metric(logits))
+        if self.user_metric is not None:
+            return float(self.user_metric(logits, self.tokens))
+        logq = logits[:, 1:].log_softmax(-1)
+        return float((self.clean_p * (self.clean_logp - logq)).sum(-1).mean())
+
+    def values(self, configs: list[Config]) -> list[float]:
+        """The metric m for each configuration (cached): logit difference, user metric or KL."""
+        todo = list(dict.fromkeys(c for c in configs if c not in self._values))
+        if todo:
+            for c, lg in zip(todo, self._forward([self.dz(c) for c in todo])):
+                self._values[c] = self._metric(lg)
+        return [self._values[c] for c in configs]
+
+    def distance(self, configs: list[Config]) -> list[float]:
+        """``D = |m(config) − m(M)|``: how far each configuration is from the full model."""
+        return [abs(v - self.m_full) for v in self.values(configs)]
+
+    @property
+    def gap(self) -> float:
+        """``m(M) − m(∅)``: what the whole scope does to the metric."""
+        return self.m_full - self.m_empty
+
+    def faithfulness(self, cfg: Config) -> float | None:
+        """``(m(C) − m(∅)) / (m(M) − m(∅))``; None when the scope does nothing (gap 0)."""
+        (v,) = self.values([cfg])
+        return (v - self.m_empty) / self.gap if self.gap != 0 else None
+
+
+# ---- restarting the forward after the layer ------------------------------------------------
+
+
+def _capture_tail(model, layer: int, tokens: Tensor):
+    """The HF blocks after ``layer``, their clean call arguments, and the residual they read.
+
+    Returns None (the caller falls back to a full forward with a hook) when the model's blocks
+    cannot be driven this way; the check compares the restarted forward with the clean one.
+    """
+    try:
+        blocks = [model.blocks[k].original_component for k in range(layer + 1, model.cfg.n_layers)]
+        ln_f, head = model.ln_final.original_component, model.unembed.original_component
+        entry = blocks[0] if blocks else ln_f
+        cap: dict = {}
+
+        def pre(mod, args, kwargs):
+            cap["x"], cap["kwargs"] = args[0], dict(kwargs)
+
+        h = entry.register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                clean = model(tokens)
+        finally:
+            h.remove()
+        kw = {k: v for k, v in cap["kwargs"].items()
+              if k not in ("layer_past", "past_key_values", "past_key_value", "cache_position")}
+        if "use_cache" in kw:
+            kw["use_cache"] = False
+        tail = (blocks, ln_f, head, cap["x"].detach(), kw)
+        with torch.no_grad():
+            again = _run_tail(tail, torch.zeros(1, *cap["x"].shape, dtype=cap["x"].dtype,
+                                                device=cap["x"].device), False)
+        if again.shape == clean.shape and torch.allclose(again, clean, rtol=1e-4, atol=1e-4):
+            return tail
+    except Exception:  # any architecture this generic restart does not fit
+        pass
+    return None
+
+
+def _run_tail(tail, d_resid: Tensor, last_only: bool) -> Tensor:
+    """Logits of the blocks after the layer from the clean residual plus ``d_resid [B, n, ctx, d]``."""
+    blocks, ln_f, head, x, kw = tail
+    B = d_resid.shape[0]
+    n = x.shape[0]
+
+    def rep(v):
+        if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n and n > 1:
+            return v.repeat(B, *([1] * (v.ndim - 1)))
+        if isinstance(v, tuple):
+            return tuple(rep(t) for t in v)
+        return v
+
+    kwb = {k: rep(v) for k, v in kw.items()}
+    h = (x[None] + d_resid).flatten(0, 1)
+    for blk in blocks:
+        h = blk(h, **kwb)
+        h = h[0] if isinstance(h, tuple) else h
+    if last_only:
+        h = h[:, -1:]
+    return head(ln_f(h))
