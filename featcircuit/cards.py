@@ -164,7 +164,8 @@ def feature_card(model, pair, index: FeatureIndex, f: int, *, n_top: int = 10, n
         card["label_score"] = {k: v for k, v in label.items() if k != "text"}
     else:
         order = sorted(range(n_active), key=lambda i: (-float(val[i]), int(pos[i])))[:LABEL_K]
-        card["label"] = token_set_text(dominant([int(index.tokens.flatten()[int(pos[i])]) for i in order]), tok)
+        ids = [int(index.tokens.flatten()[int(pos[i])]) for i in order]
+        card["label"] = token_set_text(dominant(ids), tok)
         card["label_score"] = None
     return card
 
@@ -214,7 +215,8 @@ def format_card(card: dict, width: int = 40) -> str:
          f"active on {card['n_active']:,} of {card['n_tokens']:,} tokens (freq {card['freq']:.4%}"
          f"{', dense' if card.get('dense') else ''}); "
          f"mean {card['mean_act']:.3g}, max {card['max_act']:.3g}  [{card['hook']}]", "",
-         f"top activations (distinct documents and contexts; {card.get('n_docs', 0)} documents hold activations):"]
+         f"top activations (distinct documents and contexts; {card.get('n_docs', 0)} documents "
+         "hold activations):"]
     L += [f"  {ex['act']:>8.3f}  {example_text(ex)}" for ex in card["top"]] or ["  (never active)"]
     if card.get("quantiles"):
         L += ["", "one example per quantile group of the activations:"]

@@ -42,7 +42,7 @@ def example_text(ex: dict) -> str:
 
 
 def doc_ids(tokens: Tensor, bos: int | None) -> Tensor:
-    """``[n_seq, n_ctx]`` document index of every position of packed ``tokens`` (row index without ``bos``)."""
+    """``[n_seq, n_ctx]`` document index of each position of packed ``tokens`` (the row without ``bos``)."""
     n, n_ctx = tokens.shape
     if bos is None or n_ctx < 2:
         return torch.arange(n)[:, None].expand(n, n_ctx).clone()

@@ -100,7 +100,8 @@ def edge_evidence(model, pair, tokens: Tensor, layer: int, edges: Iterable[tuple
         top = []
         for r in distinct_top(p, sign * e, tokens, docs, k, per_doc=per_doc):
             x = example(tokens, vals_at, int(p[r]), tok, left, right)
-            x.update(act=float(e[r]), edge=float(e[r]), a=None if a[r].isnan() else float(a[r]), f=float(f[r]))
+            x.update(act=float(e[r]), edge=float(e[r]), a=None if a[r].isnan() else float(a[r]),
+                     f=float(f[r]))
             top.append(x)
         ids = flat_tokens[p]
         per_tok: dict[int, list[float]] = {}
@@ -111,8 +112,9 @@ def edge_evidence(model, pair, tokens: Tensor, layer: int, edges: Iterable[tuple
         denom = float(e.abs().sum()) or 1.0
         tt = sorted(per_tok.items(), key=lambda kv: (-abs(kv[1][0]), kv[0]))[:n_tokens_shown]
         u, v = _edge_id(layer, i, j)
-        out.append({"source": u, "target": v, "src": i, "dst": j, "sum": total, "sum_abs": float(e.abs().sum()),
-                    "count": len(e), "mean": total / len(e) if len(e) else None,
+        out.append({"source": u, "target": v, "src": i, "dst": j, "sum": total,
+                    "sum_abs": float(e.abs().sum()), "count": len(e),
+                    "mean": total / len(e) if len(e) else None,
                     "max_abs": float(e.abs().max()) if len(e) else 0.0, "top": top,
                     "top_tokens": [{"id": t_id, "token": tok_str(tok, t_id), "sum": s_, "count": int(c_),
                                     "share": s_ / denom} for t_id, (s_, c_) in tt]})

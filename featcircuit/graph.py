@@ -537,7 +537,7 @@ def _dense_ends(src: bool, dst: bool) -> str:
 
 def table_rows(table, layer: int, n: int, *, by: str = "abs_weight", freq: Mapping[str, Any] | None = None,
                labels: Mapping[str, str] | None = None, features_only: bool = False) -> list[dict[str, Any]]:
-    """The ``n`` largest edges of an :class:`~featcircuit.attribution.EdgeTable` as rows for :func:`format_table`.
+    """The ``n`` largest edges of an :class:`~featcircuit.attribution.EdgeTable` as table rows.
 
     For the layer's top edges (before any search), beside the circuit's own table
     (:meth:`CircuitGraph.top_edges`). ``freq``: ``{"resid": [d_R], "mlp": [d_M]}`` activation
@@ -546,12 +546,13 @@ def table_rows(table, layer: int, n: int, *, by: str = "abs_weight", freq: Mappi
     labels = labels or {}
     sub = table.top(n, by=by, features_only=features_only)
     rows = []
-    for i, j, w, aw, c in zip(sub.src.tolist(), sub.dst.tolist(), sub.weight.tolist(), sub.abs_weight.tolist(),
-                              sub.count.tolist()):
+    for i, j, w, aw, c in zip(sub.src.tolist(), sub.dst.tolist(), sub.weight.tolist(),
+                              sub.abs_weight.tolist(), sub.count.tolist()):
         u, v = node_id("resid", layer, i if i >= 0 else "err"), node_id("mlp", layer, j)
         fs = None if freq is None or i < 0 else float(freq["resid"][i])
         fd = None if freq is None else float(freq["mlp"][j])
-        rows.append({"source": u, "target": v, "source_label": labels.get(u, ""), "target_label": labels.get(v, ""),
+        rows.append({"source": u, "target": v, "source_label": labels.get(u, ""),
+                     "target_label": labels.get(v, ""),
                      "weight": w, "abs_weight": aw, "count": c, "mean_per_coact": w / c if c else None,
                      "dense": _dense_ends(is_dense(fs), is_dense(fd))})
     return rows

@@ -1,15 +1,16 @@
-"""Labels as short rules over the context, fitted on training tokens and scored on held-out tokens (DESIGN §8).
+"""Labels as short rules over the context, fitted on training tokens, scored on held-out ones (DESIGN §8).
 
 A label says *where a feature fires*, and its score says how far to trust it.
 
 1. *Context variables* of every token position (:func:`token_contexts`), from the text of the
    row the model sees (state resets at each row start and at each document separator):
-   ``tok`` the current token; ``prev`` the previous token; ``line`` the tokens earlier in the
-   same line (a set); ``bracket`` the innermost open bracket (none, ``(``, ``[``, ``{``; brackets
-   in strings and comments ignored); ``indent`` the current line's indentation in steps of 4
-   columns (0, 4, 8, 12, 16+); ``lex`` the lexical state at the token's first character
-   (code, string, triple-quoted string, comment); ``col`` the token's place in its line
-   (1st, 2nd, 3rd, later).
+   ``tok`` the current token; ``prev`` the previous token; ``shape`` the current token's class
+   (newline, blank, word after a space, word piece, number, punctuation, other); ``line`` the
+   tokens earlier in the same line (a set); ``bracket`` the innermost open bracket (none, ``(``,
+   ``[``, ``{``; brackets in strings and comments ignored); ``indent`` the current line's
+   indentation in steps of 4 columns (0, 4, 8, 12, 16+); ``lex`` the lexical state at the
+   token's first character (code, string, triple-quoted string, comment); ``col`` the token's
+   place in its line (1st, 2nd, 3rd, later).
 2. *Fires*: the feature's activation exceeds its own threshold, ``threshold_frac`` × its
    largest activation on the training tokens (0: any nonzero code, the firing of a TopK code).
 3. *Atoms* ``variable ∈ S``: for each variable, the value set S is grown greedily on the
@@ -43,11 +44,28 @@ from .contexts import short, tok_str
 from .errors import UserError
 from .stats import FeatureIndex
 
-KINDS = ("tok", "prev", "line", "bracket", "indent", "lex", "col")  # the order ties are broken in
+KINDS = ("tok", "prev", "shape", "line", "bracket", "indent", "lex", "col")  # the order ties are broken in
 MULTI = "line"  # the one variable that holds a set of values per token
 BRACKETS = ("none", "(", "[", "{")
 LEX = ("code", "string", "triple-quoted string", "comment")
 COLS = ("1st", "2nd", "3rd", "later")
+SHAPES = ("newline", "blank", "word after a space", "word piece", "number", "punctuation", "other")
+
+
+def token_shape(text: str) -> int:
+    """The shape class of a token's text: an index into :data:`SHAPES`."""
+    if "\n" in text:
+        return 0
+    if not text or text.isspace():
+        return 1
+    body = text.lstrip(" ")
+    if body.isdigit():
+        return 4
+    if body[0].isalpha() or body[0] == "_":
+        return 2 if body != text else 3
+    if all(not c.isalnum() and not c.isspace() for c in body):
+        return 5
+    return 6
 INDENT_STEP, INDENT_MAX = 4, 4
 
 
@@ -151,7 +169,8 @@ def token_contexts(tokens: Tensor, tokenizer, bos: int | None = None) -> TokenCo
         bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
     ids = sorted(set(tokens.flatten().tolist()))
     text = {t: tok_str(tokenizer, t) if tokenizer is not None else "" for t in ids}
-    cat = {k: [] for k in ("tok", "prev", "bracket", "indent", "lex", "col")}
+    shape = {t: token_shape(text[t]) for t in ids}
+    cat = {k: [] for k in ("tok", "prev", "shape", "bracket", "indent", "lex", "col")}
     ptr, vals = [0], []
     for row in tokens.tolist():
         body = row[1:]
@@ -170,6 +189,7 @@ def token_contexts(tokens: Tensor, tokenizer, bos: int | None = None) -> TokenCo
                 prev = row[0] if seg_start + k == 0 else body[seg_start + k - 1]
                 cat["tok"].append(t)
                 cat["prev"].append(prev)
+                cat["shape"].append(shape[t])
                 cat["bracket"].append(br[k])
                 cat["indent"].append(ind[k])
                 cat["lex"].append(lex[k])
@@ -329,6 +349,8 @@ def _value_text(kind: str, v: int, tokenizer) -> str:
         return f"{v * INDENT_STEP}{'+' if v == INDENT_MAX else ''}"
     if kind == "lex":
         return LEX[v]
+    if kind == "shape":
+        return SHAPES[v]
     return COLS[v]
 
 
@@ -351,6 +373,8 @@ def atom_text(kind: str, values: Sequence[int], tokenizer, limit: int = 4) -> st
         return f"indent {alt}"
     if kind == "lex":
         return f"in {alt}"
+    if kind == "shape":
+        return f"a {alt}" if len(values) == 1 else f"a token: {alt}"
     return f"{alt} token of line"
 
 
@@ -363,7 +387,8 @@ def label_text(label: Mapping, digits: int = 2) -> str:
 # ---- the entry points --------------------------------------------------------------------------
 
 
-def fit_labels(train: FeatureIndex, heldout: FeatureIndex, tokenizer, features: Iterable[int] | None = None, *,
+def fit_labels(train: FeatureIndex, heldout: FeatureIndex, tokenizer, features: Iterable[int] | None = None,
+               *,
                threshold_frac: float = 0.0, max_values: int = 6, min_count: int = 2, min_gain: float = 0.005,
                n_pair: int = 2, min_pair_gain: float = 0.02, train_ctx: TokenContexts | None = None,
                heldout_ctx: TokenContexts | None = None, progress: bool = False) -> dict[int, dict]:
@@ -375,7 +400,8 @@ def fit_labels(train: FeatureIndex, heldout: FeatureIndex, tokenizer, features: 
     and ``f1`` None; one that never fires on the held-out tokens gets ``f1`` None too.
     """
     if not 0 <= threshold_frac < 1:
-        raise UserError(f"bad threshold_frac {threshold_frac!r}: use a fraction of the feature's max in [0, 1)")
+        raise UserError(f"bad threshold_frac {threshold_frac!r}: use a fraction of the feature's max "
+                        "in [0, 1)")
     if max_values < 1:
         raise UserError(f"bad max_values {max_values!r}: use an integer >= 1")
     if train.d_sae != heldout.d_sae:

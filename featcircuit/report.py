@@ -49,8 +49,8 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
 def graph_cards(model, pair, tokens, layer: int, graph, *, removal: bool = True,
-                cache_dir=None, progress: bool = False, labels: Mapping[str, Mapping[int, Mapping]] | None = None,
-                **card_kw) -> dict[str, dict]:
+                cache_dir=None, progress: bool = False,
+                labels: Mapping[str, Mapping[int, Mapping]] | None = None, **card_kw) -> dict[str, dict]:
     """``{node id: card}`` for every feature node of ``graph`` (``labels``: ``{site: {feature: label}}``)."""
     want: dict[str, list[int]] = {"resid": [], "mlp": []}
     for n in graph.sorted_nodes():
@@ -261,7 +261,8 @@ def _edges_of(graph, nid: str, evidence: Mapping | None = None) -> str:
             dense = _dense_badge(graph.g.nodes[other].get("freq"))
             rows.append(["→" if u == nid else "←",
                          f"{e(other)}{dense} <span class='meta'>{e(lab(other))}</span>", d["weight"],
-                         d["weight"] / d["count"] if d.get("count") else None, d.get("count"), d.get("delta")])
+                         d["weight"] / d["count"] if d.get("count") else None, d.get("count"),
+                         d.get("delta")])
             attrs.append(f' class="click" data-open="{e(other)}"')
             ev = (evidence or {}).get((u, v))
             if ev is not None:
@@ -287,15 +288,16 @@ def _dense_badge(freq) -> str:
 
 def _evidence_html(ev: Mapping) -> str:
     """One edge's evidence: mean per co-activation, the tokens that carry it, the top contexts."""
-    toks = ", ".join(f"<code>{e(repr(t['token']))}</code> {t['share']:+.0%}" for t in ev.get("top_tokens", [])[:6])
+    toks = ", ".join(f"<code>{e(repr(t['token']))}</code> {t['share']:+.0%}"
+                     for t in ev.get("top_tokens", [])[:6])
     head = (f"<p><b>{e(ev['source'])} → {e(ev['target'])}</b>: Σ e = {_num(ev['sum'])} over "
             f"{ev['count']:,} co-activations; <b>mean per co-activation {_num(ev.get('mean'))}</b>; "
             f"max |e| {_num(ev.get('max_abs'))}</p>"
             + (f"<p class='meta'>share of Σ|e| by current token: {toks}</p>" if toks else ""))
     top = ev.get("top") or []
     vmax = max([abs(v) for x in top for v in x["values"]] or [1.0]) or 1.0
-    rows = [[x["edge"], x.get("a"), x.get("f"), _ctx_html(x["tokens"], x["values"], x["index"], vmax, signed=True)]
-            for x in top]
+    rows = [[x["edge"], x.get("a"), x.get("f"),
+             _ctx_html(x["tokens"], x["values"], x["index"], vmax, signed=True)] for x in top]
     table = _table(["e_ij", "a_i", "f_j", "context (e_ij per token)"], rows, {0, 1, 2}) if rows else ""
     return f"<div class='ev' data-edge='{e(ev['source'])}->{e(ev['target'])}'>{head}{table}</div>"
 
@@ -322,7 +324,8 @@ def card_html(card: dict, graph=None, evidence: Mapping | None = None) -> str:
              f"<h3>{e(nid)} <span class='meta'>{e(card['label'])}</span>{_dense_badge(card['freq'])}</h3>",
              _score_html(card),
              f"<p class='meta'>active on {card['n_active']:,} of {card['n_tokens']:,} tokens "
-             f"(freq {card['freq']:.3%}{', dense' if card.get('dense') else ''}); mean {card['mean_act']:.3g}, "
+             f"(freq {card['freq']:.3%}{', dense' if card.get('dense') else ''}); "
+             f"mean {card['mean_act']:.3g}, "
              f"max {vmax:.3g}; hook <code>{e(card['hook'])}</code>"
              + (f"; node effect {_num(node.get('effect'))}" if node.get("effect") is not None else "")
              + "</p>"]
@@ -521,15 +524,16 @@ def report_html(*, graph, cards: Mapping[str, dict], quality: Mapping | None, se
         ev = ev_by.get((u, v))
         if not ev:
             return "–"
-        return ", ".join(f"<code>{e(repr(t['token']))}</code> {t['share']:+.0%}" for t in ev["top_tokens"][:4])
+        return ", ".join(f"<code>{e(repr(t['token']))}</code> {t['share']:+.0%}"
+                         for t in ev["top_tokens"][:4])
 
     edge_rows = [[f"{e(u)}{_dense_badge(graph.g.nodes[u].get('freq'))} <span class='meta'>{lab(u)}</span>",
                   f"{e(v)}{_dense_badge(graph.g.nodes[v].get('freq'))} <span class='meta'>{lab(v)}</span>",
                   d["weight"], d["weight"] / d["count"] if d["count"] else None, d.get("behav_weight"),
                   d.get("delta"), d["count"], toks(u, v)]
                  for u, v, d in graph.sorted_edges()]
-    edge_table = _table(["source", "target", "weight", "mean per co-activation", "behav. weight", "Δ (search)",
-                         "count", "tokens carrying the edge"], edge_rows, {2, 3, 4, 5, 6})
+    edge_table = _table(["source", "target", "weight", "mean per co-activation", "behav. weight",
+                         "Δ (search)", "count", "tokens carrying the edge"], edge_rows, {2, 3, 4, 5, 6})
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -592,7 +596,8 @@ def neuronpedia_feature(card: dict, model_id: str) -> dict:
         "activations": acts,
         "featcircuit": {"id": card["id"], "hook": card["hook"], "n_tokens": card["n_tokens"],
                         "mean_act": card["mean_act"], "token_removal": card.get("removal"),
-                        "lens_rule": lens["rule"], "label": card["label"], "label_score": card.get("label_score"),
+                        "lens_rule": lens["rule"], "label": card["label"],
+                        "label_score": card.get("label_score"),
                         "dense": card.get("dense"), "dense_limit": card.get("dense_limit"),
                         "n_docs": card.get("n_docs"), "quantiles": card.get("quantiles")},
     }
@@ -626,7 +631,8 @@ def attribution_graph(graph, cards: Mapping[str, dict] | None = None,
                       "activation": d.get("mean_act"), "influence": d.get("effect"), "freq": d.get("freq"),
                       "max_act": d.get("max_act"), "token_prob": 0.0, "is_target_logit": n == "out",
                       "has_card": n in cards, "dense": is_dense(d.get("freq")),
-                      "label_f1": ((cards.get(n) or {}).get("label_score") or {}).get("f1", d.get("label_f1"))})
+                      "label_f1": ((cards.get(n) or {}).get("label_score") or {}).get("f1",
+                                                                                     d.get("label_f1"))})
     links = []
     for u, v, d in graph.sorted_edges():
         link = {"source": u, "target": v, "weight": d["weight"], "abs_weight": d["abs_weight"],

@@ -279,6 +279,7 @@ def candidate_edges(table, n: int, *, by: str = "abs_weight", stats: dict[str, F
     """The ``n`` edges of largest ``|by|``; with ``exclude_dense`` none that touches a dense feature."""
     if exclude_dense:
         if stats is None:
-            raise UserError("exclude_dense needs the feature stats (collect_stats) to know which features are dense")
+            raise UserError("exclude_dense needs the feature stats (collect_stats) to know which "
+                            "features are dense")
         table = drop_dense(table, stats, dense_limit)
     return table.top(n, by=by, features_only=features_only)

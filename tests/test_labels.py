@@ -124,6 +124,10 @@ def test_context_variables_of_a_hand_written_row():
     assert at["indent"][11:17] == [1] * 6 and at["indent"][:11] == [0] * 11 and at["indent"][18] == 0
     assert at["col"][:4] == [0, 1, 2, 3] and at["col"][11] == 0 and at["col"][12] == 1 and at["col"][18] == 0
     assert at["prev"][0] == BOS and at["prev"][1] == ID["def"] and at["tok"][3] == ID["x"]
+    shapes = [("newline", "blank", "word after a space", "word piece", "number", "punctuation", "other")[v]
+              for v in at["shape"]]
+    assert shapes[:4] == ["word piece", "word after a space", "punctuation", "word piece"]
+    assert shapes[10] == "newline" and shapes[11] == "blank"
     line = lambda r: sorted(ctx.line_val[ctx.line_ptr[r]:ctx.line_ptr[r + 1]].tolist())  # noqa: E731
     assert line(0) == [] and line(3) == sorted({ID["def"], ID[" f"], ID["("]})
     assert line(11) == [] and line(13) == sorted({ID["    "], ID["return"]}) and line(18) == []
