@@ -30,7 +30,7 @@ from featcircuit.evidence import edge_evidence, save_evidence
 from featcircuit.features import collect_stats, labels_for
 from featcircuit.graph import CircuitGraph, format_table, parse_node_id, table_rows
 from featcircuit.io import atomic_write_text
-from featcircuit.labels import f1_distribution, label_pair, label_text
+from featcircuit.labels import f1_distribution, label_pair, label_text, node_f1_distribution
 from featcircuit.pairs import pair_dir
 from featcircuit.stats import DENSE_FREQ, candidate_edges, dense_features
 
@@ -103,7 +103,7 @@ def main() -> None:
     for name, top in tops.items():
         nodes = {"resid": sorted(set(top.src.tolist())), "mlp": sorted(set(top.dst.tolist()))}
         both = {f"{s}{layer}/{f}": labels[s][f] for s in nodes for f in nodes[s]}
-        d = f1_distribution({i: lab for i, lab in enumerate(both.values())})
+        d = node_f1_distribution(labels, both)
         summary["circuits"][name] = {"distribution": d, "nodes": {
             n: {"label": lab["text"], "f1": lab["f1"], "precision": lab["precision"], "recall": lab["recall"],
                 "base_f1": lab["base_f1"], "n_fire": lab["n_fire"],

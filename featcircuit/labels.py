@@ -27,7 +27,8 @@ A label says *where a feature fires*, and its score says how far to trust it.
    indexes give the same labels.
 
 :func:`label_pair` fits every feature (or the given ones) of both dictionaries of a pair;
-:func:`f1_distribution` summarises the scores over a dictionary or over a circuit's nodes.
+:func:`f1_distribution` summarises the scores over a dictionary, :func:`node_f1_distribution`
+over a circuit's nodes.
 """
 
 from __future__ import annotations
@@ -470,14 +471,14 @@ def label_pair(model, pair, layer: int, train_tokens: Tensor, heldout_tokens: Te
     return out
 
 
-def f1_distribution(labels: Mapping[int, Mapping], features: Iterable[int] | None = None) -> dict:
+def f1_distribution(labels: Mapping, features: Iterable | None = None) -> dict:
     """Summary of held-out label F1 over ``features`` (default: all labelled ones).
 
     Features without a score (never active on the training tokens, or never firing on the
     held-out ones) are counted apart, not as zeros. Returns n, median, q1, q3, mean, the
     fraction with F1 >= 0.6, a 10-bin histogram of [0, 1], and the same for ``base_f1``.
     """
-    feats = sorted(labels) if features is None else [int(f) for f in features]
+    feats = sorted(labels) if features is None else list(features)
     missing = [f for f in feats if f not in labels]
     if missing:
         raise UserError(f"no label for feature {missing[0]}: fit it first (fit_labels / label_pair)")
@@ -494,6 +495,20 @@ def f1_distribution(labels: Mapping[int, Mapping], features: Iterable[int] | Non
     return out
 
 
+def node_f1_distribution(labels: Mapping[str, Mapping[int, Mapping]], nodes: Iterable[str]) -> dict:
+    """:func:`f1_distribution` over graph node ids (``resid2/41``, ``mlp2/66``; error nodes skipped)."""
+    from .graph import parse_node_id
+
+    picked = {}
+    for nid in nodes:
+        site, _, f = parse_node_id(nid)
+        if site in ("resid", "mlp") and f != "err":
+            if f not in labels.get(site, {}):
+                raise UserError(f"no label for node {nid}: fit it first (label_pair)")
+            picked[nid] = labels[site][f]
+    return f1_distribution(picked)
+
+
 def rule_firing(ctx: TokenContexts, label: Mapping) -> np.ndarray:
     """``[n]`` bool: where ``label``'s rule holds on the positions of ``ctx``."""
     fitter = _Fitter(ctx, 1, 1, 0.0)
@@ -504,4 +519,4 @@ def rule_firing(ctx: TokenContexts, label: Mapping) -> np.ndarray:
 
 
 __all__ = ["KINDS", "TokenContexts", "atom_text", "f1_distribution", "fit_labels", "label_pair", "label_text",
-           "rule_firing", "token_contexts"]
+           "node_f1_distribution", "rule_firing", "token_contexts"]

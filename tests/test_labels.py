@@ -191,6 +191,12 @@ def test_f1_distribution_matches_numpy(planted):
     assert sub["n"] == 2 and sub["median"] == pytest.approx((labels[1]["f1"] + labels[4]["f1"]) / 2)
     with pytest.raises(UserError, match="no label for feature 9"):
         f1_distribution(labels, [9])
+    from featcircuit.labels import node_f1_distribution
+
+    nd = node_f1_distribution({"mlp": labels, "resid": {}}, ["mlp0/1", "mlp0/4", "mlp0/err"])
+    assert nd == sub
+    with pytest.raises(UserError, match="no label for node resid0/3"):
+        node_f1_distribution({"mlp": labels, "resid": {}}, ["resid0/3"])
 
 
 def test_bad_arguments_are_user_errors(planted):
