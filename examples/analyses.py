@@ -8,7 +8,11 @@ a JSON of the numbers for each analysis into the output folder (plus ``run.json`
 configs, seconds per step):
 
 a. ``perturbation``: KL(clean ‖ perturbed) against cosine similarity for random perturbations of
-   both sites of every layer, with the 8× TopK dictionaries' own (cos-sim, KL) points at the layer;
+   both sites of every layer, with the 8× TopK dictionaries' own (cos-sim, KL) points at the layer
+   and their excess over random noise matched to their errors two ways: every token at the mean
+   (cos-sim, norm ratio), and each token at its own (so the noise has each token's error norm);
+   ``--only perturbation`` runs (a) alone (training only the 8× pair; ``--pair default`` uses the
+   cached default pair instead), about 6 minutes of CPU on one thread, most of it training;
 b. ``lower_l0``: CE loss recovered against L0 when a ReLU dictionary's most frequent features are
    switched off, against ReLU dictionaries trained with larger L1 penalties;
 c. ``stability``: the fraction of features of one TopK size with a >0.9 cosine match in another,
@@ -39,6 +43,7 @@ import torch  # noqa: E402
 
 import featcircuit.analyses as A  # noqa: E402
 from featcircuit import harvest, load_model, load_tokens, pair_sites  # noqa: E402
+from featcircuit.pairs import default_pair  # noqa: E402
 from featcircuit.dictionary import DictConfig, Dictionary  # noqa: E402
 from featcircuit.sites import n_layers  # noqa: E402
 from featcircuit.training import TrainConfig, train_pair  # noqa: E402
@@ -56,30 +61,43 @@ def _fmt(x: float) -> str:
 
 # ---- a ---------------------------------------------------------------------------------------
 
-def run_perturbation(model, layer, pair, tokens, cos_sims, out: Path, label: str = "8× TopK") -> dict:
+def run_perturbation(model, layer, pair, tokens, cos_sims, out: Path, label: str = "8× TopK",
+                     run: dict | None = None) -> dict:
+    t_start = time.time()
     rows = []
     for lay in range(n_layers(model)):
         for site in SITES:
             # ρ = 1 everywhere, so layers compare like with like; at the dictionary's layer also
-            # ρ = the dictionary's mean norm ratio, so its own point has a fair random reference.
+            # ρ = the dictionary's mean norm ratio, plus random noise matched to the dictionary's
+            # error at its mean (cos-sim, ρ) and token by token (A.matched_noise).
             for r in A.perturbation_sweep(model, lay, site, tokens, cos_sims, norm_ratio=1.0):
                 rows.append({**r, "rho": "1"})
             if lay == layer:
                 for r in A.perturbation_sweep(model, lay, site, tokens, cos_sims,
                                               dictionary=getattr(pair, site)):
                     rows.append({**r, "rho": "dictionary"})
-    head = {"dictionary_vs_random": {}, "kl_at_cos_0.9_rho_1": {}}
+    head = {"dictionary": label, "dictionary_vs_random": {}, "kl_at_cos_0.9_rho_1": {}}
     for site in SITES:
         mine = [r for r in rows if r["site"] == site and r["layer"] == layer and r["rho"] == "dictionary"]
-        dr = next(r for r in mine if r["kind"] == "dictionary")
-        kl_rand = A.kl_at(mine, dr["cos_sim"])
+        kind = {r["kind"]: r for r in mine if r["kind"] != "random"}
+        dr = kind["dictionary"]
+        kl_interp = A.kl_at(mine, dr["cos_sim"])
         kl_rand1 = A.kl_at([r for r in rows if r["site"] == site and r["layer"] == layer
                             and r["rho"] == "1"], dr["cos_sim"])
+        kl_mean, kl_tok = kind["random_mean_matched"]["kl"], kind["random_per_token_matched"]["kl"]
+
+        def ratio(kl_rand: float) -> float:
+            return dr["kl"] / kl_rand if kl_rand > 0 else float("nan")
+
         head["dictionary_vs_random"][site] = {
             "cos_sim": dr["cos_sim"], "norm_ratio": dr["norm_ratio"], "kl_dictionary": dr["kl"],
-            "kl_random_same_cos": kl_rand, "kl_random_same_cos_rho_1": kl_rand1,
-            "kl_ratio": dr["kl"] / kl_rand if kl_rand > 0 else float("nan"),
-            "dictionary_beats_random": bool(dr["kl"] < kl_rand),
+            "kl_random_mean_matched": kl_mean, "kl_random_per_token_matched": kl_tok,
+            "kl_random_mean_matched_interpolated": kl_interp, "kl_random_same_cos_rho_1": kl_rand1,
+            # KL(dictionary) / KL(random noise matched to it): the dictionary's excess over random
+            "excess_over_random": {"mean_matched": ratio(kl_mean), "per_token_matched": ratio(kl_tok),
+                                   "mean_matched_interpolated": ratio(kl_interp)},
+            "dictionary_beats_random": {"mean_matched": bool(dr["kl"] < kl_mean),
+                                        "per_token_matched": bool(dr["kl"] < kl_tok)},
             "recovered_vs_zero_dictionary": dr["recovered_vs_zero"]}
     for site in SITES:
         for lay in range(n_layers(model)):
@@ -90,7 +108,7 @@ def run_perturbation(model, layer, pair, tokens, cos_sims, out: Path, label: str
     head["most_fragile_per_site"] = {site: max((k for k in frag if k.startswith(site + "/")), key=frag.get)
                                      for site in SITES}
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 5.5), gridspec_kw={"width_ratios": [2.2, 1]})
     colors = plt.cm.viridis(np.linspace(0, 0.9, n_layers(model)))
     for lay in range(n_layers(model)):
         for site, ls, mk in zip(SITES, ("-", "--"), ("o", "s")):
@@ -105,20 +123,91 @@ def run_perturbation(model, layer, pair, tokens, cos_sims, out: Path, label: str
                 label=f"{site} L{layer}, ρ={h['norm_ratio']:.2f} (dictionary's)")
         ax.plot(h["cos_sim"], h["kl_dictionary"], mk, ms=15, color=colors[layer], mec="red", mew=1.5,
                 ls="none", label=f"{label} dictionary, {site} L{layer}")
+        ex = h["excess_over_random"]
+        ax.plot(h["cos_sim"], h["kl_random_mean_matched"], "x", ms=9, mew=1.8, color="red", ls="none",
+                label=f"{site}: random, mean-matched (dict ×{ex['mean_matched']:.2f})")
+        ax.plot(h["cos_sim"], h["kl_random_per_token_matched"], "_", ms=16, mew=2.2, color="black",
+                ls="none", label=f"{site}: random, per-token-matched (dict ×{ex['per_token_matched']:.2f})")
     ax.set_yscale("log")
     ax.set_xlabel("cosine similarity of the replacement to the activation")
     ax.set_ylabel("KL(clean ‖ perturbed), nats/token")
     ax.set_title("Random perturbations at a fixed cos-sim vs dictionary reconstructions\n"
-                 "(random: x' = ρ‖x‖(c·x̂ + √(1−c²)·n̂), n̂ orthogonal to x̂; "
-                 "red: ρ = the dictionary's mean norm ratio)",
-                 fontsize=9)
+                 "(random: x' = ρ‖x‖(c·x̂ + √(1−c²)·n̂), n̂ orthogonal to x̂; red: ρ = the dictionary's mean norm ratio;\n"
+                 "×: every token at the mean (c, ρ); —: each token at its own c and ‖x̂‖, so ‖x'−x‖ = its error norm)",
+                 fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6.5, ncol=2, loc="lower left")
+    ax.legend(fontsize=6, ncol=2, loc="lower left")
+    # right: the excess over random, KL(dictionary) / KL(matched random noise), both matchings
+    xs = np.arange(len(SITES))
+    for j, (key, name, col) in enumerate((("mean_matched", "mean-matched", "tab:red"),
+                                          ("per_token_matched", "per-token-matched", "black"))):
+        vals = [head["dictionary_vs_random"][site]["excess_over_random"][key] for site in SITES]
+        bars = bx.bar(xs + (j - 0.5) * 0.38, vals, 0.36, color=col, alpha=0.75, label=name)
+        bx.bar_label(bars, fmt="×%.2f", fontsize=8)
+    top = max(v for site in SITES for v in head["dictionary_vs_random"][site]["excess_over_random"].values()
+              if not math.isnan(v))
+    bx.set_ylim(0, max(1.0, top) * 1.3)
+    bx.axhline(1.0, color="grey", lw=1, ls=":")
+    bx.set_xticks(xs, [f"{site} L{layer}" for site in SITES])
+    bx.set_ylabel("KL(dictionary) / KL(matched random noise)")
+    bx.set_title(f"{label}: excess over random\n(>1: its error hurts more than random noise)", fontsize=8)
+    bx.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(out / "perturbation.png", dpi=130)
     plt.close(fig)
-    _json(out / "perturbation.json", {"headline": head, "rows": rows, "cos_sims": list(cos_sims)})
+    if run is not None:
+        run = {**run, "seconds": {**run.get("seconds", {}), "a_perturbation": time.time() - t_start}}
+    _json(out / "perturbation.json", {"headline": head, "rows": rows, "cos_sims": list(cos_sims),
+                                      **({"run": run} if run is not None else {})})
     return head
+
+
+def print_perturbation(a: dict, layer: int) -> None:
+    print(f"(a) random perturbation vs the {a['dictionary']} dictionary at layer {layer}; KL(dict) / KL(random "
+          "noise matched to its error) = excess over random:")
+    for site, h in a["dictionary_vs_random"].items():
+        ex = h["excess_over_random"]
+        print(f"    {site:5s}: mean cos {h['cos_sim']:.3f}, mean ρ {h['norm_ratio']:.3f}: KL dict "
+              f"{_fmt(h['kl_dictionary'])} vs random mean-matched {_fmt(h['kl_random_mean_matched'])} "
+              f"(×{_fmt(ex['mean_matched'])}; read off the sweep ×{_fmt(ex['mean_matched_interpolated'])}), "
+              f"per-token-matched {_fmt(h['kl_random_per_token_matched'])} (×{_fmt(ex['per_token_matched'])})")
+    frag = a["kl_at_cos_0.9_rho_1"]
+    print("    KL at cos 0.9 (ρ=1), most fragile first: "
+          + ", ".join(f"{k} {_fmt(frag[k])}" for k in a["most_fragile_first"]))
+
+
+def train_common(args) -> dict:
+    """The TrainConfig fields every dictionary of this script shares."""
+    return dict(tokens=args.train_tokens, epochs=args.epochs, batch_size=1024, lr=args.lr,
+                warmup_steps=20, dead_tokens=max(1024, args.train_tokens // 4))
+
+
+def perturbation_only(args) -> None:
+    """``--only perturbation``: (a) alone, on the widest TopK pair (trained as in the full run) or the default pair."""
+    t0 = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    model = load_model(args.model, device="cpu")
+    layer, n_ctx = args.layer, 128
+    heldout = load_tokens(args.data, model, n_ctx=n_ctx, n_tokens=args.eval_tokens, split="heldout")
+    sweep = heldout[: -(-args.sweep_tokens // n_ctx)]
+    run: dict = {"args": vars(args), "torch_threads": torch.get_num_threads()}
+    if args.pair == "default":
+        pair, folder = default_pair(model, layer, data=args.data, progress=False)
+        label, run["pair"] = "default pair", str(folder)
+    else:
+        n_seq = -(-args.train_tokens // (n_ctx - 1))
+        train = load_tokens(args.data, model, n_ctx=n_ctx, n_tokens=n_seq * n_ctx, split="train")
+        cfg = TrainConfig(architecture="topk", width=max(args.widths), k=args.k, seed=args.seed,
+                          **train_common(args))
+        pair = train_pair(model, layer, train, cfg, progress=False)
+        label, run["topk_config"] = f"{max(args.widths):g}x TopK", asdict(cfg)
+    run["seconds"] = {"load_and_dictionaries": time.time() - t0}
+    print(f"model {args.model}: layer {layer}; {label}; {len(sweep) * n_ctx:,} held-out tokens for the sweep")
+    a = run_perturbation(model, layer, pair, sweep, args.cos_sims, out, label=label, run=run)
+    print_perturbation(a, layer)
+    print(f"wrote perturbation.png, perturbation.json to {out}/ in {time.time() - t0:.0f}s")
 
 
 # ---- b ---------------------------------------------------------------------------------------
@@ -327,7 +416,16 @@ def main(argv=None) -> None:
     ap.add_argument("--l1", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4])
     ap.add_argument("--cos-sims", type=float, nargs="+", default=list(A.DEFAULT_COS_SIMS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", choices=["perturbation"],
+                    help="run one analysis alone (trains only the dictionaries it needs)")
+    ap.add_argument("--pair", choices=["trained", "default"], default="trained",
+                    help="with --only perturbation: the widest TopK pair trained here, or the cached "
+                         "default pair (`featcircuit` trains it on first use)")
     args = ap.parse_args(argv)
+    if args.pair != "trained" and args.only != "perturbation":
+        ap.error("--pair default needs --only perturbation")
+    if args.only == "perturbation":
+        return perturbation_only(args)
 
     t0 = time.time()
     out = Path(args.out)
@@ -349,8 +447,7 @@ def main(argv=None) -> None:
           f"{len(heldout) * n_ctx:,} held-out tokens ({len(sweep) * n_ctx:,} for the sweep)")
 
     t = time.time()
-    common = dict(tokens=args.train_tokens, epochs=args.epochs, batch_size=1024, lr=args.lr,
-                  warmup_steps=20, dead_tokens=max(1024, args.train_tokens // 4))
+    common = train_common(args)
     cfgs = {f"{w:g}x": TrainConfig(architecture="topk", width=w, k=args.k, seed=args.seed, **common)
             for w in args.widths}
     wmax = f"{max(args.widths):g}x"
@@ -383,15 +480,8 @@ def main(argv=None) -> None:
                              "topk_config": asdict(cfgs[wmax]), "relu_config": asdict(relu_cfg),
                              "torch_threads": torch.get_num_threads()})
 
-    print(f"\n(a) random perturbation vs the {wmax} TopK dictionary at layer {layer} (same cos-sim, same ρ):")
-    for site, h in a["dictionary_vs_random"].items():
-        verdict = "beats" if h["dictionary_beats_random"] else "loses to"
-        print(f"    {site:5s}: cos {h['cos_sim']:.3f}, ρ {h['norm_ratio']:.3f}: "
-              f"KL dict {_fmt(h['kl_dictionary'])} vs random {_fmt(h['kl_random_same_cos'])} "
-              f"(×{_fmt(h['kl_ratio'])}) → dictionary {verdict} random")
-    frag = a["kl_at_cos_0.9_rho_1"]
-    print("    KL at cos 0.9 (ρ=1), most fragile first: "
-          + ", ".join(f"{k} {_fmt(frag[k])}" for k in a["most_fragile_first"]))
+    print()
+    print_perturbation(a, layer)
     print(f"(b) lower L0 (ReLU, width {args.relu_width:g}x), CE recovered vs zero ablation:")
     for site, h in b.items():
         print(f"    {site:5s}: base L1={h['base_l1_coefficient']:g} L0 {h['base_l0']:.1f} recovered "

@@ -4,8 +4,14 @@
    (:func:`perturbation_sweep`): the activation ``x`` of a site is replaced, per token, by
    ``x' = ρ‖x‖(c·x̂ + √(1−c²)·n̂)`` (:func:`perturb`; ``n̂`` a random unit vector orthogonal to
    ``x̂``) and KL(clean ‖ perturbed) of the next-token distribution is measured for a sweep of
-   ``c``; a dictionary's own (mean cos-sim, KL) point is compared with the random curve at that
-   cos-sim (:func:`kl_at`).
+   ``c``; a dictionary's own (mean cos-sim, KL) point is compared with random noise matched to
+   it two ways: (a) *mean-matched*, every token at the dictionary's mean ``c`` and mean ``ρ``
+   (also read off the sweep, :func:`kl_at`); (b) *per-token-matched* (:func:`matched_noise`),
+   token ``t`` replaced by ``‖x̂_t‖(c_t·x̂ + √(1−c_t²)·n̂)`` with ``c_t = cos(x_t, x̂_t)`` and
+   ``x̂_t`` the dictionary's reconstruction of ``x_t`` (:func:`perturb_to`), so the noise
+   ``x' − x`` has exactly the error's norm ``‖x̂_t − x_t‖`` at every token. KL is convex in the
+   perturbation's size, so (a) understates the harm of random noise whenever error norms vary
+   across tokens; (a) and (b) draw the same ``n̂`` (common random numbers).
 2. *Lower L0 two ways* (:func:`lower_l0_comparison`): a ReLU dictionary's most frequent features
    are switched off at inference until the mean L0 reaches a target (:func:`frequency_removal`),
    against ReLU dictionaries trained with larger L1 penalties (:func:`train_l1_sweep`); both are
@@ -42,6 +48,7 @@ from .training import TrainConfig, train_pair
 
 DEFAULT_COS_SIMS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
+_MATCHED = 1_000_002  # generator index of the two matched-noise conditions
 
 
 # ---- shared ---------------------------------------------------------------------------------
@@ -102,6 +109,33 @@ def splice_eval(model, tokens: Tensor, conditions: Mapping[str, Mapping[str, Rep
 
 # ---- 1. perturbation ------------------------------------------------------------------------
 
+def perturb_to(x: Tensor, cos_sim: Tensor, norm: Tensor,
+               generator: torch.Generator | None = None) -> Tensor:
+    """Per row ``i`` of ``x``: ``norm[i]·(c_i·x̂_i + √(1−c_i²)·n̂_i)``, ``n̂_i`` a random unit vector ⟂ ``x̂_i``.
+
+    ``cos_sim`` and ``norm`` are per-row targets of shape ``x.shape[:-1]`` (or broadcastable to
+    it). A zero row of ``x`` has no direction, hence no cos-sim: it gets ``norm[i]·n̂_i``.
+    """
+    xd = x.double()
+    c = torch.as_tensor(cos_sim, dtype=torch.float64, device=x.device).expand(x.shape[:-1])
+    r = torch.as_tensor(norm, dtype=torch.float64, device=x.device).expand(x.shape[:-1])
+    if bool((c.abs() > 1.0 + 1e-12).any()):
+        bad = float(c[c.abs() > 1.0 + 1e-12].flatten()[0])
+        raise UserError(f"cosine similarity {bad} is outside [-1, 1]")
+    if bool((r < 0).any()):
+        raise UserError(f"target norm {float(r[r < 0].flatten()[0])} is negative")
+    c = c.clamp(-1.0, 1.0)[..., None]
+    xnorm = xd.norm(dim=-1, keepdim=True)
+    xhat = xd / xnorm.clamp_min(1e-30)
+    n = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+    for _ in range(2):  # Gram–Schmidt twice: orthogonal to rounding error
+        n = n - (n * xhat).sum(-1, keepdim=True) * xhat
+    nhat = n / n.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    sin = torch.where(xnorm > 0, (1 - c ** 2).clamp_min(0.0).sqrt(), torch.ones_like(c))
+    out = r[..., None] * (c * xhat + sin * nhat)
+    return out.to(x.dtype)
+
+
 def perturb(x: Tensor, cos_sim: float, norm_ratio: float = 1.0,
             generator: torch.Generator | None = None) -> Tensor:
     """``ρ‖x‖(c·x̂ + √(1−c²)·n̂)`` per row of ``x``, with ``n̂`` a random unit vector ⟂ ``x̂``."""
@@ -109,15 +143,26 @@ def perturb(x: Tensor, cos_sim: float, norm_ratio: float = 1.0,
         raise UserError(f"cosine similarity {cos_sim} is outside [-1, 1]")
     if norm_ratio < 0:
         raise UserError(f"norm ratio {norm_ratio} is negative")
-    xd = x.double()
-    norm = xd.norm(dim=-1, keepdim=True)
-    xhat = xd / norm.clamp_min(1e-30)
-    n = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device)
-    for _ in range(2):  # Gram–Schmidt twice: orthogonal to rounding error
-        n = n - (n * xhat).sum(-1, keepdim=True) * xhat
-    nhat = n / n.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    out = norm_ratio * norm * (cos_sim * xhat + math.sqrt(max(0.0, 1 - cos_sim ** 2)) * nhat)
-    return out.to(x.dtype)
+    return perturb_to(x, torch.tensor(float(cos_sim)), norm_ratio * x.double().norm(dim=-1), generator)
+
+
+@torch.no_grad()
+def token_geometry(d: Dictionary, acts: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of ``acts``: cos(x, x̂) (0 where either is zero) and ‖x̂‖, x̂ = ``d``'s reconstruction."""
+    xd = acts.double()
+    rd = d.decode(d.encode(acts)).double()
+    xn, rn = xd.norm(dim=-1), rd.norm(dim=-1)
+    ok = (xn > 0) & (rn > 0)
+    cos = torch.where(ok, (xd * rd).sum(-1) / (xn * rn).clamp_min(1e-300), torch.zeros_like(xn))
+    return cos.clamp(-1.0, 1.0), rn
+
+
+def matched_noise(d: Dictionary, generator: torch.Generator | None = None) -> Replace:
+    """Replace each token by random noise at that token's cos(x, x̂) and norm ‖x̂‖ (so ‖x'−x‖ = ‖x̂−x‖)."""
+    def fn(a: Tensor) -> Tensor:
+        cos, norm = token_geometry(d, a)
+        return perturb_to(a, cos, norm, generator)
+    return fn
 
 
 @torch.no_grad()
@@ -136,8 +181,12 @@ def perturbation_sweep(model, layer: int, site: str, tokens: Tensor,
                        seed: int = 0, batch_size: int = 16) -> list[dict]:
     """KL(clean ‖ perturbed) per cos-sim, with ρ = the dictionary's mean norm ratio (else 1.0).
 
-    Rows have ``kind`` ``random`` (one per cos-sim) and, with a dictionary, one ``dictionary``
-    row: its mean cos-sim, mean norm ratio and KL with its reconstruction spliced in.
+    Rows have ``kind`` ``random`` (one per cos-sim) and, with a dictionary, three more: ``dictionary``
+    (its mean cos-sim, mean norm ratio and KL with its reconstruction spliced in),
+    ``random_mean_matched`` (every token at that mean cos-sim and mean ρ) and
+    ``random_per_token_matched`` (:func:`matched_noise`: each token at its own cos-sim and ‖x̂‖).
+    Each condition draws from its own generator, so a row does not depend on which others run;
+    the two matched rows share theirs, so they differ only in the matching.
     """
     s = resolve_site(model, layer, site)
     geo = None
@@ -148,25 +197,31 @@ def perturbation_sweep(model, layer: int, site: str, tokens: Tensor,
         geo = reconstruction_geometry(dictionary, site_acts(model, layer, site, tokens,
                                                             batch_size=batch_size))
     rho = norm_ratio if norm_ratio is not None else (geo["norm_ratio"] if geo else 1.0)
-    gen = torch.Generator().manual_seed(seed)
+
+    def gen(i: int) -> torch.Generator:  # i < len(cos_sims): the sweep; _MATCHED: both matched rows
+        return torch.Generator().manual_seed(seed * 1_000_003 + i)
+
     conds: dict[str, dict[str, Replace]] = {
-        f"c={c}": {s.hook: (lambda a, c=c: perturb(a, c, rho, gen))} for c in cos_sims}
-    if dictionary is not None:
+        f"c={c}": {s.hook: (lambda a, c=c, g=gen(i): perturb(a, c, rho, g))}
+        for i, c in enumerate(cos_sims)}
+    if dictionary is not None and geo is not None:
         conds["dictionary"] = {s.hook: reconstruct_with(dictionary)}
+        conds["random_mean_matched"] = {s.hook: (lambda a, g=gen(_MATCHED): perturb(
+            a, geo["cos_sim"], geo["norm_ratio"], g))}
+        conds["random_per_token_matched"] = {s.hook: matched_noise(dictionary, gen(_MATCHED))}
     res = splice_eval(model, tokens, conds, batch_size=batch_size)
     base = {"site": s.name, "layer": layer, "hook": s.hook}
-    rows = []
-    for c in cos_sims:
-        r = res["conditions"][f"c={c}"]
-        rows.append({**base, "kind": "random", "cos_sim": float(c), "norm_ratio": rho,
-                     "kl": r["kl"], "ce": r["ce"], "recovered_vs_zero": r["recovered_vs_zero"],
-                     "ce_clean": res["ce_clean"], "n_tokens": res["n_tokens"]})
+
+    def row(name: str, kind: str, cos_sim: float, ratio: float) -> dict:
+        r = res["conditions"][name]
+        return {**base, "kind": kind, "cos_sim": float(cos_sim), "norm_ratio": ratio, "kl": r["kl"],
+                "ce": r["ce"], "recovered_vs_zero": r["recovered_vs_zero"],
+                "ce_clean": res["ce_clean"], "n_tokens": res["n_tokens"]}
+
+    rows = [row(f"c={c}", "random", c, rho) for c in cos_sims]
     if geo is not None:
-        r = res["conditions"]["dictionary"]
-        rows.append({**base, "kind": "dictionary", "cos_sim": geo["cos_sim"],
-                     "norm_ratio": geo["norm_ratio"], "kl": r["kl"], "ce": r["ce"],
-                     "recovered_vs_zero": r["recovered_vs_zero"], "ce_clean": res["ce_clean"],
-                     "n_tokens": res["n_tokens"]})
+        for name in ("dictionary", "random_mean_matched", "random_per_token_matched"):
+            rows.append(row(name, name, geo["cos_sim"], geo["norm_ratio"]))
     return rows
 
 

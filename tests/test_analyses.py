@@ -80,6 +80,107 @@ def test_dictionary_point_matches_evaluate_pair(neox):
     assert dict_row["ce"] == pytest.approx(ev["downstream"]["mlp"]["ce_spliced"], rel=1e-5)
 
 
+def _spread_acts(n=400, d=48, seed=3):
+    """Rows with norms over four decades and a shared offset (cos-sims to a reconstruction vary)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) * torch.logspace(-1, 1.5, n)[:, None] + 0.7
+
+
+def test_matched_noise_has_each_tokens_error_norm_and_cos_sim():
+    x = _spread_acts()
+    d = _relu_dict(x.shape[1], 3 * x.shape[1])
+    with torch.no_grad():
+        recon = d.decode(d.encode(x)).double()
+    xd = x.double()
+    want_cos = (xd * recon).sum(-1) / (xd.norm(dim=-1) * recon.norm(dim=-1))
+    assert want_cos.std() > 0.05 and recon.norm(dim=-1).std() > 0.1  # the targets really vary per token
+    xp = A.matched_noise(d, torch.Generator().manual_seed(1))(x).double()
+    cos = (xd * xp).sum(-1) / (xd.norm(dim=-1) * xp.norm(dim=-1))
+    torch.testing.assert_close(cos, want_cos, atol=1e-5, rtol=0)
+    torch.testing.assert_close(xp.norm(dim=-1), recon.norm(dim=-1), rtol=1e-5, atol=1e-6)
+    # hence the noise x'−x has exactly the error's norm, token by token
+    torch.testing.assert_close((xp - xd).norm(dim=-1), (recon - xd).norm(dim=-1), rtol=1e-4, atol=1e-5)
+    # …but not its direction: the parts orthogonal to x are unrelated (random)
+    xhat = xd / xd.norm(dim=-1, keepdim=True)
+    perp = lambda v: v - (v * xhat).sum(-1, keepdim=True) * xhat  # noqa: E731
+    assert F.cosine_similarity(perp(xp), perp(recon), dim=-1).abs().mean() < 0.3
+    # mean matching (the old reference) misses every token's cos-sim by its spread
+    xm = A.perturb(x, float(want_cos.mean()), float((recon.norm(dim=-1) / xd.norm(dim=-1)).mean()),
+                   torch.Generator().manual_seed(1)).double()
+    assert ((xd * xm).sum(-1) / (xd.norm(dim=-1) * xm.norm(dim=-1)) - want_cos).abs().max() > 0.1
+
+
+def test_matched_noise_in_two_dimensions_is_the_reconstruction_or_its_mirror_image():
+    # in 2-D the only unit vectors ⟂ x̂ are ±n̂, so a point with x̂'s norm and cos-sim is x̂ itself
+    # or its reflection across the line of x — a reference that shares no code with perturb_to
+    x = _spread_acts(300, 2)
+    d = _relu_dict(2, 8)
+    with torch.no_grad():
+        recon = d.decode(d.encode(x)).double()
+    xp = A.matched_noise(d, torch.Generator().manual_seed(4))(x).double()
+    u = x.double() / x.double().norm(dim=-1, keepdim=True)
+    mirror = 2 * (recon * u).sum(-1, keepdim=True) * u - recon
+    err = torch.minimum((xp - recon).norm(dim=-1), (xp - mirror).norm(dim=-1))
+    assert float(err.max()) < 1e-4 * float(recon.norm(dim=-1).max())
+    picked_mirror = (xp - mirror).norm(dim=-1) < (xp - recon).norm(dim=-1)
+    far = (recon - mirror).norm(dim=-1) > 1e-2  # where the two differ, the sign is a coin flip
+    assert 0.2 < float(picked_mirror[far].double().mean()) < 0.8
+
+
+def test_perturb_to_edge_cases_and_bad_targets():
+    x = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 0.0]])
+    out = A.perturb_to(x, torch.tensor([1.0, 0.3]), torch.tensor([10.0, 2.0]), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out[0], torch.tensor([6.0, 8.0, 0.0]))  # c = 1: x's direction, the target norm
+    assert float(out[1].norm()) == pytest.approx(2.0, rel=1e-6)  # a zero row keeps the target norm
+    with pytest.raises(A.UserError, match="1.5"):
+        A.perturb_to(x, torch.tensor([0.5, 1.5]), torch.tensor([1.0, 1.0]))
+    with pytest.raises(A.UserError, match="negative"):
+        A.perturb_to(x, torch.tensor([0.5, 0.5]), torch.tensor([1.0, -1.0]))
+
+
+class _SignScaler(Dictionary):
+    """A hand-built "dictionary" whose reconstruction is x scaled by 0.4 or 1.6 (by the sign of x₀)."""
+
+    def encode(self, x):
+        return x
+
+    def decode(self, codes):
+        return codes * torch.where(codes[..., :1] > 0, 1.6, 0.4)
+
+
+def test_per_token_matched_row_equals_a_parallel_reconstruction_and_mean_matching_does_not(neox):
+    # cos(x, x̂) = 1 at every token, so per-token-matched noise is x̂ itself (no random part) and its
+    # KL must equal the dictionary's; mean matching puts every token at the mean scale instead
+    toks = _data(neox)
+    m = pair_sites(neox, 1)[1]
+    d = _SignScaler(DictConfig(d_in=m.width, d_sae=m.width, architecture="relu", layer=1, site="mlp")).eval()
+    acts = A.site_acts(neox, 1, "mlp", toks)
+    assert 0.2 < float((acts[:, 0] > 0).double().mean()) < 0.8
+    rows = {r["kind"]: r for r in A.perturbation_sweep(neox, 1, "mlp", toks, [0.9], dictionary=d)}
+    assert rows["dictionary"]["cos_sim"] == pytest.approx(1.0, abs=1e-6)
+    assert rows["dictionary"]["kl"] > 1e-4
+    assert rows["random_per_token_matched"]["kl"] == pytest.approx(rows["dictionary"]["kl"], rel=1e-4)
+    assert rows["random_mean_matched"]["kl"] < 0.5 * rows["dictionary"]["kl"]
+    assert rows["random_mean_matched"]["norm_ratio"] == pytest.approx(
+        float((0.4 + 1.2 * (acts[:, 0] > 0).double()).mean()), rel=1e-5)
+
+
+def test_matched_rows_do_not_depend_on_the_sweep_but_on_the_seed(neox):
+    toks = _data(neox)
+    r = pair_sites(neox, 1)[1]
+    d = _relu_dict(r.width, 3 * r.width)
+
+    def matched(cos_sims, seed):
+        rows = A.perturbation_sweep(neox, 1, "mlp", toks, cos_sims, dictionary=d, seed=seed)
+        return {x["kind"]: x["kl"] for x in rows if x["kind"] != "random"}
+
+    a, b, c = matched([0.9, 0.5], 3), matched([0.5], 3), matched([0.5], 4)
+    for k in ("dictionary", "random_mean_matched", "random_per_token_matched"):
+        assert a[k] == pytest.approx(b[k], rel=1e-9)
+    assert c["dictionary"] == pytest.approx(b["dictionary"], rel=1e-9)
+    assert c["random_per_token_matched"] != pytest.approx(b["random_per_token_matched"], rel=1e-6)
+
+
 # ---- 2. lower L0 ----------------------------------------------------------------------------
 
 def test_frequency_removal_reaches_target_in_frequency_order():
