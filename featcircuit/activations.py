@@ -5,7 +5,9 @@
    (``chunk_00000.safetensors`` …) beside a ``manifest.json`` that names the tokens, hooks and
    model they belong to;
 3. each chunk is written atomically, so a killed harvest leaves only whole chunks, and a rerun
-   with the same manifest skips them and computes only the rest.
+   with the same manifest skips them and computes only the rest; the manifest is read with
+   bounded size and depth and must equal the expected one key for key;
+4. every chunk is checked for NaN/inf as it is computed and as it is read back.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ def harvest(model, tokens: Tensor, hooks: Sequence[str], *, batch_size: int = 16
     """
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise UserError(f"tokens must be a non-empty [n_seq, n_ctx] tensor, got shape {tuple(tokens.shape)}")
+    for name, v in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"{name} {v!r} is invalid: expected an integer >= 1")
     hooks = list(dict.fromkeys(hooks))
     unknown = [h for h in hooks if h not in model.hook_dict]
     if unknown:
@@ -89,6 +94,34 @@ def harvest(model, tokens: Tensor, hooks: Sequence[str], *, batch_size: int = 16
                            chunk_size, progress)
 
 
+def _check_finite(acts: dict[str, Tensor], what: str) -> None:
+    for h, a in acts.items():
+        if a.is_floating_point() and not bool(torch.isfinite(a).all()):
+            raise UserError(f"{what} holds NaN or infinite values at {h}: the model or the "
+                            "cache is broken (delete the cache and rerun)")
+
+
+MANIFEST_KEYS = ("version", "model", "hooks", "n_seq", "n_ctx", "tokens", "chunk_size")
+
+
+def read_manifest(cache: str | Path) -> dict | None:
+    """The manifest of an activation cache folder, None when there is none; UserError if malformed."""
+    from .checks import read_json_file
+
+    cache = Path(cache)
+    man_path = cache / "manifest.json"
+    if not (man_path.exists() or man_path.is_symlink()):
+        return None
+    try:
+        old = read_json_file(man_path, "activation cache manifest", max_bytes=1 << 20, max_depth=4)
+    except UserError as e:
+        raise UserError(f"{e}: delete {cache} or use another cache folder") from None
+    if not isinstance(old, dict) or set(old) != set(MANIFEST_KEYS):
+        raise UserError(f"activation cache manifest {man_path} is not a featcircuit manifest "
+                        f"(expected keys {', '.join(MANIFEST_KEYS)}): delete {cache} or use another folder")
+    return old
+
+
 def _manifest(model, tokens: Tensor, hooks: list[str], chunk_size: int) -> dict:
     from .models import model_name
 
@@ -103,11 +136,8 @@ def _harvest_cached(model, tokens, hooks, stop, device, cache: Path, batch_size,
 
     man = _manifest(model, tokens, hooks, chunk_size)
     man_path = cache / "manifest.json"
-    if man_path.exists():
-        try:
-            old = json.loads(man_path.read_text())
-        except json.JSONDecodeError:
-            raise UserError(f"activation cache manifest {man_path} is corrupt: delete {cache}") from None
+    old = read_manifest(cache)
+    if old is not None:
         if old != man:
             diff = [k for k in man if old.get(k) != man[k]]
             raise UserError(f"activation cache {cache} was made for other {', '.join(diff)}: "
@@ -125,8 +155,9 @@ def _harvest_cached(model, tokens, hooks, stop, device, cache: Path, batch_size,
             acts = _forward(model, chunk[i:i + batch_size].to(device), hooks, stop)
             for h in hooks:
                 parts[h].append(acts[h])
-        atomic_save_safetensors({h: torch.cat(v) for h, v in parts.items()},
-                                cache / f"chunk_{c:05d}.safetensors")
+        done = {h: torch.cat(v) for h, v in parts.items()}
+        _check_finite(done, f"the model's activations for chunk {c}")
+        atomic_save_safetensors(done, cache / f"chunk_{c:05d}.safetensors")
         bar.update(1)
     bar.close()
     out: dict[str, list[Tensor]] = {h: [] for h in hooks}
@@ -136,6 +167,10 @@ def _harvest_cached(model, tokens, hooks, stop, device, cache: Path, batch_size,
             d = load_file(path)
         except Exception:
             raise UserError(f"activation cache chunk {path} is corrupt: delete it and rerun") from None
+        if set(d) != set(hooks):
+            raise UserError(f"activation cache chunk {path} holds {sorted(d)[:3]}, expected "
+                            f"{hooks}: delete it and rerun")
+        _check_finite(d, f"activation cache chunk {path}")
         for h in hooks:
             out[h].append(d[h])
     return {h: torch.cat(v) for h, v in out.items()}

@@ -134,6 +134,15 @@ def choice(value: str, name: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+class DefaultInt(int):
+    """An int option's default, told apart from the same value typed by the user."""
+
+
+def is_default(value: Any) -> bool:
+    """Whether ``value`` is an option's :class:`DefaultInt` default (not given on the command line)."""
+    return type(value) is DefaultInt
+
+
 def arg_type(check: Callable[..., Any], *args: Any, **kw: Any) -> Callable[[str], Any]:
     """An argparse ``type=`` running ``check(text, *args, **kw)``; its UserError becomes the parser's message."""
     import argparse
@@ -592,7 +601,8 @@ def check_discover_options(cfg: Any) -> None:
     check_layer_of(cfg.model, cfg.layer)
     if not cfg.prompts:
         check_data(cfg.data, cfg.split)
-        check_tokens_available(cfg.data, cfg.split, cfg.tokens, 128)
+        if not is_default(cfg.tokens):  # the default is a budget: small data just uses less
+            check_tokens_available(cfg.data, cfg.split, cfg.tokens, 128)
     if cfg.dicts is not None and not Path(cfg.dicts).is_dir():
         raise UserError(f"--dicts {cfg.dicts!r} is not a folder: expected a pair folder with resid/ and mlp/")
     check_out_dir(discover_out(cfg), getattr(cfg, "force", False), known=DISCOVER_FILES,

@@ -8,11 +8,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
+from . import checks as C
+from .checks import arg_type
 from .errors import UserError
+
+POS = arg_type(C.positive_int, "value")
+NONNEG = arg_type(C.nonneg_int, "value")
+SEED = arg_type(C.seed, "seed")
+NONNEG_FLOAT = arg_type(C.finite_float, "value", 0.0)
+DEVICE = arg_type(C.device, "device")
+PAIR_FILES = frozenset({"resid", "mlp", "train_config.json"})
+_CACHE_RE = re.compile(r"manifest\.json|chunk_[0-9]{5}\.safetensors|\.chunk_[0-9]{5}\.safetensors\..*\.tmp"
+                       r"|\.manifest\.json\..*\.tmp")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr and exit code 2 (no usage block)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        msg = " ".join(message.split())
+        # "argument --epochs: --epochs -1 is ..." -> "--epochs -1 is ..."
+        msg = re.sub(r"^argument (\S+?)(/\S+)?: (?:\1|value|seed|device) ", r"\1 ", msg)
+        print(f"featcircuit: error: {msg} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _width(text: str) -> float:
+    """``--width``: a multiple of d_model such as 8 or 8x, in (0, 1024]."""
+    return C.finite_float(text[:-1] if text.endswith("x") else text, "--width", 0.0, 1024.0,
+                          lo_open=True)
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -20,13 +49,37 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", default=BUILTIN_NAME,
                    help=f"built-in name ({BUILTIN_NAME}), HuggingFace name or local HF folder")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", default="auto", type=DEVICE, help="auto | cpu | cuda | cuda:N")
+
+
+def precheck(args, *, tokens: int | None = None, n_ctx: int = 128) -> None:
+    """Checks shared by the commands, run before any model is loaded: model, layer, data, budget."""
+    from .models import resolve_model_path
+
+    resolve_model_path(args.model)  # a missing model fails here, in a second
+    if getattr(args, "layer", None) is not None:
+        C.check_layer_of(args.model, args.layer)
+    limit = C.model_context(args.model)
+    if limit is not None and n_ctx > limit:
+        raise UserError(f"contexts of {n_ctx} tokens are beyond the {limit} positions model "
+                        f"{args.model!r} supports")
+    if getattr(args, "data", None) is not None:
+        C.check_data(args.data, getattr(args, "split", "train"))
+        # a default --tokens is a budget (small data just uses less); a typed one must fit
+        if tokens is not None and not C.is_default(getattr(args, "tokens", None)):
+            C.check_tokens_available(args.data, getattr(args, "split", "train"), tokens, n_ctx)
+    if tokens is not None and tokens < n_ctx:
+        raise UserError(f"--tokens {tokens} is less than one context of {n_ctx} tokens")
+    dicts = getattr(args, "dicts", None)
+    if dicts is not None and not Path(dicts).is_dir():
+        raise UserError(f"--dicts {dicts!r} is not a folder: expected a pair folder with resid/ and mlp/")
 
 
 def cmd_model_info(args) -> None:
     from .models import load_model, model_info
     from .sites import site_table
 
+    precheck(args)
     model = load_model(args.model, args.device)
     info = model_info(model)
     if args.json:
@@ -44,9 +97,12 @@ def cmd_model_train(args) -> None:
     from .lm_training import LMConfig, train_lm
     from .models import BUILTIN_DIR
 
+    from .lm_training import MODEL_FILES
+
     out = Path(args.out) if args.out else BUILTIN_DIR
+    C.check_out_dir(out, args.force, known=MODEL_FILES)
     cfg = LMConfig(steps=args.steps, seed=args.seed)
-    prov = train_lm(out, cfg)
+    prov = train_lm(out, cfg, force=args.force)
     h = prov["heldout"]
     print(f"held-out CE {h['ce']:.3f} nats/token, top-1 {h['top1']:.3f} "
           f"(bigram {prov['baselines']['bigram']['ce']:.3f}, unigram {prov['baselines']['unigram']['ce']:.3f})")
@@ -54,17 +110,25 @@ def cmd_model_train(args) -> None:
 
 
 def cmd_harvest(args) -> None:
-    from .activations import harvest
+    from .activations import harvest, read_manifest
     from .data import load_tokens
     from .models import load_model, model_name
     from .sites import pair_sites
 
+    from .models import canonical_name
+
+    precheck(args, tokens=args.tokens, n_ctx=args.n_ctx)
+    out = Path(args.out or f"featcircuit-out/{canonical_name(args.model).strip('/').replace('/', '_')}"
+                           f"-L{args.layer}-acts")
+    C.check_out_dir(out, known=_CACHE_RE)  # a cache folder, or a new one; nothing else
+    read_manifest(out)  # a malformed manifest is rejected before the model is loaded
     model = load_model(args.model, args.device)
     tokens = load_tokens(args.data, model, n_ctx=args.n_ctx, n_tokens=args.tokens, split=args.split)
     sites = pair_sites(model, args.layer)
-    out = Path(args.out or f"featcircuit-out/{model_name(model).replace('/', '_')}-L{args.layer}-acts")
     t0 = time.time()
-    acts = harvest(model, tokens, [s.hook for s in sites], cache_dir=out, batch_size=args.batch_size)
+    with C.folder_lock(out):  # two harvests into one cache run one after the other
+        acts = harvest(model, tokens, [s.hook for s in sites], cache_dir=out,
+                       batch_size=args.batch_size, chunk_size=args.chunk_size)
     dt = time.time() - t0
     print(f"harvested {tokens.numel():,} tokens in {dt:.1f}s from {model_name(model)} layer {args.layer}")
     print(f"{'site':<6} {'hook':<28} {'width':>5} {'mean |x|':>9} {'max |x|':>9}")
@@ -79,17 +143,52 @@ def cmd_train(args) -> None:
     from .models import load_model, model_name
     from .training import TrainConfig, train_pair
 
-    model = load_model(args.model, args.device)
+    from dataclasses import asdict
+
+    from .models import canonical_name
+
     cfg = TrainConfig(architecture=args.arch, width=args.width, k=args.k, tokens=args.tokens,
                       epochs=args.epochs, batch_size=args.batch_size, l1_coefficient=args.l1,
-                      seed=args.seed)
+                      seed=args.seed, ckpt_every=args.ckpt_every)
     n_seq = -(-cfg.tokens // (cfg.n_ctx - 1))
-    tokens = load_tokens(args.data, model, n_ctx=cfg.n_ctx, n_tokens=n_seq * cfg.n_ctx, split="train")
-    out = Path(args.out or f"featcircuit-out/{Path(model_name(model)).name}-L{args.layer}-pair")
-    t0 = time.time()
-    train_pair(model, args.layer, tokens, cfg, out=out, ckpt_dir=out.parent / f".{out.name}.ckpt")
+    args.split = "train"
+    precheck(args, tokens=n_seq * cfg.n_ctx, n_ctx=cfg.n_ctx)
+    if cfg.tokens < cfg.batch_size:
+        raise UserError(f"--tokens {cfg.tokens:,} is less than one batch of --batch-size "
+                        f"{cfg.batch_size:,}: lower --batch-size or raise --tokens")
+    d_model = C.model_sizes(args.model)["d_model"]
+    if d_model is not None:
+        d_sae = int(round(cfg.width * d_model))
+        if d_sae < 1 or (cfg.architecture != "relu" and cfg.k > d_sae):
+            raise UserError(f"--width {args.width:g} gives {d_sae} features (d_model {d_model}), "
+                            f"fewer than --k {cfg.k}: raise --width or lower --k")
+    name = canonical_name(args.model)
+    out = Path(args.out or f"featcircuit-out/{Path(name).name}-L{args.layer}-pair")
+    C.check_out_dir(out, known=PAIR_FILES)
+    with C.folder_lock(out):  # a second run on the same --out waits, then finds it done
+        if _pair_done(out, asdict(cfg), name, args.layer):
+            print(f"already trained: {out} holds this pair (same model, layer and options); "
+                  "delete it to train again")
+            return
+        model = load_model(args.model, args.device)
+        tokens = load_tokens(args.data, model, n_ctx=cfg.n_ctx, n_tokens=n_seq * cfg.n_ctx, split="train")
+        t0 = time.time()
+        train_pair(model, args.layer, tokens, cfg, out=out, ckpt_dir=out.parent / f".{out.name}.ckpt")
     print(f"trained in {time.time() - t0:.0f}s; wrote the pair to {out} (resid/, mlp/); "
           f"evaluate with `featcircuit evaluate --dicts {out}`")
+
+
+def _pair_done(out: Path, cfg: dict, model: str, layer: int) -> bool:
+    """Whether ``out`` already holds the pair these options train (so a rerun has nothing to do)."""
+    try:
+        saved = C.read_json_file(out / "train_config.json", "train config", max_bytes=1 << 20)
+        for site in ("resid", "mlp"):
+            d = C.read_json_file(out / site / "cfg.json", "dictionary config", max_bytes=1 << 20)
+            if not (isinstance(d, dict) and d.get("model_name") == model and d.get("layer") == layer):
+                return False
+    except UserError:
+        return False
+    return saved == cfg
 
 
 def cmd_evaluate(args) -> None:
@@ -98,14 +197,24 @@ def cmd_evaluate(args) -> None:
     from .evaluation import evaluate_pair, format_quality
     from .models import load_model, model_name
 
-    model = load_model(args.model, args.device)
-    probe = load_pair(args.dicts)
+    from .evaluation import NAN_REASONS
+    from .io import strict_json
+    from .sites import check_layer, pair_sites
+
+    precheck(args, tokens=args.tokens)
+    probe = load_pair(args.dicts)  # cheap, and checks the files before the model is loaded
     layer = probe.mlp.cfg.layer if args.layer is None else args.layer
+    if layer < 0:
+        raise UserError(f"the dictionaries at {args.dicts} record no layer: pass --layer")
+    args.layer = layer
+    precheck(args)
+    model = load_model(args.model, args.device)
+    r, m = pair_sites(model, check_layer(model, layer))
     pair = load_pair(args.dicts, expect_model=model_name(model), expect_layer=layer,
-                     device=next(model.parameters()).device)
+                     d_resid=r.width, d_mlp=m.width, device=next(model.parameters()).device)
     tokens = load_tokens(args.data, model, n_tokens=args.tokens, split=args.split)
     ev = evaluate_pair(model, pair, tokens, layer)
-    print(json.dumps(ev, indent=1) if args.json else format_quality(ev))
+    print(strict_json(ev, NAN_REASONS, indent=1) if args.json else format_quality(ev))
 
 
 def cmd_discover(args) -> None:
@@ -118,9 +227,23 @@ def cmd_discover(args) -> None:
 def cmd_render(args) -> None:
     from .graph import CircuitGraph
 
+    from .graph import RENDER_FORMATS
+
+    out = Path(args.output)
+    fmt = out.suffix.lstrip(".").lower()
+    if fmt not in RENDER_FORMATS + ("dot",):
+        raise UserError(f"-o {args.output!r}: the suffix must be one of "
+                        f"{', '.join('.' + f for f in RENDER_FORMATS + ('dot',))}")
+    try:
+        if out.is_dir() or out.with_suffix(".dot").is_dir():
+            raise UserError(f"-o {args.output!r} is a folder: expected a file name")
+        if out.exists() and not out.is_file():
+            raise UserError(f"-o {args.output!r} is not a regular file")
+    except OSError as e:
+        raise UserError(f"-o {args.output!r} cannot be used: {e.strerror}") from None
+    C._writable_parent(out, "-o")
     g = CircuitGraph.load_json(args.graph).prune(node_threshold=args.node_threshold,
                                                   edge_threshold=args.edge_threshold, top_n=args.top_edges)
-    out = Path(args.output)
     if out.suffix == ".dot":
         g.save_dot(out)
         print(f"wrote {out}")
@@ -134,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every sub-command."""
     from .data import BUILTIN_DATA
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="featcircuit",
         description="Paired sparse dictionaries on a model's residual stream and MLP, linked "
                     "feature to feature by exact attribution and ablation search.")
@@ -147,44 +270,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_model_info)
     p = model.add_parser("train", help="train the built-in model on the stdlib source")
     p.add_argument("--out", help="output folder (default: the package's built-in model folder)")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=arg_type(C.positive_int, "--steps", 10**7), default=3000)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--force", action="store_true",
+                   help="replace an --out folder holding other files (they are moved aside, not deleted)")
     p.set_defaults(func=cmd_model_train)
 
     p = sub.add_parser("harvest", help="cache the resid and mlp activations of one layer")
     _add_model(p)
-    p.add_argument("--layer", type=int, default=2)
+    p.add_argument("--layer", type=NONNEG, default=2)
     p.add_argument("--data", default=BUILTIN_DATA)
     p.add_argument("--split", default="heldout")
-    p.add_argument("--tokens", type=int, default=32768)
-    p.add_argument("--n-ctx", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--tokens", type=arg_type(C.positive_int, "--tokens", 10**10), default=C.DefaultInt(32768))
+    p.add_argument("--n-ctx", type=arg_type(C.strict_int, "--n-ctx", 2, 1 << 20), default=128)
+    p.add_argument("--batch-size", type=arg_type(C.positive_int, "--batch-size", 1 << 16), default=16)
+    p.add_argument("--chunk-size", type=arg_type(C.positive_int, "--chunk-size", 1 << 20), default=64,
+                   help="sequences per cache file (the unit a killed harvest resumes from)")
     p.add_argument("--out", help="cache folder (resumable)")
     p.set_defaults(func=cmd_harvest)
 
     p = sub.add_parser("train", help="train the paired resid + mlp dictionaries of one layer")
     _add_model(p)
-    p.add_argument("--layer", type=int, default=2)
+    p.add_argument("--layer", type=NONNEG, default=2)
     p.add_argument("--data", default=BUILTIN_DATA)
-    p.add_argument("--arch", default="topk", help="topk | relu | batchtopk")
-    p.add_argument("--width", type=lambda s: float(s.rstrip("x")), default=8.0,
+    p.add_argument("--arch", default="topk", choices=("topk", "relu", "batchtopk"))
+    p.add_argument("--width", type=arg_type(_width), default=8.0,
                    help="dictionary size as a multiple of d_model, e.g. 8x")
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--l1", type=float, default=0.1, help="L1 coefficient (relu)")
-    p.add_argument("--tokens", type=int, default=1_000_000)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=arg_type(C.positive_int, "--k", 1 << 20), default=32)
+    p.add_argument("--l1", type=arg_type(C.finite_float, "--l1", 0.0, 1e6), default=0.1,
+                   help="L1 coefficient (relu)")
+    p.add_argument("--tokens", type=arg_type(C.positive_int, "--tokens", 10**10), default=C.DefaultInt(1_000_000))
+    p.add_argument("--epochs", type=arg_type(C.positive_int, "--epochs", 10**4), default=2)
+    p.add_argument("--batch-size", type=arg_type(C.positive_int, "--batch-size", 1 << 20), default=1024)
+    p.add_argument("--ckpt-every", type=arg_type(C.positive_int, "--ckpt-every", 10**9), default=200,
+                   help="checkpoint every N steps (a killed run resumes from the last one)")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", help="pair folder to write (resumable checkpoint beside it)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="quality of a dictionary pair on held-out tokens")
     _add_model(p)
     p.add_argument("--dicts", required=True, help="pair folder (resid/ and mlp/)")
-    p.add_argument("--layer", type=int, help="default: the layer recorded in the dictionaries")
+    p.add_argument("--layer", type=NONNEG, help="default: the layer recorded in the dictionaries")
     p.add_argument("--data", default=BUILTIN_DATA)
     p.add_argument("--split", default="heldout")
-    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--tokens", type=arg_type(C.positive_int, "--tokens", 10**10), default=C.DefaultInt(16384))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -192,34 +322,34 @@ def build_parser() -> argparse.ArgumentParser:
     d = DiscoverConfig()
     p = sub.add_parser("discover", help="the whole job: pair, edges, search, rendered circuit")
     _add_model(p)
-    p.add_argument("--layer", type=int, default=d.layer)
+    p.add_argument("--layer", type=NONNEG, default=d.layer)
     p.add_argument("--data", default=d.data)
     p.add_argument("--split", default=d.split)
     p.add_argument("--dicts", help="pair folder; default: the cached default pair (trained when absent)")
     p.add_argument("--target", help="explain one MLP feature, e.g. mlp:123")
     p.add_argument("--metric", default=d.metric, help="ce (next-token loss); --prompts gives logit difference")
     p.add_argument("--prompts", help="jsonl of clean/corrupt/answer/wrong for a logit-difference metric")
-    p.add_argument("--tokens", type=int, default=d.tokens, help="attribution token budget")
-    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens)
-    p.add_argument("--top-edges", type=int, default=d.top_edges, help="edges drawn in the graph")
-    p.add_argument("--node-threshold", type=float, default=d.node_threshold)
-    p.add_argument("--edge-threshold", type=float, default=d.edge_threshold)
+    p.add_argument("--tokens", type=arg_type(C.positive_int, "--tokens", 10**10), default=C.DefaultInt(d.tokens), help="attribution token budget")
+    p.add_argument("--eval-tokens", type=arg_type(C.positive_int, "--eval-tokens", 10**10), default=d.eval_tokens)
+    p.add_argument("--top-edges", type=arg_type(C.positive_int, "--top-edges", 10**6), default=d.top_edges, help="edges drawn in the graph")
+    p.add_argument("--node-threshold", type=NONNEG_FLOAT, default=d.node_threshold)
+    p.add_argument("--edge-threshold", type=NONNEG_FLOAT, default=d.edge_threshold)
     p.add_argument("--search", default=d.search, help="acdc | none")
-    p.add_argument("--tau", type=float, default=d.tau, help="remove an edge when its ΔKL < tau")
-    p.add_argument("--candidates", type=int, default=d.candidates, help="edges the search tests")
+    p.add_argument("--tau", type=NONNEG_FLOAT, default=d.tau, help="remove an edge when its ΔKL < tau")
+    p.add_argument("--candidates", type=arg_type(C.positive_int, "--candidates", 10**7), default=d.candidates, help="edges the search tests")
     p.add_argument("--ablation", default=d.ablation, help="zero | mean")
-    p.add_argument("--search-tokens", type=int, default=d.search_tokens)
+    p.add_argument("--search-tokens", type=arg_type(C.positive_int, "--search-tokens", 10**10), default=d.search_tokens)
     p.add_argument("--ln", default=d.ln, help="exact | frozen LayerNorm Jacobian")
     p.add_argument("--out", help="output folder (default featcircuit-out/MODEL-LLAYER)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=SEED, default=d.seed)
     p.set_defaults(func=cmd_discover)
 
     p = sub.add_parser("render", help="re-render a saved graph.json with other thresholds")
     p.add_argument("graph")
     p.add_argument("-o", "--output", default="circuit.svg", help=".svg, .png, .pdf or .dot")
-    p.add_argument("--top-edges", type=int)
-    p.add_argument("--node-threshold", type=float, default=0.0)
-    p.add_argument("--edge-threshold", type=float, default=0.0)
+    p.add_argument("--top-edges", type=NONNEG)
+    p.add_argument("--node-threshold", type=NONNEG_FLOAT, default=0.0)
+    p.add_argument("--edge-threshold", type=NONNEG_FLOAT, default=0.0)
     p.set_defaults(func=cmd_render)
 
     from .features import add_features_parser
@@ -233,7 +363,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as e:
-        print(f"featcircuit: error: {e}", file=sys.stderr)
+        print(f"featcircuit: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # Known bad input: a path the user named cannot be read or written (read-only folder,
+        # a file where a folder is expected, a full disk). Other errors keep their traceback.
+        if e.filename is None or isinstance(e, (ConnectionError, TimeoutError)):
+            raise
+        print(f"featcircuit: error: cannot use {str(e.filename)!r}: {e.strerror or type(e).__name__}",
+              file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("featcircuit: error: out of memory: lower --tokens, --batch-size or the prompt length",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("featcircuit: interrupted (saved work is kept; rerun to resume)", file=sys.stderr)

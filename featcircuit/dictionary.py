@@ -73,6 +73,8 @@ class DictConfig:
             if not ok:
                 raise _one_line(f"cfg field {name!r} is {v!r} ({type(v).__name__}), "
                                 f"expected {kind.__name__}")
+            if kind is float and not abs(v) < float("inf"):  # also catches NaN
+                raise _one_line(f"cfg field {name!r} is {v!r}, expected a finite number")
         if self.architecture not in ARCHITECTURES:
             raise _one_line(f"unknown architecture {self.architecture!r}: expected one of "
                             f"{', '.join(ARCHITECTURES)}")
@@ -293,10 +295,13 @@ class Dictionary(torch.nn.Module):
             if not p.is_file():
                 raise _one_line(f"dictionary at {path} has no {p.name}: expected a folder with "
                                 f"{CFG_FILE} and {WEIGHTS_FILE}")
-        try:
-            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _one_line(f"corrupt {cfg_path}: not valid JSON ({e})") from e
+        from featcircuit.checks import read_json_file
+
+        try:  # bounded: size, nesting depth and integer digits are capped before parsing
+            raw = read_json_file(cfg_path, "dictionary config", max_bytes=1 << 20, max_depth=16,
+                                 max_digits=18)
+        except UserError as e:
+            raise _one_line(f"corrupt {cfg_path}: {e}") from None
         try:
             cfg = DictConfig.from_dict(raw)
         except UserError as e:
@@ -318,6 +323,13 @@ class Dictionary(torch.nn.Module):
                 raise _one_line(f"{name} in {w_path} has shape {list(tensors[name].shape)}, but "
                                 f"{cfg_path} (d_in={cfg.d_in}, d_sae={cfg.d_sae}) implies "
                                 f"{list(shape)}")
+        for name, t in tensors.items():
+            if not t.is_floating_point():
+                raise _one_line(f"{name} in {w_path} has dtype {t.dtype}: expected floating point")
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise _one_line(f"{name} in {w_path} holds {bad:,} NaN or infinite values: the "
+                                "dictionary is corrupt (retrain it)")
         _check_expect(path, cfg, expect)
         d = cls(cfg, device=device)
         tensors.setdefault("threshold", torch.zeros(()))
@@ -383,8 +395,10 @@ def _save_folder(target: Path, allowed: set[str], write: Callable[[Path], None])
         shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed into place
 
 
-def save_pair(resid: Dictionary, mlp: Dictionary, path: str | Path) -> Path:
-    """Write ``path/resid/`` and ``path/mlp/`` together, all or nothing."""
+def save_pair(resid: Dictionary, mlp: Dictionary, path: str | Path,
+              extra_files: dict[str, str] | None = None) -> Path:
+    """Write ``path/resid/``, ``path/mlp/`` (and ``extra_files``: name -> text) together, all or nothing."""
+    extra_files = extra_files or {}
     for slot, d in (("resid", resid), ("mlp", mlp)):
         if d.cfg.site not in ("", slot):
             raise _one_line(f"the {slot} dictionary has site {d.cfg.site!r}, expected "
@@ -393,8 +407,11 @@ def save_pair(resid: Dictionary, mlp: Dictionary, path: str | Path) -> Path:
     def write(folder: Path) -> None:
         resid._write_into(folder / "resid")
         mlp._write_into(folder / "mlp")
+        for name, text in extra_files.items():
+            atomic_write_text(folder / name, text)
 
-    return _save_folder(Path(path), {"resid", "mlp"}, write)
+    # train_config.json is always allowed: `featcircuit train` writes it beside the pair
+    return _save_folder(Path(path), {"resid", "mlp", "train_config.json", *extra_files}, write)
 
 
 def load_pair(path: str | Path, expect_model: str | None = None, expect_layer: int | None = None,

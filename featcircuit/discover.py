@@ -1,12 +1,16 @@
-"""``featcircuit discover``: the whole job, from a model name to a rendered, validated circuit.
+"""``featcircuit discover``: the whole job, from a model name to a scored, rendered circuit.
 
-1. load the model and the pair (``--dicts``, or the cached default, trained when absent);
-2. held-out tokens; dictionary quality on a slice of them;
-3. exact edges with behavioural weights (one backward per batch), feature stats and labels;
-4. ablation search over the top candidates, single-edge validation, faithfulness curves;
-5. the graph (the kept edges with their measured Δ) as JSON, GraphML, DOT and SVG, the edge
-   table, quality and search results as JSON, feature cards (Neuronpedia-style JSON) and a
-   self-contained ``report.html``; a printed summary.
+1. reject bad options (before any model is loaded); load the model and the pair (``--dicts``, or
+   the cached default, trained when absent);
+2. the behaviour: a task (``--task NAME`` built in, or ``--prompts FILE``; split into search and
+   held-out pairs; the model's accuracy on it) or a corpus slice (next-token KL); held-out corpus
+   tokens for dictionary quality, feature statistics and labels;
+3. exact edges with behavioural weights on the behaviour's tokens;
+4. the circuit (:mod:`featcircuit.circuit`): ranked, searched on the search half, scored on the
+   held-out half against the cheap orders;
+5. the graph of the circuit's edges (with measured Δ) as JSON, GraphML, DOT and SVG; ``summary.json``
+   with the scope, m(M), m(∅), m(C), faithfulness, completeness, CPR, CMD and size;
+   ``prompts.jsonl``; feature cards and ``report.html``; a printed summary.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .io import atomic_write_text
+from .io import atomic_write_text, strict_json
+
+SEARCHES = ("acdc", "none")
+ABLATIONS = ("auto", "zero", "mean", "patch")
 
 
 @dataclass
@@ -31,41 +38,47 @@ class DiscoverConfig:
     data: str = "builtin:stdlib"
     split: str = "heldout"
     dicts: str | None = None
+    task: str | None = None
+    prompts: str | None = None
     target: str | None = None
     metric: str = "ce"
-    prompts: str | None = None
     tokens: int = 16384
     eval_tokens: int = 8192
     top_edges: int = 30
     node_threshold: float = 0.0
     edge_threshold: float = 0.0
     search: str = "acdc"
-    tau: float = 2e-5
-    candidates: int = 64
-    ablation: str = "zero"
+    tau: float = 0.01
+    tau_abs: float | None = None
+    tau_sweep: str | None = None
+    candidates: int = 128
+    ablation: str = "auto"
+    errors: str = "kept"
+    rank_by: str = "auto"
     search_tokens: int = 2048
     ln: str = "exact"
     out: str | None = None
+    force: bool = False
     device: str = "auto"
     seed: int = 0
     progress: bool = True
 
 
-def _metric(name: str):
-    from .attribution import default_metric
-
-    if name == "ce":
-        return default_metric
-    if name == "kl":
-        raise UserError("--metric kl has zero gradient at the clean run (the spliced model equals "
-                        "it), so it cannot weight edges; use --metric ce, or --prompts for a logit "
-                        "difference (the ablation search always measures KL)")
-    raise UserError(f"unknown metric {name!r}: use ce (next-token loss) or pass --prompts for logit difference")
+def _parse_sweep(s: str | None) -> tuple[float, ...]:
+    if not s:
+        return ()
+    try:
+        vals = tuple(float(v) for v in s.split(","))
+    except ValueError:
+        raise UserError(f"bad --tau-sweep {s!r}: expected comma-separated numbers, e.g. 0.001,0.01,0.05") from None
+    if not all(0 <= v < 1e6 for v in vals):  # also rejects nan
+        raise UserError(f"bad --tau-sweep {s!r}: every value must be a finite number >= 0")
+    return vals
 
 
 def _parse_target(target: str, d_mlp: int) -> int:
     site, _, idx = target.partition(":")
-    if site != "mlp" or not idx.isdigit():
+    if site != "mlp" or not (idx.isascii() and idx.isdigit()):
         raise UserError(f"bad --target {target!r}: expected mlp:J with J an MLP feature index")
     j = int(idx)
     if j >= d_mlp:
@@ -73,82 +86,128 @@ def _parse_target(target: str, d_mlp: int) -> int:
     return j
 
 
-def explain_target(table, j: int, mlp_stats) -> dict:
-    """What drives MLP feature ``j``: its incoming edges and the share of its activation they explain.
-
-    Over the tokens where j is active, ``Σ_t f_j(t)`` splits (to first order) into the summed
-    edges from resid features, the edge from the residual error, and the rest (encoder bias,
-    decoder bias and the nonlinearity's curvature).
-    """
-    t = table.for_target(j)
-    total = float(mlp_stats.mean_act[j] * mlp_stats.freq[j] * mlp_stats.n_tokens)
-    feat = float(t.weight[t.src >= 0].sum())
-    err = float(t.weight[t.src < 0].sum())
-    safe = total if total > 0 else float("nan")
-    drivers = [{"src": i, "weight": w, "share": w / safe, "count": c}
-               for i, w, c in zip(t.src.tolist(), t.weight.tolist(), t.count.tolist())]
-    return {"target": j, "total_activation": total,
-            "n_active_tokens": int(round(float(mlp_stats.freq[j]) * mlp_stats.n_tokens)),
-            "frac_features": feat / safe, "frac_error": err / safe, "frac_rest": 1 - (feat + err) / safe,
-            "drivers": drivers}
-
-
-def _weight_view(model, pair, layer, tokens, table, stats) -> dict:
-    from .activations import harvest
-    from .sites import mlp_parts, pair_sites
-    from .weights import compare, mean_slope_weights, mean_stats, sufficiency, virtual_weights
-
-    parts = mlp_parts(model, layer)
-    hook = pair_sites(model, layer)[0].hook
-    x = harvest(model, tokens, [hook], progress=False)[hook][:, 1:].flatten(0, 1).to(parts.W_in.device)
-    vw = virtual_weights(parts, pair, mean_stats(parts, x))
-    suff = sufficiency(parts, pair, stats["resid"].max_act.to(x.device), x.mean(0))
-    return compare(table, vw.cpu(), suff.cpu(), vw_slope=mean_slope_weights(parts, pair, x).cpu())
-
-
 def _check_options(cfg: DiscoverConfig) -> None:
     """Reject bad option values before any model is loaded or anything is computed."""
-    if cfg.search not in ("acdc", "none"):
-        raise UserError(f"unknown --search {cfg.search!r}: use acdc or none")
-    if cfg.ablation not in ("zero", "mean"):
-        raise UserError(f"unknown --ablation {cfg.ablation!r}: use zero or mean")
-    if cfg.ln not in ("exact", "frozen"):
-        raise UserError(f"unknown --ln {cfg.ln!r}: use exact or frozen")
-    if not cfg.tau >= 0:
-        raise UserError(f"--tau {cfg.tau} is negative: use a number >= 0 (nats of KL)")
+    from .tasks import BUILTIN_TASKS
+
+    for name, allowed in (("search", SEARCHES), ("ablation", ABLATIONS), ("ln", ("exact", "frozen")),
+                          ("errors", ("kept", "ablated")), ("rank_by", ("auto", "abs", "net"))):
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}: use one of {', '.join(allowed)}")
+    if cfg.task is not None and cfg.task not in BUILTIN_TASKS:
+        raise UserError(f"unknown task {cfg.task!r}: built-in tasks are {', '.join(BUILTIN_TASKS)} "
+                        "(`featcircuit tasks`), or pass your own with --prompts FILE.jsonl")
+    if cfg.task is not None and cfg.prompts is not None:
+        raise UserError("--task and --prompts both given: use one behaviour")
+    if cfg.ablation == "patch" and cfg.task is None and cfg.prompts is None:
+        raise UserError("--ablation patch needs corrupt prompts: use --task NAME or --prompts FILE")
+    if cfg.task is not None and cfg.metric != "ce":
+        raise UserError(f"--metric {cfg.metric} cannot be combined with --task (which measures the "
+                        "logit difference): drop one of them")
+    if cfg.metric not in ("ce",):
+        raise UserError(f"unknown --metric {cfg.metric!r}: use ce (the search on a corpus measures KL); "
+                        "--task or --prompts give the logit difference")
+    if cfg.tau_abs is not None and not 0 <= cfg.tau_abs < float("inf"):
+        raise UserError(f"--tau-abs {cfg.tau_abs} must be a finite number >= 0")
+    if not 0 <= cfg.tau < 1e6:
+        raise UserError(f"--tau {cfg.tau} must be a finite number >= 0 (a fraction of |m(M) − m(∅)|)")
+    _parse_sweep(cfg.tau_sweep)
     for name in ("tokens", "eval_tokens", "search_tokens", "candidates", "top_edges"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least 1")
     for name in ("node_threshold", "edge_threshold"):
         if not getattr(cfg, name) >= 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 0")
+    from .checks import check_discover_options
+
+    # device, seed, model, layer, data and token budget, --target syntax, --prompts file, --out
+    check_discover_options(cfg)
+
+
+def target_decomposition(model, pair, layer: int, tokens: torch.Tensor, j: int) -> dict:
+    """What drives MLP feature ``j``, additively: frozen-LN linear contributions to its input.
+
+    With the LayerNorm scale frozen, ``g_t = ∂pre_j/∂x`` is a fixed linear read-out at each token
+    and ``x = Σ_i a_i r_i + b_R + ε_R``, so ``g_t·x_t`` splits *exactly* into resid features,
+    the decoder bias and the residual error; the shares sum to 1 by construction. (With the
+    exact LN Jacobian they do not: ``J_LN x = 0`` by scale invariance, so exact edges carry no
+    share of anything.)
+    """
+    from .activations import harvest
+    from .attribution import grad_rows
+    from .sites import mlp_parts, pair_sites
+
+    r, m = pair_sites(model, layer)
+    parts = mlp_parts(model, layer)
+    R, M = pair.resid, pair.mlp
+    acts = harvest(model, tokens, [r.hook, m.hook], progress=False)
+    x = acts[r.hook][:, 1:].flatten(0, 1).to(parts.W_in.device)
+    with torch.no_grad():
+        on = M.encode(acts[m.hook][:, 1:].flatten(0, 1).to(x.device))[:, j] != 0
+        x = x[on]
+        if len(x) == 0:
+            return {"target": j, "n_active_tokens": 0, "total": 0.0, "drivers": [],
+                    "note": "the feature is never active on these tokens"}
+        g = grad_rows(parts, x, M.W_enc[:, j].expand(len(x), 1, -1), ln="frozen")[:, 0]  # [T, d]
+        a = R.encode(x)
+        per_feat = ((g @ R.W_dec.T) * a).sum(0).double()  # Σ_t a_i g·r_i
+        err = float((g * (x - R.decode(a))).sum())
+        bias = float((g @ R.b_dec).sum())
+        total = float((g * x).sum())
+    order = per_feat.abs().argsort(descending=True)
+    drivers = [{"src": int(i), "contribution": float(per_feat[i]), "share": float(per_feat[i]) / total}
+               for i in order[:20].tolist() if per_feat[i] != 0]
+    return {"target": j, "n_active_tokens": int(on.sum()), "total": total, "ln": "frozen",
+            "features": float(per_feat.sum()), "error": err, "decoder_bias": bias,
+            "share_features": float(per_feat.sum()) / total, "share_error": err / total,
+            "share_decoder_bias": bias / total, "drivers": drivers}
+
+
+def _behaviour(cfg: DiscoverConfig, model):
+    """(task or None, search behaviour, held-out behaviour, performance row)."""
+    from .data import load_tokens
+    from .tasks import builtin_task, load_prompts, task_performance
+
+    if cfg.task or cfg.prompts:
+        task = builtin_task(cfg.task, model) if cfg.task else load_prompts(cfg.prompts, model)
+        perf = task_performance(model, task)
+        s, h = task.halves()
+        return task, s, h, perf
+    n_ctx = 128
+    n_seq = max(2, -(-cfg.search_tokens // n_ctx))
+    toks = load_tokens(cfg.data, model, n_ctx=n_ctx, n_tokens=2 * n_seq * n_ctx, split=cfg.split)
+    if len(toks) < 2:
+        raise UserError(f"data {cfg.data!r} ({cfg.split}) holds too little text for a search and a held-out slice")
+    half = len(toks) // 2
+    return None, toks[:half], toks[half:], None
 
 
 def discover(cfg: DiscoverConfig) -> dict:
-    """Run the pipeline and write its files into ``cfg.out``; returns the summary dict."""
-    from .attribution import attribute_edges, node_effects
+    """Run the pipeline and write its files into the output folder; returns the summary dict."""
+    from .attribution import attribute_edges
+    from .checks import discover_out, staged_output
+    from .circuit import CircuitConfig, find_circuit
+    from .data import load_tokens
     from .dictionary import load_pair
     from .evaluation import evaluate_pair, format_quality
+    from .faithfulness import plot_curves
     from .features import collect_stats, labels_for
     from .graph import CircuitGraph, format_table
     from .models import load_model, model_name
     from .pairs import default_pair
-    from .prompts import load_prompts
     from .report import write_report
-    from .search import AblationContext, search_edges
-    from .validation import faithfulness_curves, mean_ce, plot_curves, validate_edges
     from .sites import check_layer, pair_sites
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     _check_options(cfg)
+    sweep = _parse_sweep(cfg.tau_sweep)
     model = load_model(cfg.model, cfg.device)
     layer = check_layer(model, cfg.layer)
     r_site, m_site = pair_sites(model, layer)
     name = model_name(model)
-    out = Path(cfg.out or f"featcircuit-out/{Path(name).name}-L{layer}")
-    prompts = load_prompts(cfg.prompts, model) if cfg.prompts else None
-    metric = prompts.metric if prompts else _metric(cfg.metric)
+    out = discover_out(cfg)
+    task, beh_search, beh_eval, perf = _behaviour(cfg, model)  # bad prompts fail before training
     if cfg.dicts:
         pair = load_pair(cfg.dicts, expect_model=name, expect_layer=layer, d_resid=r_site.width,
                          d_mlp=m_site.width, device=next(model.parameters()).device)
@@ -158,134 +217,212 @@ def discover(cfg: DiscoverConfig) -> dict:
     target = _parse_target(cfg.target, pair.mlp.W_dec.shape[0]) if cfg.target else None
     print(f"model {name}, layer {layer}: resid {r_site.hook} ({r_site.width}), mlp {m_site.hook} "
           f"({m_site.width}); dictionaries {pair_path}")
-
-    from .data import load_tokens
-    tokens = (prompts.clean if prompts else
-              load_tokens(cfg.data, model, n_tokens=cfg.tokens, split=cfg.split))
+    corpus = load_tokens(cfg.data, model, n_tokens=cfg.tokens, split=cfg.split)
     t_setup = time.time() - t0
-    quality = evaluate_pair(model, pair, tokens[: max(1, cfg.eval_tokens // tokens.shape[1])], layer,
+
+    quality = evaluate_pair(model, pair, corpus[: max(1, cfg.eval_tokens // corpus.shape[1])], layer,
                             progress=cfg.progress)
-    table = attribute_edges(model, pair, tokens, layer=layer, ln=cfg.ln, metric=metric,
-                            progress=cfg.progress)
-    stats = collect_stats(model, pair, tokens, layer, progress=cfg.progress)
-    effects = node_effects(model, pair, tokens[:16], layer=layer, metric=metric,
-                           baseline="corrupt" if prompts else "zero",
-                           corrupt=prompts.corrupt[:16] if prompts else None)
-    weights_view = _weight_view(model, pair, layer, tokens[:16], table, stats)
+    stats = collect_stats(model, pair, corpus, layer, progress=cfg.progress)
+    if task is not None:  # edges and their behavioural weights on the behaviour itself
+        table = attribute_edges(model, pair, beh_search.clean, layer=layer, ln=cfg.ln,
+                                metric=beh_search.metric, progress=cfg.progress)
+    else:
+        from .attribution import default_metric
+        table = attribute_edges(model, pair, corpus, layer=layer, ln=cfg.ln, metric=default_metric,
+                                progress=cfg.progress)
     t_attr = time.time() - t0 - t_setup
 
-    # candidates: the top edges (by |behavioural weight|: what matters for the output)
-    by = "behav_weight" if table.behav_weight is not None else "abs_weight"
-    cands = table.for_target(target) if target is not None else table.top(cfg.candidates, by=by)
-    if target is not None:
-        cands = cands.select(cands.order(by)[cands.src[cands.order(by)] >= 0][: cfg.candidates])
-    search_res, validation, curves = None, None, None
-    deltas: dict[tuple[int, int], float] = {}
-    if cfg.search == "acdc" and len(cands):
-        stoks = tokens[: max(1, cfg.search_tokens // tokens.shape[1])]
-        vmetric = prompts.metric if prompts else mean_ce
-        # the companion metric rides on every search forward: validation's single-edge
-        # ablations are the search's own speculation singles, read back from the cache
-        ctx = AblationContext(model, pair, layer, stoks, cfg.ablation, companion=vmetric)
-        search_res = search_edges(model, pair, stoks, cands, tau=cfg.tau, ctx=ctx, progress=cfg.progress)
-        validation = validate_edges(ctx, cands, metric=vmetric)
-        curves = faithfulness_curves(ctx, cands, search_res, seed=cfg.seed)
-        deltas = {(v["src"], v["dst"]): v["delta"] for v in search_res.visited}
+    found = None
+    if cfg.search == "acdc":
+        ccfg = CircuitConfig(ablation=cfg.ablation, errors=cfg.errors, candidates=cfg.candidates, tau=cfg.tau,
+                             tau_abs=cfg.tau_abs, tau_sweep=sweep, rank_by=cfg.rank_by, seed=cfg.seed)
+        found = find_circuit(model, pair, layer, beh_search, beh_eval, ccfg, progress=cfg.progress)
     t_search = time.time() - t0 - t_setup - t_attr
 
-    # graph: the kept edges after search (or the top edges without search)
-    if search_res is not None:
-        keep = {(v["src"], v["dst"]) for v in search_res.kept}
-        rows = [k for k, (i, j) in enumerate(zip(cands.src.tolist(), cands.dst.tolist())) if (i, j) in keep]
-        gtab = cands.select(torch.tensor(rows, dtype=torch.long))
+    # the graph: the circuit's edges (or the top edges by |behavioural weight| without a search)
+    by = "behav_weight"
+    idx = {(i, j): k for k, (i, j) in enumerate(zip(table.src.tolist(), table.dst.tolist()))}
+    if found is not None:
+        deltas = {(v["src"], v["dst"]): v["delta"] for v in found["search"]["visited"]}
+        edges = [tuple(e) for e in found["circuit"]]
     else:
-        gtab = cands
-    gtab = gtab.select(gtab.order(by)[: cfg.top_edges])
-    nodes = sorted({("resid", i) for i in gtab.src.tolist()} | {("mlp", j) for j in gtab.dst.tolist()})
+        top = table.top(cfg.top_edges, by=by)
+        edges, deltas = list(zip(top.src.tolist(), top.dst.tolist())), {}
+    rows = [idx.get(e) for e in edges]
+    present = [(e, r) for e, r in zip(edges, rows) if r is not None]
+    sel = table.select(torch.tensor([r for _, r in present], dtype=torch.long))
+    gtab = sel.select(sel.order(by)[: cfg.top_edges])
+    nodes = sorted({("resid", i) for i in gtab.src.tolist() if i >= 0} | {("mlp", j) for j in gtab.dst.tolist()})
     tok = model.tokenizer
-    labels = labels_for(nodes, stats, tokens, tok, layer)
-    node_stats = {}
-    for site, f in nodes:
-        s = stats[site].node_stats(f)
-        s["effect"] = float(effects[site][f])
-        node_stats[f"{site}{layer}/{f}"] = s
-    meta = {"model": name, "layer": layer, "dictionaries": str(pair_path), "tokens": int(tokens.numel()),
-            "metric": "logit-diff" if prompts else cfg.metric, "search": cfg.search, "tau": cfg.tau,
-            "ablation": cfg.ablation, "ln": cfg.ln, "edge_rank": by}
+    labels = labels_for(nodes, stats, corpus, tok, layer)
+    node_stats = {f"{site}{layer}/{f}": stats[site].node_stats(f) for site, f in nodes}
+    meta = {"model": name, "layer": layer, "dictionaries": str(pair_path),
+            "behaviour": (f"task {task.name}" if task is not None else f"corpus {cfg.data} ({cfg.split})"),
+            "metric": "logit difference at the answer position" if task is not None else "KL(clean ‖ ablated)",
+            "search": cfg.search, "tau": cfg.tau if cfg.tau_abs is None else cfg.tau_abs,
+            "tau_relative": cfg.tau_abs is None,
+            "ablation": found["ablation"] if found else cfg.ablation, "ln": cfg.ln, "edge_rank": by,
+            "tokens": int(corpus.numel())}
     graph = CircuitGraph.from_edges(
-        layer, gtab.src, gtab.dst, gtab.weight, gtab.abs_weight, gtab.count,
-        behav_weight=gtab.behav_weight,
+        layer, gtab.src, gtab.dst, gtab.weight, gtab.abs_weight, gtab.count, behav_weight=gtab.behav_weight,
         delta=[deltas.get((i, j)) for i, j in zip(gtab.src.tolist(), gtab.dst.tolist())],
         node_stats=node_stats, labels=labels, meta=meta,
         node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold)
 
-    out.mkdir(parents=True, exist_ok=True)
-    written = [graph.save_json(out / "graph.json"), graph.save_graphml(out / "graph.graphml"),
-               graph.save_dot(out / "circuit.dot")]
-    svg = graph.render(out / "circuit.svg")
-    if svg is None:
-        print(f"note: graphviz `dot` not found, so no SVG: render with `dot -Tsvg {out / 'circuit.dot'} -o {out / 'circuit.svg'}`")
-    else:
-        written.append(svg)
-    top_all = table.select(table.order(by)[:1000])
-    written.append(atomic_write_text(out / "edges.json", json.dumps(top_all.to_dict())))
-    written.append(atomic_write_text(out / "quality.json", json.dumps(quality, indent=1)))
-    written.append(atomic_write_text(out / "weights.json", json.dumps(weights_view, indent=1)))
-    if target is not None:
-        expl = explain_target(table, target, stats["mlp"])
-        written.append(atomic_write_text(out / "target.json", json.dumps(expl, indent=1)))
-    if search_res is not None:
-        written.append(atomic_write_text(out / "search.json", json.dumps(
-            {"search": search_res.to_dict(), "validation": validation, "faithfulness": curves}, indent=1)))
-        plot_curves(curves, out / "faithfulness.png")
-        written.append(out / "faithfulness.png")
-    search_d = ({"search": search_res.to_dict(), "validation": validation, "faithfulness": curves}
-                if search_res is not None else None)
-    written.append(write_report(out, model=model, pair=pair, tokens=tokens, layer=layer, graph=graph,
-                                quality=quality, search=search_d, stats=stats, progress=cfg.progress))
-    written += [out / "features.json", out / "attribution_graph.json"]
-    summary = {"config": asdict(cfg), "model": name, "layer": layer, "quality": quality,
-               "n_edges_total": len(table), "n_tokens": table.n_tokens,
-               "seconds": {"setup_and_pair": round(t_setup, 1), "quality_attribution_stats": round(t_attr, 1),
-                           "search": round(t_search, 1), "total": round(time.time() - t0, 1)}}
-    if search_res is not None:
-        summary["search"] = {k: v for k, v in search_res.to_dict().items() if k != "visited"}
-        summary["validation"] = {"pearson": validation["pearson"], "spearman": validation["spearman"],
-                                 "n_disagree": validation["n_disagree"]}
-        summary["faithfulness"] = curves["circuit"]
-    written.append(atomic_write_text(out / "summary.json", json.dumps(summary, indent=1)))
+    summary = {"config": asdict(cfg), "model": name, "layer": layer, "task": perf,
+               "quality": quality, "n_edges_attributed": len(table), "n_tokens_attributed": table.n_tokens}
+    if found is not None:
+        ho = found["heldout"]
+        summary["circuit"] = {
+            "scope": found["scope"], "ablation": found["ablation"], "errors": found["errors"],
+            "size": ho["size"], "m_full": ho["m_full"], "m_empty": ho["m_empty"], "m_circuit": ho["m_circuit"],
+            "faithfulness": ho["faithfulness"], "completeness": ho["completeness"],
+            "cpr": found["curves"]["orders"]["search"]["cpr"], "cmd": found["curves"]["orders"]["search"]["cmd"],
+            "errors_other_variant": {k: v for k, v in found[f"heldout_errors_{'ablated' if found['errors'] == 'kept' else 'kept'}"].items()},
+            "on_search_tokens": found["search_tokens_end_points"],
+            "baselines_at_size": {n: {"faithfulness": p["faithfulness"], "completeness": p["completeness"]}
+                                  for n, p in found["at_circuit_size"].items()},
+            "areas": {n: {"cpr": o["cpr"], "cmd": o["cmd"]} for n, o in found["curves"]["orders"].items()},
+            "ranking": found["rank_by"], "statistics": found["statistics"],
+            "tau": found["tau"], "tau_relative": found["tau_relative"],
+            "search_passes": found["search"]["passes"], "search_seconds": found["search"]["seconds"],
+            "search_batch": found["search"]["batch"],
+            "tau_sweep": [{k: f[k] for k in ("tau", "size")} | {"faithfulness": f["heldout"]["faithfulness"],
+                                                                 "completeness": f["heldout"]["completeness"]}
+                          for f in found["tau_sweep"]],
+            "verdict": found["verdict"]}
+    expl = target_decomposition(model, pair, layer, beh_search.clean if task is not None else corpus[:32],
+                                target) if target is not None else None
+    summary["seconds"] = {"setup_and_pair": round(t_setup, 1), "quality_stats_attribution": round(t_attr, 1),
+                          "circuit": round(t_search, 1)}
+
+    with staged_output(out, cfg.force) as tmp:
+        written = [graph.save_json(tmp / "graph.json"), graph.save_graphml(tmp / "graph.graphml"),
+                   graph.save_dot(tmp / "circuit.dot")]
+        svg = graph.render(tmp / "circuit.svg")
+        if svg is None:
+            print(f"note: graphviz `dot` not found, so no SVG: render with "
+                  f"`dot -Tsvg {out / 'circuit.dot'} -o {out / 'circuit.svg'}`")
+        else:
+            written.append(svg)
+        top_all = table.select(table.order(by)[:1000])
+        written.append(atomic_write_text(tmp / "edges.json", strict_json(top_all.to_dict())))
+        written.append(atomic_write_text(tmp / "quality.json", strict_json(quality, indent=1)))
+        if task is not None:
+            written.append(atomic_write_text(tmp / "prompts.jsonl", task.to_jsonl(tok)))
+        if expl is not None:
+            written.append(atomic_write_text(tmp / "target.json", strict_json(expl, indent=1)))
+        if found is not None:
+            written.append(atomic_write_text(tmp / "search.json", strict_json(found, indent=1)))
+            plot_curves(found["curves"], tmp / "faithfulness.png", found["heldout"],
+                        title=f"{meta['behaviour']}, layer {layer}, {found['ablation']} ablation, held-out")
+            written.append(tmp / "faithfulness.png")
+        written.append(write_report(tmp, model=model, pair=pair, tokens=corpus, layer=layer, graph=graph,
+                                    quality=quality, search=_report_search(found), stats=stats,
+                                    progress=cfg.progress))
+        written += [tmp / "features.json", tmp / "attribution_graph.json"]
+        summary["seconds"]["total"] = round(time.time() - t0, 1)
+        written.append(atomic_write_text(tmp / "summary.json", strict_json(summary, indent=1)))
+        names = [Path(p).name for p in written]
+
+    _print(summary, quality, table, graph, cfg, layer, perf, found, expl)
+    print(f"\nwrote {len(names)} files to {out}/: " + ", ".join(names))
+    print(f"done in {summary['seconds']['total']:.1f}s")
+    return summary
+
+
+def _report_search(found: dict | None) -> dict | None:
+    """The search block the report page reads."""
+    if found is None:
+        return None
+    s = found["search"]
+    ho = found["heldout"]
+    pts = found["curves"]["orders"]
+    return {"search": {"n_candidates": s["n_candidates"], "n_kept": s["n_kept"], "passes": s["passes"],
+                       "seconds": s["seconds"], "tau": found["tau"], "ablation": found["ablation"]},
+            "faithfulness": {"circuit": {"size": ho["size"], "faithfulness": ho["faithfulness"],
+                                         "completeness": ho["completeness"]},
+                             "sizes": found["curves"]["sizes"],
+                             "curves": {n: o["points"] for n, o in pts.items()}}}
+
+
+def _f(v, fmt: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def _print(summary, quality, table, graph, cfg, layer, perf, found, expl) -> None:
+    from .evaluation import format_quality
+    from .graph import format_table
 
     print("\n== dictionary quality (held-out) ==")
     print(format_quality(quality))
-    print(f"\n== top edges of layer {layer} ({len(table):,} co-active pairs over {table.n_tokens:,} tokens) ==")
-    print(format_table(graph.top_edges(min(15, cfg.top_edges))))
-    wv = weights_view
-    print(f"\n== weight-based view vs the data (weights.json) ==\n"
-          f"virtual weights at σ'(mean h): Spearman with data edges {wv['spearman_data_vs_virtual']:+.3f}, "
-          f"top-{len(wv['top_edges'])} sign agreement {wv['top_sign_agreement']:.0%}\n"
-          f"with the mean slope E[σ'(h)]:  Spearman {wv['spearman_data_vs_mean_slope']:+.3f}, "
-          f"sign agreement {wv['top_sign_agreement_mean_slope']:.0%}\n"
-          f"sufficiency: {wv['top_fire_alone']:.0%} of the top data edges' targets fire from a_max·r_i + mean residual alone")
-    if target is not None:
-        print(f"\n== what drives mlp{layer}/{target} (active on {expl['n_active_tokens']} tokens, "
-              f"total activation {expl['total_activation']:.3g}) ==")
-        print(f"resid features account for {expl['frac_features']:.1%}, the residual error for "
-              f"{expl['frac_error']:.1%}, bias and nonlinearity the remaining {expl['frac_rest']:.1%}")
-        print(format_table([{"source": f"resid{layer}/{r['src']}" if r["src"] >= 0 else f"resid{layer}/err",
-                             "label": labels_for([("resid", r["src"])], stats, tokens, tok, layer)[f"resid{layer}/{r['src']}"]
-                             if r["src"] >= 0 else "error", "weight": r["weight"], "share": r["share"], "count": r["count"]}
-                            for r in expl["drivers"][:12]]))
-    if search_res is not None:
-        s = summary["search"]
-        print(f"\n== ablation search ({cfg.ablation}, tau={cfg.tau:g}) ==")
-        print(f"kept {s['n_kept']} of {s['n_candidates']} candidate edges in {s['passes']} forward passes "
-              f"(naive: {s['naive_passes']}, {s['naive_passes'] / max(1, s['passes']):.1f}x fewer), {s['seconds']:.1f}s")
-        v = summary["validation"]
-        print(f"single-edge ablation vs attribution: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f}, "
-              f"{v['n_disagree']} of {len(cands)} disagree (sign or >3x)")
-        c = curves["circuit"]
-        print(f"circuit of {c['size']} edges: faithfulness {c['faithfulness']:.3f} "
-              f"(KL {c['kl']:.2e}; all candidates ablated {curves['kl_empty']:.2e})")
-    print(f"\nwrote {len(written)} files to {out}/: " + ", ".join(Path(p).name for p in written))
-    print(f"done in {summary['seconds']['total']:.1f}s")
-    return summary
+    if perf is not None:
+        print(f"\n== task {perf['task']}: {perf['pairs']} pairs ({perf['heldout_pairs']} held out), "
+              f"{perf['n_ctx']} tokens each ==")
+        print(f"accuracy {perf['accuracy']:.3f} (logit diff clean {perf['logit_diff_clean']:+.2f}, corrupt "
+              f"{perf['logit_diff_corrupt']:+.2f})" + ("" if perf["performs"] else
+                                                       "  -- the model does not perform this task"))
+    print(f"\n== top edges of layer {layer} by |behavioural weight| ({len(table):,} co-active pairs over "
+          f"{table.n_tokens:,} tokens) ==")
+    top = table.top(10, by="behav_weight")
+    print(format_table([{"source": f"resid{layer}/{i}", "target": f"mlp{layer}/{j}", "weight": w, "behav_weight": b,
+                         "count": c} for i, j, w, b, c in zip(top.src.tolist(), top.dst.tolist(), top.weight.tolist(),
+                                                              top.behav_weight.tolist(), top.count.tolist())]))
+    if found is not None:
+        c = summary["circuit"]
+        st = c["statistics"]
+        print(f"\n== circuit edges ({graph.g.number_of_edges()} drawn of {c['size']}) ==")
+        print(format_table(graph.top_edges(min(15, cfg.top_edges))))
+        print(f"\n== circuit: {found['ablation']} ablation, errors {found['errors']}, scope = {c['scope']['what']} "
+              f"(|S| = {c['scope']['size_heldout']:,} on held-out tokens) ==")
+        print(f"ranking by {found['rank_by']}: Spearman with single-edge Δ on {st['n_sample']} edges: "
+              f"abs {_f(st['spearman_abs'])}, net {_f(st['spearman_net'])}")
+        print(f"search: kept {c['size']} of {len(found['candidates'])} candidates, τ = {found['tau']:.3g} "
+              f"({'relative ' + format(cfg.tau, 'g') + ' × |m(M) − m(∅)|' if found['tau_relative'] else 'absolute'}), "
+              f"{c['search_passes']} passes of {c['search_batch']} configuration(s), {c['search_seconds']:.1f}s")
+        print(f"held-out: m(M) {c['m_full']:.4g}, m(∅) {c['m_empty']:.4g}, m(C) {c['m_circuit']:.4g}; "
+              f"faithfulness {_f(c['faithfulness'])}, completeness {_f(c['completeness'])}, "
+              f"CPR {_f(c['cpr'])}, CMD {_f(c['cmd'])}")
+        o = c["errors_other_variant"]
+        print(f"with errors {'ablated' if found['errors'] == 'kept' else 'kept'}: m(∅) {o['m_empty']:.4g}, "
+              f"faithfulness {_f(o['faithfulness'])}, completeness {_f(o['completeness'])}")
+        print(f"\n{'order':<22} {'F at |C|':>9} {'compl.':>7} {'CPR':>6} {'CMD':>6}")
+        for n, p in c["baselines_at_size"].items():
+            a = c["areas"][n]
+            print(f"{n:<22} {_f(p['faithfulness']):>9} {_f(p['completeness']):>7} {_f(a['cpr'], '.2f'):>6} "
+                  f"{_f(a['cmd'], '.2f'):>6}")
+        best = max((n for n in c["baselines_at_size"] if n != "search"),
+                   key=lambda n: c["baselines_at_size"][n]["faithfulness"] or -1e9)
+        fs, fb = c["faithfulness"], c["baselines_at_size"][best]["faithfulness"]
+        if fs is not None and fb is not None:
+            print(f"the search {'beats' if fs > fb else 'does NOT beat'} the best cheap order ({best}, "
+                  f"{fb:.3f}) at equal size on held-out prompts")
+        for f in c["tau_sweep"]:
+            print(f"  τ sweep {f['tau']:g}: {f['size']} edges, faithfulness {_f(f['faithfulness'])}, "
+                  f"completeness {_f(f['completeness'])}")
+        print(c["verdict"])
+    if expl is not None:
+        print(f"\n== what drives mlp{layer}/{expl['target']} (frozen-LN contributions, active on "
+              f"{expl['n_active_tokens']} tokens; they sum exactly) ==")
+        if expl["n_active_tokens"]:
+            print(f"resid features {expl['share_features']:.1%}, residual error {expl['share_error']:.1%}, "
+                  f"decoder bias {expl['share_decoder_bias']:.1%}")
+            print(format_table([{"source": f"resid{layer}/{d['src']}", "contribution": d["contribution"],
+                                 "share": d["share"]} for d in expl["drivers"][:12]]))
+
+
+def tasks_table(model) -> list[dict]:
+    """The model's performance on every built-in task (for ``featcircuit tasks``)."""
+    from .tasks import BUILTIN_TASKS, builtin_task, task_performance
+
+    rows = []
+    for name, (_, _, what) in BUILTIN_TASKS.items():
+        row = task_performance(model, builtin_task(name, model))
+        row["what"] = what
+        rows.append(row)
+    return rows
+
+
+def print_json(obj) -> None:
+    """Strict JSON on stdout."""
+    print(json.dumps(json.loads(strict_json(obj)), indent=1))

@@ -4,6 +4,11 @@ Per site: L0, fraction of variance explained, cosine similarity, dead and dense 
 Downstream: next-token CE and KL(clean ‖ spliced) with each dictionary spliced in and with
 both, against zero- and mean-ablation of the same sites:
 ``recovered = (CE_ablated − CE_spliced) / (CE_ablated − CE_clean)``.
+
+KL is summed per position as ``Σ p_clean·(log p_clean − log p)`` and clamped at 0 there, so
+identical distributions give exactly 0 and float rounding never makes it negative. NaN or
+infinite activations or logits are rejected with a UserError; a ``recovered`` whose gap is 0 is
+NaN and explained in :data:`NAN_REASONS` (the CLI writes it as null plus that reason).
 """
 
 from __future__ import annotations
@@ -19,13 +24,21 @@ from .sites import pair_sites
 from .splicing import mean_ablate, reconstruct_with, run_spliced, zero_ablate
 
 DENSE_FREQ = 0.1  # a feature firing on more than 10% of tokens counts as dense
+NAN_REASONS = {
+    "recovered_vs_zero": "undefined: zero-ablating the site does not change the CE, so there is no gap to recover",
+    "recovered_vs_mean": "undefined: mean-ablating the site does not change the CE, so there is no gap to recover",
+}
 
 
 def _ce_kl(logits: Tensor, clean_logp: Tensor, tokens: Tensor) -> tuple[float, float, int]:
     logp = logits[:, :-1].log_softmax(-1)
     tgt = tokens[:, 1:]
     ce = -logp.gather(-1, tgt[..., None]).sum()
-    kl = (clean_logp.exp() * (clean_logp - logp)).sum()
+    # per position, then clamped: identical rows give exactly 0, rounding never goes below it
+    kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1).clamp_min(0).sum()
+    if not (bool(torch.isfinite(ce)) and bool(torch.isfinite(kl))):
+        raise UserError("the model produced NaN or infinite logits with a dictionary spliced in: "
+                        "the dictionary weights or the model are broken")
     return float(ce), float(kl), tgt.numel()
 
 
@@ -59,6 +72,10 @@ def evaluate_pair(model, pair: Pair, tokens: Tensor, layer: int, *, batch_size: 
     device = next(model.parameters()).device
     acts = harvest(model, tokens, [r_site.hook, m_site.hook], batch_size=batch_size, progress=False)
     flat = {s.name: acts[s.hook][:, 1:].reshape(-1, s.width) for s in (r_site, m_site)}
+    for k, a in flat.items():
+        if not bool(torch.isfinite(a).all()):
+            raise UserError(f"the model's {k} activations at layer {layer} hold NaN or infinite "
+                            "values: the model weights are broken")
     dicts = {"resid": pair.resid, "mlp": pair.mlp}
     out: dict = {"sites": {k: site_stats(dicts[k].to("cpu"), flat[k]) for k in dicts}}
     for d in dicts.values():
@@ -113,8 +130,19 @@ def format_quality(ev: dict) -> str:
     lines.append("")
     lines.append(f"CE clean {d['ce_clean']:.4f} nats/token over {d['n_tokens']:,} tokens")
     lines.append(f"{'spliced':<8} {'CE':>7} {'KL':>7} {'CE zero':>8} {'CE mean':>8} {'rec(zero)':>9} {'rec(mean)':>9}")
+    undefined = False
     for w in ("resid", "mlp", "both"):
         r = d[w]
+
+        def rec(x: float) -> str:
+            nonlocal undefined
+            if x == x:
+                return f"{x:>9.3f}"
+            undefined = True
+            return f"{'n/a*':>9}"
+
         lines.append(f"{w:<8} {r['ce_spliced']:>7.4f} {r['kl_spliced']:>7.4f} {r['ce_zero']:>8.4f} "
-                     f"{r['ce_mean']:>8.4f} {r['recovered_vs_zero']:>9.3f} {r['recovered_vs_mean']:>9.3f}")
+                     f"{r['ce_mean']:>8.4f} {rec(r['recovered_vs_zero'])} {rec(r['recovered_vs_mean'])}")
+    if undefined:
+        lines.append("* n/a: the ablation does not change the CE, so there is no gap to recover")
     return "\n".join(lines)

@@ -105,7 +105,7 @@ def add_features_parser(subparsers) -> None:
     p.add_argument("--dicts", help="pair folder; default: the cached default pair (trained when absent)")
     p.add_argument("--data", default=BUILTIN_DATA)
     p.add_argument("--split", default="heldout")
-    p.add_argument("--tokens", type=C.arg_type(C.positive_int, "--tokens", 10**10), default=32768,
+    p.add_argument("--tokens", type=C.arg_type(C.positive_int, "--tokens", 10**10), default=C.DefaultInt(32768),
                    help="token budget of the analysis pass")
     p.add_argument("--top", type=C.arg_type(C.positive_int, "--top", 10**4), default=10,
                    help="top-activating examples shown")

@@ -6,10 +6,12 @@
    start with BOS (:func:`featcircuit.data.pack`);
 3. model: GPT-NeoX (parallel attention + MLP, rotary), AdamW with linear warm-up and cosine decay,
    batches drawn from a seeded permutation so that a resumed run sees the same batches;
-4. checkpoints every ``ckpt_every`` steps (model, optimizer, step, RNG) written atomically, so a
-   killed run resumes where it stopped;
+4. checkpoints every ``ckpt_every`` steps (model, optimizer, step) written atomically as
+   safetensors with a JSON structure (never pickle), so a killed run resumes where it stopped;
 5. the result saved in HuggingFace format with ``provenance.json`` (seed, steps, tokens, Python
-   version, corpus hash) and held-out metrics next to unigram/bigram baselines.
+   version, corpus hash) and held-out metrics next to unigram/bigram baselines, written into a
+   fresh folder that replaces ``out_dir`` only when complete (:func:`featcircuit.checks.staged_output`:
+   a folder holding files featcircuit did not write is refused unless ``force``, never deleted).
 """
 
 from __future__ import annotations
@@ -26,9 +28,15 @@ from tqdm.auto import tqdm
 
 from . import corpus
 from .data import pack
-from .io import atomic_save_torch, atomic_write_text
+from .checks import check_out_dir, staged_output
+from .errors import UserError
+from .io import atomic_save_state, atomic_write_text, load_state
 
 EOT = "<|endoftext|>"
+MODEL_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors",
+                         "provenance.json", "tokenizer.json", "tokenizer_config.json",
+                         "special_tokens_map.json"})
+"""What a model folder written by :func:`train_lm` holds (an older one without a marker)."""
 
 
 @dataclass
@@ -135,13 +143,13 @@ def ngram_baselines(train: torch.Tensor, test: torch.Tensor, vocab: int) -> dict
 
 
 def train_lm(out_dir: str | Path, cfg: LMConfig | None = None, ckpt_dir: str | Path | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, force: bool = False) -> dict:
     """Train the built-in model into ``out_dir`` (HF format), resuming from ``ckpt_dir`` if present.
 
     Returns the provenance dict that is also written to ``out_dir/provenance.json``.
     """
     cfg = cfg or LMConfig()
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir, force, known=MODEL_FILES)  # before any work
     ckpt_dir = Path(ckpt_dir) if ckpt_dir else out_dir.parent / f".{out_dir.name}.ckpt"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -166,12 +174,15 @@ def train_lm(out_dir: str | Path, cfg: LMConfig | None = None, ckpt_dir: str | P
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                             weight_decay=cfg.weight_decay)
     step, elapsed = 0, 0.0
-    ckpt = ckpt_dir / "state.pt"
+    ckpt = ckpt_dir / "state.safetensors"  # never pickle: an old or planted state.pt is not read
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state["cfg"] != asdict(cfg) or state["corpus_hash"] != chash:
-            raise RuntimeError(f"checkpoint {ckpt} was made with another config or corpus; "
-                               "delete it to start over")
+        try:
+            state = load_state(ckpt)
+        except ValueError as e:
+            raise UserError(f"{e}: delete it to start over") from None
+        if state.get("cfg") != asdict(cfg) or state.get("corpus_hash") != chash:
+            raise UserError(f"checkpoint {ckpt} was made with another config or corpus; "
+                            "delete it to start over")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, elapsed = state["step"], state.get("elapsed", 0.0)
@@ -201,7 +212,7 @@ def train_lm(out_dir: str | Path, cfg: LMConfig | None = None, ckpt_dir: str | P
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.3f}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            atomic_save_torch({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+            atomic_save_state({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                                "cfg": asdict(cfg), "corpus_hash": chash,
                                "elapsed": elapsed + time.time() - t_run}, ckpt)
     bar.close()
@@ -219,12 +230,8 @@ def train_lm(out_dir: str | Path, cfg: LMConfig | None = None, ckpt_dir: str | P
         "heldout": metrics, "baselines": baselines,
         "n_params": sum(p.numel() for p in model.parameters()),
     }
-    tmp = out_dir.parent / (out_dir.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    atomic_write_text(tmp / "provenance.json", json.dumps(prov, indent=1))
-    if out_dir.exists():
-        import shutil
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with staged_output(out_dir, force, known=MODEL_FILES) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_text(tmp / "provenance.json", json.dumps(prov, indent=1))
     return prov

@@ -19,7 +19,8 @@ from .data import BUILTIN_DATA, load_tokens
 from .dictionary import Pair, load_pair
 from .models import model_name
 from .sites import check_layer, pair_sites
-from .training import TrainConfig, train_pair
+from .checks import folder_lock
+from .training import CKPT_FILE, TrainConfig, train_pair
 
 
 def cache_root() -> Path:
@@ -46,10 +47,16 @@ def default_pair(model, layer: int, config: TrainConfig | None = None, data: str
     if (folder / "pair" / "mlp" / "cfg.json").exists():
         return load_pair(folder / "pair", expect_model=model_name(model), expect_layer=layer,
                          d_resid=r.width, d_mlp=m.width, device=device), folder / "pair"
-    n_seq = -(-config.tokens // (config.n_ctx - 1))
-    tokens = load_tokens(data, model, n_ctx=config.n_ctx, n_tokens=n_seq * config.n_ctx, split="train")
-    torch.manual_seed(config.seed)
-    pair = train_pair(model, layer, tokens, config, out=folder / "pair", ckpt_dir=folder,
-                      progress=progress)
-    (folder / "train_state.pt").unlink(missing_ok=True)  # the pair is saved; the checkpoint is spent
+    # a second process asking for the same pair waits for the first, then loads its result
+    with folder_lock(folder):
+        if (folder / "pair" / "mlp" / "cfg.json").exists():
+            return load_pair(folder / "pair", expect_model=model_name(model), expect_layer=layer,
+                             d_resid=r.width, d_mlp=m.width, device=device), folder / "pair"
+        n_seq = -(-config.tokens // (config.n_ctx - 1))
+        tokens = load_tokens(data, model, n_ctx=config.n_ctx, n_tokens=n_seq * config.n_ctx,
+                             split="train")
+        torch.manual_seed(config.seed)
+        pair = train_pair(model, layer, tokens, config, out=folder / "pair", ckpt_dir=folder,
+                          progress=progress)
+        (folder / CKPT_FILE).unlink(missing_ok=True)  # the pair is saved; the checkpoint is spent
     return pair, folder / "pair"

@@ -9,8 +9,10 @@
    ``decay_frac`` of steps, unit-norm decoder rows, AuxK loss on dead latents (TopK/BatchTopK),
    decoder-norm-weighted L1 with warm-up (ReLU);
 4. checkpoint atomically every ``ckpt_every`` steps (weights, optimizer, step, dead-latent
-   counters); a killed run resumes from the checkpoint and, since batches are a pure function
-   of (seed, step), ends with the same weights as an uninterrupted one.
+   counters, last metrics) as safetensors with a JSON structure, never pickle; a killed run
+   resumes from the checkpoint and, since batches are a pure function of (seed, step), ends
+   with the same weights as an uninterrupted one; a finished checkpoint resumes to the end at
+   once (a rerun of a finished command writes the same pair again).
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from tqdm.auto import tqdm
 from .activations import harvest
 from .dictionary import DictConfig, Dictionary, Pair, save_pair
 from .errors import UserError
-from .io import atomic_save_torch, atomic_write_text
+from .io import atomic_save_state, load_state
 from .sites import pair_sites
+
+CKPT_FILE = "train_state.safetensors"
 
 
 @dataclass
@@ -163,10 +167,15 @@ def train_pair(model, layer: int, data: Tensor, config: TrainConfig | None = Non
         raise UserError(f"--tokens {cfg.tokens:,} is less than one batch of {cfg.batch_size:,}")
     last_fired = {k: torch.zeros(d_sae, dtype=torch.long, device=dev) for k in dicts}
     step = 0
-    ckpt = Path(ckpt_dir) / "train_state.pt" if ckpt_dir else None
+    post: dict[str, tuple[float, float]] = {}
+    # safetensors + JSON, never pickle: an old or planted train_state.pt is not read
+    ckpt = Path(ckpt_dir) / CKPT_FILE if ckpt_dir else None
     if ckpt is not None and ckpt.exists():
-        st = torch.load(ckpt, map_location=dev, weights_only=False)
-        if st["config"] != asdict(cfg) or st["n_rows"] != n:
+        try:
+            st = load_state(ckpt, device=dev)
+        except ValueError as e:
+            raise UserError(f"{e}: delete it to start over") from None
+        if st.get("config") != asdict(cfg) or st.get("n_rows") != n:
             raise UserError(f"checkpoint {ckpt} belongs to another training config; delete it or "
                             "use another --out")
         for k in dicts:
@@ -174,6 +183,7 @@ def train_pair(model, layer: int, data: Tensor, config: TrainConfig | None = Non
             opts[k].load_state_dict(st["opts"][k])
             last_fired[k] = st["last_fired"][k]
         step = st["step"]
+        post = {k: tuple(v) for k, v in st.get("post", {}).items()}
 
     gen = torch.Generator()
     dead_steps = max(1, cfg.dead_tokens // cfg.batch_size)
@@ -202,10 +212,10 @@ def train_pair(model, layer: int, data: Tensor, config: TrainConfig | None = Non
         if step % 10 == 0 or step == total:
             bar.set_postfix_str(" ".join(f"{k}: L0 {l0:.0f} VE {1 - f:.3f}" for k, (f, l0) in post.items()))
         if ckpt is not None and (step % cfg.ckpt_every == 0 or step == total):
-            atomic_save_torch({"config": asdict(cfg), "n_rows": n, "step": step,
+            atomic_save_state({"config": asdict(cfg), "n_rows": n, "step": step,
                                "dicts": {k: d.state_dict() for k, d in dicts.items()},
                                "opts": {k: o.state_dict() for k, o in opts.items()},
-                               "last_fired": last_fired}, ckpt)
+                               "last_fired": last_fired, "post": post}, ckpt)
     bar.close()
     for k, d in dicts.items():
         d.eval()
@@ -217,6 +227,6 @@ def train_pair(model, layer: int, data: Tensor, config: TrainConfig | None = Non
             p.requires_grad_(False)
     pair = Pair(dicts["resid"], dicts["mlp"])
     if out is not None:
-        save_pair(pair.resid, pair.mlp, out)
-        atomic_write_text(Path(out) / "train_config.json", json.dumps(asdict(cfg), indent=1))
+        save_pair(pair.resid, pair.mlp, out,
+                  extra_files={"train_config.json": json.dumps(asdict(cfg), indent=1)})
     return pair

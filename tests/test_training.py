@@ -7,6 +7,7 @@ import featcircuit.training as T
 from featcircuit import UserError
 from featcircuit.dictionary import DictConfig, Dictionary, Pair, load_pair
 from featcircuit.evaluation import evaluate_pair
+from featcircuit.io import load_state
 from featcircuit.sites import pair_sites
 
 CFG = dict(width=2.0, k=4, tokens=1200, epochs=2, batch_size=100, warmup_steps=3, ckpt_every=5,
@@ -49,12 +50,16 @@ def test_resumed_run_equals_uninterrupted(neox, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         T.train_pair(neox, 1, data, cfg, ckpt_dir=tmp_path, progress=False)
     monkeypatch.setattr(T, "_loss", real)
-    assert torch.load(tmp_path / "train_state.pt", weights_only=False)["step"] == 10
+    assert load_state(tmp_path / T.CKPT_FILE)["step"] == 10
     resumed = T.train_pair(neox, 1, data, cfg, ckpt_dir=tmp_path, progress=False)
+    # a rerun from the finished checkpoint trains nothing and gives the same pair again
+    again = T.train_pair(neox, 1, data, cfg, ckpt_dir=tmp_path, progress=False)
     for site in ("resid", "mlp"):
         for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
             torch.testing.assert_close(getattr(getattr(resumed, site), name),
                                        getattr(getattr(ref, site), name), rtol=1e-5, atol=1e-6)
+            assert torch.equal(getattr(getattr(again, site), name), getattr(getattr(resumed, site), name))
+        assert getattr(again, site).cfg.metrics == getattr(resumed, site).cfg.metrics
 
 
 def _identity(d_in: int, site: str, layer: int) -> Dictionary:
