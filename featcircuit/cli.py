@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _width(text: str) -> float:
     """``--width``: a multiple of d_model such as 8 or 8x, in (0, 1024]."""
-    return C.finite_float(text[:-1] if text.endswith("x") else text, "--width", 0.0, 1024.0,
+    return C.finite_float(text.removesuffix("x"), "--width", 0.0, 1024.0,
                           lo_open=True)
 
 
@@ -94,10 +94,8 @@ def cmd_model_info(args) -> None:
 
 
 def cmd_model_train(args) -> None:
-    from .lm_training import LMConfig, train_lm
+    from .lm_training import MODEL_FILES, LMConfig, train_lm
     from .models import BUILTIN_DIR
-
-    from .lm_training import MODEL_FILES
 
     out = Path(args.out) if args.out else BUILTIN_DIR
     C.check_out_dir(out, args.force, known=MODEL_FILES)
@@ -112,10 +110,8 @@ def cmd_model_train(args) -> None:
 def cmd_harvest(args) -> None:
     from .activations import harvest, read_manifest
     from .data import load_tokens
-    from .models import load_model, model_name
+    from .models import canonical_name, load_model, model_name
     from .sites import pair_sites
-
-    from .models import canonical_name
 
     precheck(args, tokens=args.tokens, n_ctx=args.n_ctx)
     out = Path(args.out or f"featcircuit-out/{canonical_name(args.model).strip('/').replace('/', '_')}"
@@ -139,17 +135,15 @@ def cmd_harvest(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .data import load_tokens
-    from .models import load_model, model_name
-    from .training import TrainConfig, train_pair
-
     from dataclasses import asdict
 
-    from .models import canonical_name
+    from .data import load_tokens
+    from .models import canonical_name, load_model
+    from .training import TrainConfig, train_pair
 
     cfg = TrainConfig(architecture=args.arch, width=args.width, k=args.k, tokens=args.tokens,
                       epochs=args.epochs, batch_size=args.batch_size, l1_coefficient=args.l1,
-                      seed=args.seed, ckpt_every=args.ckpt_every)
+                      seed=args.seed, ckpt_every=args.ckpt_every, jacobian=args.jacobian)
     n_seq = -(-cfg.tokens // (cfg.n_ctx - 1))
     args.split = "train"
     precheck(args, tokens=n_seq * cfg.n_ctx, n_ctx=cfg.n_ctx)
@@ -194,11 +188,9 @@ def _pair_done(out: Path, cfg: dict, model: str, layer: int) -> bool:
 def cmd_evaluate(args) -> None:
     from .data import load_tokens
     from .dictionary import load_pair
-    from .evaluation import evaluate_pair, format_quality
-    from .models import load_model, model_name
-
-    from .evaluation import NAN_REASONS
+    from .evaluation import NAN_REASONS, evaluate_pair, format_quality
     from .io import strict_json
+    from .models import load_model, model_name
     from .sites import check_layer, pair_sites
 
     precheck(args, tokens=args.tokens)
@@ -224,10 +216,27 @@ def cmd_discover(args) -> None:
     discover(cfg)
 
 
-def cmd_render(args) -> None:
-    from .graph import CircuitGraph
+def cmd_tasks(args) -> None:
+    from .discover import print_json, tasks_table
+    from .models import load_model
+    from .tasks import TASK_VERSION
 
-    from .graph import RENDER_FORMATS
+    rows = tasks_table(load_model(args.model, args.device))
+    if args.json:
+        print_json({"version": TASK_VERSION, "tasks": rows})
+        return
+    print(f"built-in tasks (version {TASK_VERSION}; pairs from the held-out split; accuracy = clean pairs "
+          "with a positive logit difference)")
+    print(f"{'task':<12} {'pairs':>5} {'held-out':>8} {'ctx':>4} {'accuracy':>8} {'LD clean':>8} "
+          f"{'LD corrupt':>10}  performs  what")
+    for r in rows:
+        print(f"{r['task']:<12} {r['pairs']:>5} {r['heldout_pairs']:>8} {r['n_ctx']:>4} {r['accuracy']:>8.3f} "
+              f"{r['logit_diff_clean']:>+8.2f} {r['logit_diff_corrupt']:>+10.2f}  {'yes' if r['performs'] else 'NO ':<8}  "
+              f"{r['what']}")
+
+
+def cmd_render(args) -> None:
+    from .graph import RENDER_FORMATS, CircuitGraph
 
     out = Path(args.output)
     fmt = out.suffix.lstrip(".").lower()
@@ -299,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=arg_type(C.positive_int, "--k", 1 << 20), default=32)
     p.add_argument("--l1", type=arg_type(C.finite_float, "--l1", 0.0, 1e6), default=0.1,
                    help="L1 coefficient (relu)")
+    p.add_argument("--jacobian", type=arg_type(C.finite_float, "--jacobian", 0.0, 1e6), default=0.0,
+                   help="λ of the Jacobian sparsity penalty: train the pair jointly so resid→mlp "
+                        "links are sparse (0: plain pair)")
     p.add_argument("--tokens", type=arg_type(C.positive_int, "--tokens", 10**10), default=C.DefaultInt(1_000_000))
     p.add_argument("--epochs", type=arg_type(C.positive_int, "--epochs", 10**4), default=2)
     p.add_argument("--batch-size", type=arg_type(C.positive_int, "--batch-size", 1 << 20), default=1024)
@@ -334,15 +346,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-edges", type=arg_type(C.positive_int, "--top-edges", 10**6), default=d.top_edges, help="edges drawn in the graph")
     p.add_argument("--node-threshold", type=NONNEG_FLOAT, default=d.node_threshold)
     p.add_argument("--edge-threshold", type=NONNEG_FLOAT, default=d.edge_threshold)
+    p.add_argument("--task", help="a built-in behaviour (`featcircuit tasks` lists them): logit difference "
+                   "at the answer position of clean/corrupt pairs")
     p.add_argument("--search", default=d.search, help="acdc | none")
-    p.add_argument("--tau", type=NONNEG_FLOAT, default=d.tau, help="remove an edge when its ΔKL < tau")
-    p.add_argument("--candidates", type=arg_type(C.positive_int, "--candidates", 10**7), default=d.candidates, help="edges the search tests")
-    p.add_argument("--ablation", default=d.ablation, help="zero | mean")
-    p.add_argument("--search-tokens", type=arg_type(C.positive_int, "--search-tokens", 10**10), default=d.search_tokens)
+    p.add_argument("--tau", type=NONNEG_FLOAT, default=d.tau,
+                   help="remove an edge when it moves D by less than tau × |m(M) − m(∅)| (relative)")
+    p.add_argument("--tau-abs", type=NONNEG_FLOAT, default=d.tau_abs,
+                   help="absolute τ in the metric's units (overrides --tau)")
+    p.add_argument("--tau-sweep", default=d.tau_sweep,
+                   help="comma-separated relative τ values: the faithfulness–size frontier")
+    p.add_argument("--candidates", type=arg_type(C.positive_int, "--candidates", 10**7), default=d.candidates,
+                   help="edges handed from the ranking to the search")
+    p.add_argument("--ablation", default=d.ablation,
+                   help="auto | zero | mean | patch (auto: patch from the corrupt prompt for a task, zero otherwise)")
+    p.add_argument("--errors", default=d.errors, help="kept | ablated: error nodes outside or inside the scope")
+    p.add_argument("--rank-by", default=d.rank_by,
+                   help="auto | abs | net: candidate ranking (auto: the higher Spearman with single-edge Δ)")
+    p.add_argument("--search-tokens", type=arg_type(C.positive_int, "--search-tokens", 10**10), default=d.search_tokens,
+                   help="corpus mode: tokens for the search (and as many held out for scoring)")
     p.add_argument("--ln", default=d.ln, help="exact | frozen LayerNorm Jacobian")
     p.add_argument("--out", help="output folder (default featcircuit-out/MODEL-LLAYER)")
+    p.add_argument("--force", action="store_true", help="replace an --out folder featcircuit did not write")
     p.add_argument("--seed", type=SEED, default=d.seed)
     p.set_defaults(func=cmd_discover)
+
+    p = sub.add_parser("tasks", help="the built-in behaviours and the model's accuracy on each")
+    _add_model(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("render", help="re-render a saved graph.json with other thresholds")
     p.add_argument("graph")

@@ -34,7 +34,7 @@ def base_args(setup, layer=1, **kw):
     root, data, model = setup
     args = ["discover", "--model", model, "--layer", layer, "--dicts", root / f"pair{layer}", "--data", data,
             "--split", "all", "--tokens", 1024, "--eval-tokens", 256, "--candidates", 12,
-            "--search-tokens", 256, "--tau", 1e-7, "--top-edges", 10, "--out", root / "out"]
+            "--search-tokens", 256, "--tau", 1e-4, "--top-edges", 10, "--out", root / "out"]
     for k, v in kw.items():
         args += [f"--{k.replace('_', '-')}", v]
     return args
@@ -52,9 +52,16 @@ def test_discover_end_to_end(setup):
     assert 0 < g.g.number_of_edges() <= 10
     assert all(d["delta"] is not None for _, _, d in g.g.edges(data=True))  # searched edges carry Δ
     s = json.loads((out / "summary.json").read_text())
-    assert s["search"]["passes"] < s["search"]["naive_passes"]
-    assert -1 <= s["validation"]["pearson"] <= 1
-    assert "top edges of layer 1" in r.stdout and "wrote" in r.stdout and str(out) in r.stdout
+    c = s["circuit"]
+    assert c["size"] == len(json.loads((out / "search.json").read_text())["circuit"])
+    assert c["scope"]["size_heldout"] > c["size"] and "every resid1 → mlp1 feature edge" in c["scope"]["what"]
+    # the standard end points: ∅ = the whole scope ablated; KL of the full model is exactly 0
+    assert c["m_full"] == 0.0 and c["m_empty"] > 0
+    assert c["faithfulness"] == pytest.approx((c["m_circuit"] - c["m_empty"]) / (c["m_full"] - c["m_empty"]))
+    assert 0 <= c["cpr"] <= 1.5 and c["cmd"] >= 0
+    assert set(c["baselines_at_size"]) >= {"search", "random", "single-edge ablation"}
+    assert "top edges of layer 1" in r.stdout and "circuit edges" in r.stdout and "wrote" in r.stdout
+    assert str(out) in r.stdout
     # re-render with other thresholds, without recomputing
     rr = run("render", out / "graph.json", "-o", root / "small.dot", "--top-edges", 3)
     assert rr.returncode == 0, rr.stderr
@@ -68,26 +75,36 @@ def test_target_and_prompts(setup):
     r = run(*base_args(setup, target=f"mlp:{j}", search="none"))
     assert r.returncode == 0, r.stderr[-2000:]
     p = root / "prompts.jsonl"
-    p.write_text(json.dumps({"clean": "def add(a, b):\n    return a", "corrupt": "def add(b, a):\n    return a",
-                             "answer": " +", "wrong": " a"}) + "\n")
+    pairs = [("def add(a, b):\n    return a", "def add(b, a):\n    return a", " +", " a")] * 6
+    p.write_text("".join(json.dumps({"clean": c, "corrupt": k, "answer": a, "wrong": w}) + "\n"
+                         for c, k, a, w in pairs))
     r = run(*base_args(setup, prompts=p, candidates=6))
     assert r.returncode == 0, r.stderr[-2000:]
+    out = root / "out"
+    s = json.loads((out / "summary.json").read_text())
+    assert s["circuit"]["ablation"] == "patch"  # the default for prompt pairs
+    assert len((out / "prompts.jsonl").read_text().splitlines()) == 6
+    assert "logit difference" in json.loads((out / "graph.json").read_text())["meta"]["metric"]
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(layer=7), "layer 7 is out of range: this model has layers 0..2"),
+    (dict(layer=7), "--layer 7 is out of range"),
     (dict(target="mlp:99999"), "unknown target feature mlp:99999"),
     (dict(target="resid:3"), "bad --target 'resid:3'"),
     (dict(search="greedy"), "unknown --search 'greedy'"),
-    (dict(metric="bleu"), "unknown metric 'bleu'"),
-    (dict(ablation="resample"), "unknown --ablation 'resample': use zero or mean"),
-    (dict(tau=-1), "--tau -1.0 is negative"),
-    (dict(candidates=0), "--candidates 0 must be at least 1"),
+    (dict(metric="bleu"), "unknown --metric 'bleu'"),
+    (dict(ablation="resample"), "unknown --ablation 'resample'"),
+    (dict(ablation="patch"), "--ablation patch needs corrupt prompts"),
+    (dict(task="nope"), "unknown task 'nope'"),
+    (dict(tau_sweep="0.1,x"), "bad --tau-sweep"),
+    (dict(errors="some"), "unknown --errors 'some'"),
+    (dict(tau=-1), "--tau"),
+    (dict(candidates=0), "--candidates"),
 ])
 def test_bad_inputs_exit_2(setup, change, match):
     args = base_args(setup)
     for k, v in change.items():
-        flag = f"--{k}"
+        flag = f"--{k.replace('_', '-')}"
         if flag in args:
             args[args.index(flag) + 1] = v
         else:
