@@ -229,10 +229,10 @@ def read_json_file(path: str | Path, what: str, max_bytes: int = 256 << 20, max_
                            max_depth, max_digits)
 
 
-def check_prompts_file(path: str | Path, max_bytes: int = 16 << 20) -> int:
-    """Number of prompts in a ``--prompts`` jsonl whose lines are objects with string clean/corrupt/answer/wrong."""
+def check_prompts_file(path: str | Path, max_bytes: int = 16 << 20) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of a ``--prompts`` jsonl whose lines are objects with string clean/corrupt/answer/wrong."""
     text = read_text_file(path, "prompts file", max_bytes)
-    n = 0
+    rows = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -244,10 +244,34 @@ def check_prompts_file(path: str | Path, max_bytes: int = 16 << 20) -> int:
                 raise UserError(f"{path}:{i} has no {key!r}: expected clean, corrupt, answer, wrong")
             if not isinstance(row[key], str) or not row[key]:
                 raise UserError(f"{path}:{i}: {key!r} is {_show(row[key])}, expected a non-empty string")
-        n += 1
-    if n == 0:
+        rows.append((i, row))
+    if not rows:
         raise UserError(f"prompts file {str(path)!r} holds no prompts: expected one JSON object per line")
-    return n
+    return rows
+
+
+def check_prompt_lengths(rows: list[tuple[int, dict[str, str]]], path: str | Path, model: str) -> None:
+    """UserError when a prompt (plus BOS) is longer than the model's positions; only the tokenizer is loaded."""
+    limit = model_context(model)
+    if limit is None:
+        return
+    from .models import resolve_model_path
+
+    target, _ = resolve_model_path(model)
+    if not Path(target).is_dir():
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(target)
+    except Exception:  # an unreadable tokenizer: load_model gives the message
+        return
+    for i, row in rows:
+        for key in ("clean", "corrupt"):
+            n = len(tok(row[key], add_special_tokens=False)["input_ids"]) + 1
+            if n > limit:
+                raise UserError(f"{path}:{i}: the {key} prompt is {n:,} tokens with BOS, beyond the "
+                                f"{limit} positions of model {model!r}: shorten it")
 
 
 # ---- 3. output folders -----------------------------------------------------------------------
@@ -469,7 +493,7 @@ def check_data(source: str, split: str, flag: str = "--data") -> None:
 
 def data_bytes(source: str, split: str) -> tuple[int, int] | None:
     """(bytes, documents) of a local data source's ``split``; None when unknown (HF datasets)."""
-    from .data import BUILTIN_DATA, _TEXT_SUFFIXES, _split_of
+    from .data import _TEXT_SUFFIXES, BUILTIN_DATA, _split_of
 
     if source == BUILTIN_DATA:
         from . import corpus
@@ -578,6 +602,24 @@ def discover_out(cfg: Any) -> Path:
     return Path(cfg.out or f"featcircuit-out/{Path(canonical_name(cfg.model)).name}-L{cfg.layer}")
 
 
+def _check_target_range(cfg: Any) -> None:
+    """--target mlp:J against the MLP dictionary's width: read from --dicts, or the default pair's config."""
+    j = int(cfg.target.split(":")[1])
+    if cfg.dicts is not None:
+        try:
+            d = read_json_file(Path(cfg.dicts) / "mlp" / "cfg.json", "dictionary config", 1 << 20, 16, 18)
+        except UserError:
+            return  # load_pair gives the message
+        d_sae = d.get("d_sae") if isinstance(d, dict) else None
+    else:
+        from .training import TrainConfig
+
+        d_model = model_sizes(cfg.model)["d_model"]
+        d_sae = None if d_model is None else int(round(TrainConfig().width * d_model))
+    if isinstance(d_sae, int) and not 0 <= j < d_sae:
+        raise UserError(f"unknown target feature {cfg.target}: the MLP dictionary has features 0..{d_sae - 1}")
+
+
 def check_discover_options(cfg: Any) -> None:
     """The shared checks of ``discover``'s options (device, seed, model, layer, data, target, prompts, out)."""
     from .models import resolve_model_path
@@ -596,14 +638,20 @@ def check_discover_options(cfg: Any) -> None:
         if cfg.metric != "ce":
             raise UserError(f"--metric {cfg.metric} cannot be combined with --prompts (which "
                             "measures the logit difference): drop one of them")
-        check_prompts_file(cfg.prompts)
+        rows = check_prompts_file(cfg.prompts)
     resolve_model_path(cfg.model)  # a missing model fails here, in a second
     check_layer_of(cfg.model, cfg.layer)
+    if cfg.prompts:
+        check_prompt_lengths(rows, cfg.prompts, cfg.model)
+    if cfg.target is not None:
+        _check_target_range(cfg)
     if not cfg.prompts:
         check_data(cfg.data, cfg.split)
         if not is_default(cfg.tokens):  # the default is a budget: small data just uses less
             check_tokens_available(cfg.data, cfg.split, cfg.tokens, 128)
     if cfg.dicts is not None and not Path(cfg.dicts).is_dir():
         raise UserError(f"--dicts {cfg.dicts!r} is not a folder: expected a pair folder with resid/ and mlp/")
-    check_out_dir(discover_out(cfg), getattr(cfg, "force", False), known=DISCOVER_FILES,
+    # the same rule as discover's staged_output(out, cfg.force): a folder without featcircuit's
+    # marker needs --force (DISCOVER_FILES would accept pre-marker outputs; pass it to both or neither)
+    check_out_dir(discover_out(cfg), getattr(cfg, "force", False),
                   force_flag="--force" if hasattr(cfg, "force") else None)

@@ -15,7 +15,6 @@ A *pair* is a folder with ``resid/`` and ``mlp/`` dictionaries for one layer.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import secrets
 import shutil
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from featcircuit.errors import UserError
-from featcircuit.io import atomic_save_safetensors, atomic_write_text
+from featcircuit.io import atomic_save_safetensors, atomic_write_text, strict_json
 
 ARCHITECTURES = ("topk", "relu", "batchtopk")
 CFG_FILE = "cfg.json"
@@ -274,7 +273,7 @@ class Dictionary(torch.nn.Module):
     def _write_into(self, folder: Path) -> None:
         # cfg.dtype follows the weights actually written, in case the module was cast.
         cfg = dataclasses.replace(self.cfg, dtype=_dtype_name(self.W_enc.dtype))
-        text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+        text = strict_json(cfg.to_dict(), indent=2) + "\n"  # a NaN metric becomes null + reason
         atomic_save_safetensors(self._tensors(), folder / WEIGHTS_FILE)
         atomic_write_text(folder / CFG_FILE, text)
 

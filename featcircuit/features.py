@@ -18,7 +18,6 @@ one place, holds the quick unscored token labels and the ``featcircuit features`
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 
 from torch import Tensor
@@ -148,6 +147,8 @@ def cmd_features(args) -> None:
                              n_bins=args.bins, removal=not args.no_removal,
                              removal_window=args.removal_window, progress=True)
     if args.json:
-        print(json.dumps(cards, indent=1))
+        from .io import strict_json
+
+        print(strict_json(cards, indent=1))  # NaN/inf become null + reason: strict readers parse it
     else:
         print("\n\n".join(format_card(c) for c in cards))

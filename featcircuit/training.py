@@ -225,6 +225,10 @@ def train_pair(model, layer: int, data: Tensor, config: TrainConfig | None = Non
             d.cfg.metrics = {"train_fvu_last": post[k][0], "train_l0_last": post[k][1]}
         for p in d.parameters():
             p.requires_grad_(False)
+    for k, d in dicts.items():  # never save (or hand back) a diverged dictionary
+        if not all(bool(torch.isfinite(p).all()) for p in d.parameters()):
+            raise UserError(f"training diverged: the {k} dictionary has NaN or infinite weights; "
+                            "lower the learning rate or --l1, or check the activations")
     pair = Pair(dicts["resid"], dicts["mlp"])
     if out is not None:
         save_pair(pair.resid, pair.mlp, out,

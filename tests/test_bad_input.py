@@ -131,6 +131,8 @@ def ws(tmp_path_factory, neox_dir):
         "prompts_list": '[1, 2]\n',
         "prompts_empty": "\n\n",
         "prompts_good": '{"clean": "def f", "corrupt": "def g", "answer": "(", "wrong": ":"}\n',
+        "prompts_long": json.dumps({"clean": "def add(a, b): " * 200, "corrupt": "def add(a, c): " * 200,
+                                    "answer": "(", "wrong": ":"}) + "\n",
     }
     for name, text in prompts.items():
         p = root / f"{name}.jsonl"
@@ -273,7 +275,10 @@ CASES: list[tuple[str, list[str], str]] = [
     ("discover-prompts-list", [*X, "--prompts", "{prompts_list}"], "not a JSON object"),
     ("discover-prompts-empty", [*X, "--prompts", "{prompts_empty}"], "holds no prompts"),
     ("discover-prompts-binary", [*X, "--prompts", "{binary}"], "not UTF-8"),
-    ("discover-prompts-metric", [*X, "--prompts", "{prompts_good}", "--metric", "kl"], "cannot be combined"),
+    ("discover-prompts-metric", [*X, "--prompts", "{prompts_good}", "--metric", "kl"], "--metric"),
+    ("discover-prompts-too-long", [*X, "--prompts", "{prompts_long}"], "beyond the 128 positions"),
+    ("discover-target-beyond", [*X, "--target", "mlp:64", "--dicts", "{pair}"], "features 0..63"),
+    ("discover-target-beyond-default", [*X, "--target", "mlp:100000"], "unknown target feature"),
     ("discover-tokens-huge", [*X, "--tokens", "1000000000000"], "--tokens"),
     ("discover-tokens-beyond-data", [*X, "--tokens", "5000000"], "can hold"),
     ("discover-tau-neg", [*X, "--tau", "-1"], "--tau -1"),

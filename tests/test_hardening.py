@@ -14,8 +14,15 @@ import torch
 
 import featcircuit.training as T
 from featcircuit import UserError
-from featcircuit.checks import (MARKER, check_out_dir, folder_lock, parse_json_text, seed,
-                                staged_output, strict_int)
+from featcircuit.checks import (
+    MARKER,
+    check_out_dir,
+    folder_lock,
+    parse_json_text,
+    seed,
+    staged_output,
+    strict_int,
+)
 from featcircuit.io import atomic_save_state, load_state, strict_json
 
 
@@ -258,5 +265,5 @@ def test_random_kills_resume_to_identical_output(command, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"kill_{command}")
     model, data = K.make_inputs(root)
     res = K.kill_resume(command, model, data, root, kills=2, rng=random.Random(command),
-                        max_delay=0.3, scale=0.25)
+                        max_delay=0.2, scale=0.1)
     assert res["identical"] and res["rerun_exit0_unchanged"], res
