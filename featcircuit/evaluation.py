@@ -4,6 +4,8 @@ Per site: L0, fraction of variance explained, cosine similarity, dead and dense 
 Downstream: next-token CE and KL(clean ‖ spliced) with each dictionary spliced in and with
 both, against zero- and mean-ablation of the same sites:
 ``recovered = (CE_ablated − CE_spliced) / (CE_ablated − CE_clean)``.
+Links: the Jacobian between active resid and MLP codes (:mod:`featcircuit.jacobian`) on up to
+``JACOBIAN_TOKENS`` of the held-out tokens: entries per token above thresholds, top-10% share.
 
 KL is summed per position as ``Σ p_clean·(log p_clean − log p)`` and clamped at 0 there, so
 identical distributions give exactly 0 and float rounding never makes it negative. NaN or
@@ -24,6 +26,7 @@ from .sites import pair_sites
 from .splicing import mean_ablate, reconstruct_with, run_spliced, zero_ablate
 
 DENSE_FREQ = 0.1  # a feature firing on more than 10% of tokens counts as dense
+JACOBIAN_TOKENS = 4096  # the Jacobian statistics settle well before this; keeps evaluate cheap
 NAN_REASONS = {
     "recovered_vs_zero": "undefined: zero-ablating the site does not change the CE, so there is no gap to recover",
     "recovered_vs_mean": "undefined: mean-ablating the site does not change the CE, so there is no gap to recover",
@@ -61,6 +64,27 @@ def site_stats(d, acts: Tensor) -> dict:
     }
 
 
+@torch.no_grad()
+def link_stats(model, pair: Pair, layer: int, resid_acts: Tensor, *,
+               max_tokens: int = JACOBIAN_TOKENS) -> dict | None:
+    """Jacobian statistics of a pair on residual rows ``resid_acts [n, d]`` (None if not affine).
+
+    In normalised units (both sites at unit mean squared norm, as in training); see
+    :func:`featcircuit.jacobian.jacobian_stats`.
+    """
+    from .jacobian import jacobian_stats, rms
+    from .sites import mlp_parts
+
+    if not (isinstance(getattr(pair.resid, "W_dec", None), Tensor)
+            and isinstance(getattr(pair.mlp, "W_enc", None), Tensor) and not hasattr(pair.mlp, "enc_cols")):
+        return None  # a wrapped module without weights: no closed form
+    parts = mlp_parts(model, layer)
+    dev = parts.W_in.device
+    x = resid_acts[:max_tokens].to(dev)
+    scale = rms(x) / max(rms(parts.hidden(x)), 1e-30)
+    return jacobian_stats(parts, pair.resid.to(dev), pair.mlp.to(dev), x, scale=scale)
+
+
 def evaluate_pair(model, pair: Pair, tokens: Tensor, layer: int, *, batch_size: int = 16,
                   progress: bool = True) -> dict:
     """Quality of a dictionary pair on ``tokens`` (BOS positions excluded from every number)."""
@@ -80,6 +104,7 @@ def evaluate_pair(model, pair: Pair, tokens: Tensor, layer: int, *, batch_size: 
     out: dict = {"sites": {k: site_stats(dicts[k].to("cpu"), flat[k]) for k in dicts}}
     for d in dicts.values():
         d.to(device)
+    out["jacobian"] = link_stats(model, pair, layer, flat["resid"])
     means = {k: v.mean(0).to(device) for k, v in flat.items()}
     hook = {"resid": r_site.hook, "mlp": m_site.hook}
     conditions = {
@@ -145,4 +170,9 @@ def format_quality(ev: dict) -> str:
                      f"{r['ce_mean']:>8.4f} {rec(r['recovered_vs_zero'])} {rec(r['recovered_vs_mean'])}")
     if undefined:
         lines.append("* n/a: the ablation does not change the CE, so there is no gap to recover")
+    if ev.get("jacobian"):
+        from .jacobian import format_jacobian
+
+        lines.append("")
+        lines.append(format_jacobian(ev["jacobian"]))
     return "\n".join(lines)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from .dictionary import Pair, load_pair
 from .models import model_name
 from .sites import check_layer, pair_sites
 from .checks import folder_lock
-from .training import CKPT_FILE, TrainConfig, train_pair
+from .training import CKPT_FILE, TrainConfig, config_key, train_pair
 
 
 def cache_root() -> Path:
@@ -30,7 +29,8 @@ def cache_root() -> Path:
 
 def pair_dir(model, layer: int, config: TrainConfig, data: str = BUILTIN_DATA) -> Path:
     """Where the pair for (model, layer, config, data) is cached."""
-    key = json.dumps({"cfg": asdict(config), "data": data}, sort_keys=True)
+    # config_key: fields added later (jacobian, …) at their defaults leave the key unchanged
+    key = json.dumps({"cfg": config_key(config), "data": data}, sort_keys=True)
     h = hashlib.sha256(key.encode()).hexdigest()[:10]
     name = model_name(model).strip("/").replace("/", "_")
     return cache_root() / "pairs" / f"{name}-L{layer}-{h}"

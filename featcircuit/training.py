@@ -13,6 +13,12 @@
    resumes from the checkpoint and, since batches are a pure function of (seed, step), ends
    with the same weights as an uninterrupted one; a finished checkpoint resumes to the end at
    once (a rerun of a finished command writes the same pair again).
+5. with ``jacobian`` = λ > 0 the two dictionaries train jointly on one loss, both
+   reconstructions (+ AuxK / L1) + λ·mean_t ‖J_t‖₁, with ``J_t`` the Jacobian between the
+   token's active resid and MLP codes (:mod:`featcircuit.jacobian`, in the scaled units the
+   dictionaries train in) estimated on the first ``jacobian_tokens`` rows of each shuffled batch;
+   the MLP dictionary still reconstructs the MLP activation of the *true* residual, and J is
+   taken there (LayerNorm Jacobian exact at the true input). λ = 0 runs the plain steps above.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from .activations import harvest
 from .dictionary import DictConfig, Dictionary, Pair, save_pair
 from .errors import UserError
 from .io import atomic_save_state, load_state
-from .sites import pair_sites
+from .sites import MLPParts, pair_sites
 
 CKPT_FILE = "train_state.safetensors"
 
@@ -63,6 +69,10 @@ class TrainConfig:
     n_ctx: int = 128
     seed: int = 0
     ckpt_every: int = 200
+    jacobian: float = 0.0
+    """λ of the Jacobian sparsity penalty λ·mean_t ‖J_t‖₁ (0: plain pair; DESIGN §14)"""
+    jacobian_tokens: int = 128
+    """rows of each batch the Jacobian penalty is estimated on (an unbiased subsample)"""
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -74,6 +84,21 @@ class TrainConfig:
         return cls(**d)
 
 
+# Fields added after pairs were first cached: left out of a config's key while they hold their
+# default, so every pair cached before they existed keeps its folder (and checkpoints resume).
+_KEY_OPTIONAL = {"jacobian": 0.0, "jacobian_tokens": 128}
+
+
+def config_key(cfg: TrainConfig) -> dict:
+    """``asdict(cfg)`` without the later-added fields that hold their defaults (cache keys)."""
+    d = asdict(cfg)
+    plain = cfg.jacobian == 0  # then jacobian_tokens does not change training either
+    for name, default in _KEY_OPTIONAL.items():
+        if d[name] == default or plain:
+            del d[name]
+    return d
+
+
 def _lr(step: int, total: int, cfg: TrainConfig, base: float) -> float:
     if step < cfg.warmup_steps:
         return base * (step + 1) / cfg.warmup_steps
@@ -83,18 +108,26 @@ def _lr(step: int, total: int, cfg: TrainConfig, base: float) -> float:
     return base
 
 
-def _loss(d: Dictionary, x: Tensor, cfg: TrainConfig, dead: Tensor, l1_scale: float):
-    """(total loss, fvu, l0, fired mask [d_sae]) for one batch of scaled inputs ``x``."""
+def _loss(d: Dictionary, x: Tensor, cfg: TrainConfig, dead: Tensor, l1_scale: float,
+          keep: dict | None = None):
+    """(total loss, fvu, l0, fired mask [d_sae]) for one batch of scaled inputs ``x``.
+
+    ``keep`` receives the codes (``acts``/``idx`` for topk, dense ``codes`` otherwise).
+    """
     arch = d.cfg.architecture
     pre = d.pre_acts(x)
     if arch == "topk":
         acts, idx = F.relu(pre).topk(d.cfg.k, dim=-1, sorted=False)
+        if keep is not None:
+            keep.update(acts=acts, idx=idx)
         recon = d.decode_sparse(acts, idx)
         fired = torch.zeros(d.cfg.d_sae, dtype=torch.bool, device=x.device)
         fired[idx[acts > 0]] = True
         l0 = (acts > 0).sum(-1).float().mean()
     else:
         codes = d.encode(x)  # relu, or batchtopk in training mode
+        if keep is not None:
+            keep.update(codes=codes)
         recon = d.decode(codes)
         fired = (codes > 0).any(0)
         l0 = (codes > 0).sum(-1).float().mean()
@@ -137,6 +170,11 @@ def train_pair(model, layer: int, data: Tensor, config: TrainConfig | None = Non
     cfg = config or TrainConfig()
     if cfg.architecture not in ("topk", "relu", "batchtopk"):
         raise UserError(f"unknown architecture {cfg.architecture!r}: use topk, relu or batchtopk")
+    if not (isinstance(cfg.jacobian, (int, float)) and math.isfinite(cfg.jacobian) and cfg.jacobian >= 0):
+        raise UserError(f"--jacobian {cfg.jacobian!r} is invalid: expected a finite number >= 0 "
+                        "(0 trains a plain pair)")
+    if not (isinstance(cfg.jacobian_tokens, int) and cfg.jacobian_tokens >= 1):
+        raise UserError(f"jacobian_tokens {cfg.jacobian_tokens!r} is invalid: expected an integer >= 1")
     sites = pair_sites(model, layer)
     dev = torch.device(device) if device else next(model.parameters()).device
     n_seq = -(-cfg.tokens // (data.shape[1] - 1))
@@ -185,6 +223,14 @@ def train_pair(model, layer: int, data: Tensor, config: TrainConfig | None = Non
         step = st["step"]
         post = {k: tuple(v) for k, v in st.get("post", {}).items()}
 
+    if cfg.jacobian > 0:  # joint training: the MLP's weights on the training device
+        from .jacobian import training_penalty
+        from .sites import mlp_parts
+
+        parts = MLPParts(*(t.to(dev) if isinstance(t, Tensor) else t for t in mlp_parts(model, layer)))
+        ratio = scales["mlp"] / scales["resid"]  # J in the scaled units both dictionaries train in
+        n_jac = min(cfg.jacobian_tokens, cfg.batch_size)
+    jac_last = None
     gen = torch.Generator()
     dead_steps = max(1, cfg.dead_tokens // cfg.batch_size)
     bar = tqdm(total=total, initial=step, desc=f"train pair L{layer}", disable=not progress)
@@ -194,23 +240,41 @@ def train_pair(model, layer: int, data: Tensor, config: TrainConfig | None = Non
         idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
         post = {}
         l1_scale = min(1.0, (step + 1) / max(1, cfg.l1_warmup_frac * total))
+        held = {k: {} for k in dicts} if cfg.jacobian > 0 else None
+        pending = []
         for k, d in dicts.items():
             x = rows[k][idx].to(dev) * scales[k]
             dead = (step - last_fired[k]) > dead_steps
             for g in opts[k].param_groups:
                 g["lr"] = _lr(step, total, cfg, base_lr)
-            loss, fvu, l0, fired = _loss(d, x, cfg, dead, l1_scale)
-            opts[k].zero_grad(set_to_none=True)
-            loss.backward()
-            d.remove_gradient_parallel_to_decoder_directions()
-            opts[k].step()
-            d.set_decoder_norm_to_unit_norm()
+            loss, fvu, l0, fired = _loss(d, x, cfg, dead, l1_scale, keep=None if held is None else held[k])
+            if held is not None:
+                pending.append(loss)
+            else:
+                opts[k].zero_grad(set_to_none=True)
+                loss.backward()
+                d.remove_gradient_parallel_to_decoder_directions()
+                opts[k].step()
+                d.set_decoder_norm_to_unit_norm()
             last_fired[k][fired] = step + 1
             post[k] = (float(fvu), float(l0))
+        if held is not None:  # one backward through both reconstructions and the penalty
+            pen = training_penalty(parts, rows["resid"][idx[:n_jac]].to(dev), dicts["resid"],
+                                   dicts["mlp"], held["resid"], held["mlp"], ratio)
+            total_loss = pending[0] + pending[1] + cfg.jacobian * pen
+            for o in opts.values():
+                o.zero_grad(set_to_none=True)
+            total_loss.backward()
+            for k, d in dicts.items():
+                d.remove_gradient_parallel_to_decoder_directions()
+                opts[k].step()
+                d.set_decoder_norm_to_unit_norm()
+            jac_last = float(pen.detach())
         step += 1
         bar.update(1)
         if step % 10 == 0 or step == total:
-            bar.set_postfix_str(" ".join(f"{k}: L0 {l0:.0f} VE {1 - f:.3f}" for k, (f, l0) in post.items()))
+            bar.set_postfix_str(" ".join(f"{k}: L0 {l0:.0f} VE {1 - f:.3f}" for k, (f, l0) in post.items())
+                                + ("" if jac_last is None else f" |J|₁ {jac_last:.2f}"))
         if ckpt is not None and (step % cfg.ckpt_every == 0 or step == total):
             atomic_save_state({"config": asdict(cfg), "n_rows": n, "step": step,
                                "dicts": {k: d.state_dict() for k, d in dicts.items()},
@@ -223,6 +287,8 @@ def train_pair(model, layer: int, data: Tensor, config: TrainConfig | None = Non
         d.cfg.training_tokens = int(total * cfg.batch_size)
         if k in post:
             d.cfg.metrics = {"train_fvu_last": post[k][0], "train_l0_last": post[k][1]}
+        if jac_last is not None:
+            d.cfg.metrics.update(train_jacobian=cfg.jacobian, train_jacobian_l1_last=jac_last)
         for p in d.parameters():
             p.requires_grad_(False)
     for k, d in dicts.items():  # never save (or hand back) a diverged dictionary
