@@ -113,6 +113,9 @@ def add_features_parser(subparsers) -> None:
     p.add_argument("--removal-window", type=C.arg_type(C.positive_int, "--removal-window", 10**5),
                    default=32, help="earlier tokens dropped in turn")
     p.add_argument("--no-removal", action="store_true", help="skip the token-removal reruns")
+    p.add_argument("--label-tokens", type=C.arg_type(C.nonneg_int, "--label-tokens", 10**10), default=0,
+                   help="fit a rule label on this many tokens of the training split and score it on "
+                        "the analysed tokens (0: an unscored token label)")
     p.add_argument("--json", action="store_true", help="print the cards as JSON")
     p.set_defaults(func=cmd_features)
 
@@ -143,9 +146,16 @@ def cmd_features(args) -> None:
         raise UserError(f"--feature {bad[0]} is out of range: the {args.site} dictionary has "
                         f"features 0..{d_sae - 1}")
     tokens = load_tokens(args.data, model, n_tokens=args.tokens, split=args.split)
+    labels = None
+    if args.label_tokens:
+        from .labels import label_pair
+
+        train = load_tokens(args.data, model, n_tokens=args.label_tokens, split="train")
+        labels = label_pair(model, pair, layer, train, tokens, features={args.site: args.feature},
+                            progress=True)[args.site]
     cards = analyze_features(model, pair, tokens, layer, args.site, args.feature, n_top=args.top,
                              n_bins=args.bins, removal=not args.no_removal,
-                             removal_window=args.removal_window, progress=True)
+                             removal_window=args.removal_window, progress=True, labels=labels)
     if args.json:
         from .io import strict_json
 

@@ -278,13 +278,15 @@ def test_cli_prints_a_card(lens_setup, tmp_path, capsys, monkeypatch):
     add_features_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["features", "--model", model_name(model), "--device", "cpu", "--layer", "0",
                               "--site", "resid", "--feature", "0", "--dicts", str(tmp_path / "pair"),
-                              "--data", str(txt), "--split", "all", "--tokens", "512"])
+                              "--data", str(txt), "--split", "all", "--tokens", "512", "--label-tokens", "512"])
     monkeypatch.setattr("featcircuit.models.load_model", lambda *a, **k: model)  # keep the rewritten W_U
     args.func(args)
     out = capsys.readouterr().out
     tok = model.tokenizer
     assert "resid0/0" in out and f"⟦{tok.decode([s['target']]).replace(chr(10), '⏎')}⟧" in out
     assert "logit lens" in out and "token removal" in out and "activation density" in out
+    # the scored label: the detector fires exactly on the target token
+    assert f"== resid0/0  {tok.decode([s['target']])!r} ==" in out and "label: held-out F1 1.00" in out
     assert list((tmp_path / "cache" / "features").glob("*.pt"))
 
 
