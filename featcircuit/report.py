@@ -1,8 +1,12 @@
 """The HTML report of a discovered circuit: one self-contained file that works offline (DESIGN §9).
 
 1. *Cards*: every feature node of the graph gets a feature card
-   (:func:`featcircuit.features.analyze_features`: one cached pass per dictionary, plus the
-   token-removal reruns); error nodes and ``out`` get a short explanatory card.
+   (:func:`featcircuit.cards.analyze_features`: one cached pass per dictionary, plus the
+   token-removal reruns) headed by its label and held-out F1 when scored labels are given
+   (:mod:`featcircuit.labels`), a ``DENSE`` badge above 10% of tokens, and for each of its edges
+   the evidence of :func:`featcircuit.evidence.edge_evidence` (mean per co-activation, top
+   contexts shaded by e_ij, the tokens carrying the edge); error nodes list their edges too, and
+   ``out`` gets a short explanatory card.
 2. *Circuit*: the graph's DOT source rendered to SVG by the system ``dot`` (stdin to stdout) and
    inlined; without ``dot`` the page says so and the node table stays the way in.
 3. *Page*: the circuit beside a card panel (click a node, or a row of the node table, to open
@@ -16,7 +20,9 @@
    ``attribution_graph.json`` (``metadata``, ``qParams``, ``nodes`` with ``node_id``/``feature``/
    ``layer``/``ctx_idx``/``feature_type``/``clerp``, ``links`` with ``source``/``target``/``weight``,
    as in circuit-tracer / Neuronpedia attribution graphs; edges are summed over token positions,
-   so every node has ``ctx_idx`` 0).
+   so every node has ``ctx_idx`` 0; nodes also carry ``dense`` and ``label_f1``, links
+   ``mean_per_coactivation`` and, with evidence, ``top_tokens`` and ``evidence``), and
+   ``edge_evidence.json`` when evidence is given.
 5. *Browser* (:func:`browser`, :func:`screenshot_report`): headless Chromium through selenium
    (optional: ``pip install selenium`` and Debian's ``chromium chromium-driver``), for the tests
    and the screenshots in ``docs/``.
