@@ -1,9 +1,15 @@
-"""Ablation search: speculatively batched vs naive ACDC (one forward per edge), same candidates.
+"""Ablation search: chained batches vs one forward per edge, and the batch the search picks.
 
-    .venv/bin/python benchmarks/bench_search.py [--candidates 64] [--tau 2e-5]
+    .venv/bin/python benchmarks/bench_search.py [--task bracket] [--candidates 128] [--tau 0.01]
 
-Both searches run on the built-in model's layer-2 default pair and the same held-out tokens;
-prints wall time and forward passes of each, and checks the kept sets and Δ values agree.
+On the built-in model's layer-2 default pair and a built-in task's search pairs, the same
+candidates are pruned three ways, each on a fresh context (no shared caches):
+
+1. one configuration per forward pass (plain ACDC);
+2. chains of B configurations per pass (speculative, restarted after a misprediction);
+3. ``batch=None``: the search measures a 1- and a B-configuration pass and picks one of the two.
+
+Prints wall time and passes of each, the ratio to (1), and checks all three keep the same edges.
 """
 
 from __future__ import annotations
@@ -13,61 +19,48 @@ import time
 
 import torch
 
-from featcircuit import load_model, load_tokens
-from featcircuit.attribution import attribute_edges, default_metric
+from featcircuit import load_model
+from featcircuit.ablation import AblationContext
 from featcircuit.pairs import default_pair
-from featcircuit.search import AblationContext, _with, search_edges, visit_order
-
-
-def naive(ctx: AblationContext, cands, tau: float):
-    H, out = {}, []
-    (d_H,) = ctx.score([H])
-    for i, j, _ in visit_order(cands):
-        (d,) = ctx.score([_with(H, i, j)])
-        keep = not (d - d_H) < tau
-        out.append((i, j, d - d_H, keep))
-        if not keep:
-            H, d_H = _with(H, i, j), d
-    return out
+from featcircuit.search import rank_edges, relative_tau, search_circuit
+from featcircuit.tasks import builtin_task
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layer", type=int, default=2)
-    ap.add_argument("--candidates", type=int, default=64)
-    ap.add_argument("--tau", type=float, default=2e-5)
-    ap.add_argument("--search-tokens", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=32, help="speculative chain length")
-    ap.add_argument("--max-rows", type=int, default=512, help="sequences per forward pass")
-    ap.add_argument("--no-predict", action="store_true", help="speculate 'removed' for every edge")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", default="bracket")
+    ap.add_argument("--candidates", type=int, default=128)
+    ap.add_argument("--tau", type=float, default=0.02, help="relative to |m(M) − m(∅)|")
+    ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()
+    torch.manual_seed(0)
     model = load_model("stdlib-neox", device="cpu")
-    pair, _ = default_pair(model, args.layer)
-    toks = load_tokens("builtin:stdlib", model, n_tokens=16384, split="heldout")
-    table = attribute_edges(model, pair, toks, layer=args.layer, metric=default_metric, progress=False)
-    cands = table.top(args.candidates, by="behav_weight")
-    stoks = toks[: args.search_tokens // toks.shape[1]]
+    pair, _ = default_pair(model, 2, progress=False)
+    task, _ = builtin_task(args.task, model).halves()
 
-    ctx = AblationContext(model, pair, args.layer, stoks)
-    t = time.perf_counter()
-    ref = naive(ctx, cands, args.tau)
-    t_naive, p_naive = time.perf_counter() - t, ctx.passes
-    ctx2 = AblationContext(model, pair, args.layer, stoks, max_rows=args.max_rows)
-    t = time.perf_counter()
-    res = search_edges(model, pair, stoks, cands, tau=args.tau, ctx=ctx2, batch=args.batch,
-                       predict=not args.no_predict, progress=False)
-    t_b = time.perf_counter() - t
-    got = [(v["src"], v["dst"], v["delta"], v["kept"]) for v in res.visited]
-    same_kept = [g[3] for g in got] == [r[3] for r in ref]
-    max_dd = max(abs(g[2] - r[2]) for g, r in zip(got, ref))
-    print(f"{len(cands)} candidates, tau {args.tau:g}, {stoks.numel():,} tokens, chain {args.batch}, "
-          f"{args.max_rows} rows/pass, predict {not args.no_predict}, {torch.get_num_threads()} threads")
-    print(f"naive ACDC : {p_naive:>4} forward passes, {t_naive:6.1f}s")
-    print(f"batched    : {res.passes:>4} forward passes, {t_b:6.1f}s (incl. the ∅ end point)")
-    print(f"passes ratio {p_naive / res.passes:.1f}x, wall-time ratio {t_naive / t_b:.1f}x; "
-          f"kept {len(res.kept)}; identical decisions: {same_kept}; max |ΔΔ| {max_dd:.1e}")
+    def fresh() -> AblationContext:
+        return AblationContext(model, pair, 2, task.clean, "patch", task=task)
+
+    ctx0 = fresh()
+    rk = rank_edges(ctx0)
+    cands, stat = rk.order("abs")[: args.candidates], rk.stat("abs")
+    tau = relative_tau(ctx0, args.tau)
+    rows = []
+    for name, batch in (("one per pass", 1), (f"chains of {args.batch}", args.batch), ("auto", None)):
+        ctx = fresh()
+        t = time.perf_counter()
+        res = search_circuit(ctx, cands, tau=tau, stat=stat, batch=batch, progress=False)
+        rows.append((name, time.perf_counter() - t, res))
+    base_t = rows[0][1]
+    print(f"task {args.task}: {len(task)} search pairs × {task.clean.shape[1]} tokens, {len(cands)} candidates, "
+          f"τ = {tau:.3g} ({args.tau} × |m(M) − m(∅)|), {torch.get_num_threads()} threads")
+    print(f"{'search':<16} {'seconds':>8} {'passes':>7} {'kept':>5} {'× time of one-per-pass':>24}")
+    for name, t, res in rows:
+        print(f"{name:<16} {t:>8.2f} {res.passes:>7} {len(res.kept):>5} {t / base_t:>24.2f}"
+              + (f"   (picked batch {res.batch})" if name == "auto" else ""))
+    kept = [set(r.kept) for _, _, r in rows]
+    print("identical kept sets:", all(k == kept[0] for k in kept))
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     main()

@@ -141,6 +141,11 @@ class AblationContext:
                 x_empty = x_empty - self.err_coef
             self.x_empty = x_empty
             self.f_empty = self._pre_all(x_empty) * self.mask
+            self._d_r = self.coef.shape[1]
+            nzs = [self.coef != 0]
+            if errors == "ablated":
+                nzs.append(self.err_coef.abs().sum(-1, keepdim=True) > 0)
+            self._nonzero = torch.cat(nzs, 1)  # [N, d_R(+1)]
             self._tail = _capture_tail(model, layer, self.tokens)
             (self.clean_logits,) = self._forward([torch.zeros_like(z)])
             if self.task is None and self.user_metric is None:
@@ -195,33 +200,74 @@ class AblationContext:
 
     def target_acts(self, j: int, kind: str, srcs: frozenset) -> Tensor:
         """MLP feature j's activation on its active tokens when it reads the configured input."""
-        key = (j, kind, srcs)
-        if key not in self._acts:
+        self._fill([(j, kind, srcs)])
+        return self._acts[(j, kind, srcs)]
+
+    def _fill(self, keys: list[tuple[int, str, frozenset]]) -> None:
+        """Compute and cache the activations of several configured targets in one batch.
+
+        Only tokens where a configuration keeps some but not all of the sources that carry
+        anything there are recomputed; the others read the clean or the all-ablated value.
+        """
+        todo = [k for k in dict.fromkeys(keys) if k not in self._acts]
+        if not todo:
+            return
+        xs, js, where = [], [], []
+        for key in todo:
+            j, kind, srcs = key
             rows = self.rows(j)
-            if kind == "keep":
-                xj = self.x_empty[rows] + self._contrib(rows, srcs)
-            else:
-                xj = self.x[rows] - self._contrib(rows, srcs)
-            M = self.pair.mlp
-            zj = self.parts.hidden(xj)
-            if hasattr(M, "pre_acts"):  # j's own pre-activation, mask held
-                pre = torch.relu((zj - M.b_dec) @ M.W_enc[:, j] + M.b_enc[j])
+            nz = self._nonzero[rows]  # [n, d_R(+1)] sources carrying something at each token
+            cols = torch.tensor(sorted(self._d_r if i == ERR else i for i in srcs
+                                       if i >= 0 or self.errors == "ablated"), dtype=torch.long, device=rows.device)
+            hit = nz[:, cols].sum(1) if len(cols) else torch.zeros(len(rows), dtype=torch.long, device=rows.device)
+            total = nz.sum(1)
+            none_kept = hit == 0 if kind == "keep" else hit == total
+            all_kept = hit == total if kind == "keep" else hit == 0
+            self._acts[key] = torch.where(none_kept, self.f_empty[rows, j], self.f[rows, j])
+            part = ~(none_kept | all_kept)
+            if part.any():
+                pr = rows[part]
+                xs.append(self.x_empty[pr] + self._contrib(pr, srcs) if kind == "keep"
+                          else self.x[pr] - self._contrib(pr, srcs))
+                js.append(torch.full((len(pr),), j, dtype=torch.long, device=pr.device))
+                where.append((key, part))
+        if not xs:
+            return
+        x, jj = torch.cat(xs), torch.cat(js)
+        M = self.pair.mlp
+        pre = torch.empty(len(x), dtype=x.dtype, device=x.device)
+        for s in range(0, len(x), 8192):  # bounded memory: [chunk, d_mlp]
+            z = self.parts.hidden(x[s:s + 8192])
+            jc = jj[s:s + 8192]
+            if hasattr(M, "pre_acts"):  # each row's own target pre-activation, mask held
+                pre[s:s + 8192] = torch.relu(((z - M.b_dec) * M.W_enc.T[jc]).sum(-1) + M.b_enc[jc])
             else:  # any module: its encode(), mask held
-                pre = M.encode(zj)[:, j]
-            self._acts[key] = pre
-        return self._acts[key]
+                pre[s:s + 8192] = M.encode(z).gather(1, jc[:, None])[:, 0]
+        k = 0
+        for key, part in where:
+            n = int(part.sum())
+            out = self._acts[key].clone()
+            out[part] = pre[k:k + n]
+            self._acts[key] = out
+            k += n
 
     def dz(self, cfg: Config) -> Tensor:
         """Change of the mid-MLP activation ``[N, d_mlp]`` under ``cfg`` (ε_M kept)."""
         W = self.pair.mlp.W_dec
         out = self.dz_empty.clone() if cfg.default == "empty" else torch.zeros_like(self.dz_empty)
+        rows, js, vals = [], [], []
+        self._fill([t for t in cfg.targets if len(self.rows(t[0]))])
         for j, kind, srcs in cfg.targets:
-            rows = self.rows(j)
-            if len(rows) == 0:
+            r = self.rows(j)
+            if len(r) == 0:
                 continue
-            dflt = self.f_empty[rows, j] if cfg.default == "empty" else self.f[rows, j]
-            new = self.target_acts(j, kind, srcs)
-            out.index_add_(0, rows, (new - dflt)[:, None] * W[j][None])
+            dflt = self.f_empty[r, j] if cfg.default == "empty" else self.f[r, j]
+            rows.append(r)
+            js.append(torch.full_like(r, j))
+            vals.append(self.target_acts(j, kind, srcs) - dflt)
+        if rows:  # one scatter for every listed target: Σ_j (f'_j − f_j^default)·m_j
+            v = torch.cat(vals)
+            out.index_add_(0, torch.cat(rows), v[:, None] * W[torch.cat(js)])
         return out
 
     # ---- the forward and the metric ------------------------------------------------------
@@ -260,7 +306,8 @@ class AblationContext:
         if self.user_metric is not None:
             return float(self.user_metric(logits, self.tokens))
         logq = logits[:, 1:].log_softmax(-1)
-        return float((self.clean_p * (self.clean_logp - logq)).sum(-1).mean())
+        # clamped per position: float noise must not make a KL negative
+        return float((self.clean_p * (self.clean_logp - logq)).sum(-1).clamp_min(0).mean())
 
     def values(self, configs: list[Config]) -> list[float]:
         """The metric m for each configuration (cached): logit difference, user metric or KL."""

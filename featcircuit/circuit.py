@@ -36,7 +36,7 @@ class CircuitConfig:
     """kept: error nodes stay clean; ablated: ε_R's edges are in scope (and candidates)"""
     candidates: int = 128
     """edges handed from the ranking to the pruning search"""
-    tau: float = 0.01
+    tau: float = 0.02
     """remove an edge when it moves D by less than tau × |m(M) − m(∅)|"""
     tau_abs: float | None = None
     """absolute τ in the metric's units (overrides tau)"""

@@ -48,7 +48,7 @@ class DiscoverConfig:
     node_threshold: float = 0.0
     edge_threshold: float = 0.0
     search: str = "acdc"
-    tau: float = 0.01
+    tau: float = 0.02
     tau_abs: float | None = None
     tau_sweep: str | None = None
     candidates: int = 128
@@ -163,6 +163,43 @@ def target_decomposition(model, pair, layer: int, tokens: torch.Tensor, j: int) 
             "share_decoder_bias": bias / total, "drivers": drivers}
 
 
+def _quality(model, pair, pair_path: Path, tokens: torch.Tensor, layer: int, progress: bool) -> dict:
+    """Dictionary quality on ``tokens``, measured once per (pair weights, tokens, layer) and cached.
+
+    The key hashes the pair's weight files and the tokens, so a retrained pair or other tokens
+    are measured afresh; a corrupt cache entry is measured again and overwritten.
+    """
+    import hashlib
+
+    from .activations import tokens_digest
+    from .evaluation import evaluate_pair
+    from .pairs import cache_root
+
+    h = hashlib.sha256(f"{model_name_of(model)}|{layer}|{tokens_digest(tokens)}".encode())
+    files = sorted(Path(pair_path).glob("*/sae_weights.safetensors"))
+    for f in files:
+        h.update(f.read_bytes())
+    path = cache_root() / "quality" / f"{h.hexdigest()[:20]}.json"
+    if files and path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    q = evaluate_pair(model, pair, tokens, layer, progress=progress)
+    if files:
+        try:
+            atomic_write_text(path, strict_json(q, indent=1))
+        except OSError:  # a read-only cache is not an error: the numbers were measured anyway
+            pass
+    return q
+
+
+def model_name_of(model) -> str:
+    from .models import model_name
+
+    return model_name(model)
+
+
 def _behaviour(cfg: DiscoverConfig, model):
     """(task or None, search behaviour, held-out behaviour, performance row)."""
     from .data import load_tokens
@@ -189,7 +226,6 @@ def discover(cfg: DiscoverConfig) -> dict:
     from .circuit import CircuitConfig, find_circuit
     from .data import load_tokens
     from .dictionary import load_pair
-    from .evaluation import evaluate_pair, format_quality
     from .faithfulness import plot_curves
     from .features import collect_stats, labels_for
     from .graph import CircuitGraph, format_table
@@ -220,12 +256,12 @@ def discover(cfg: DiscoverConfig) -> dict:
     corpus = load_tokens(cfg.data, model, n_tokens=cfg.tokens, split=cfg.split)
     t_setup = time.time() - t0
 
-    quality = evaluate_pair(model, pair, corpus[: max(1, cfg.eval_tokens // corpus.shape[1])], layer,
-                            progress=cfg.progress)
+    quality = _quality(model, pair, pair_path, corpus[: max(1, cfg.eval_tokens // corpus.shape[1])], layer,
+                       cfg.progress)
     stats = collect_stats(model, pair, corpus, layer, progress=cfg.progress)
     if task is not None:  # edges and their behavioural weights on the behaviour itself
-        table = attribute_edges(model, pair, beh_search.clean, layer=layer, ln=cfg.ln,
-                                metric=beh_search.metric, progress=cfg.progress)
+        table = attribute_edges(model, pair, beh_search.clean, layer=layer, ln=cfg.ln, metric=beh_search.metric,
+                                batch_size=len(beh_search), progress=cfg.progress)  # the metric reads every pair
     else:
         from .attribution import default_metric
         table = attribute_edges(model, pair, corpus, layer=layer, ln=cfg.ln, metric=default_metric,

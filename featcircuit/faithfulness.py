@@ -8,7 +8,7 @@ C ⊂ S, with m the behaviour's metric:
 2. **faithfulness** ``F(C) = (m(C) − m(∅)) / (m(M) − m(∅))``; **completeness** (SFC's) is
    ``F(S ∖ C)``, near 0 when C holds the mechanism;
 3. **curves**: F and completeness of the top-s edges of an order, for s at fractions of |S|
-   (log-spaced, 0.1% … 100%) and at the found circuit's size;
+   (half-decades, 0.1% … 100%) and at the found circuit's size;
 4. MIB's areas: **CPR** = area under F against log10(fraction of S), over [0.1%, 100%],
    divided by that range (1.0 = faithful at every size); **CMD** = the same area of |1 − F|
    (0 = perfect).
@@ -21,7 +21,7 @@ import random
 
 from .ablation import AblationContext, Config, Edge
 
-FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+FRACTIONS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 def end_points(ctx: AblationContext, circuit: list[Edge]) -> dict:

@@ -59,10 +59,12 @@ class TaskPrompts:
         return self.logit_diff(logits).mean()
 
     def logit_diff(self, logits: Tensor) -> Tensor:
-        """Per-pair logit difference ``[n]`` at the last position."""
+        """Per-pair logit difference ``[n]`` at the last position (one row of logits per pair)."""
         last = logits[:, -1]
-        n = len(last)
-        ans, wr = self.answer[:n].to(last.device), self.wrong[:n].to(last.device)
+        if len(last) != len(self):
+            raise ValueError(f"task {self.name!r} has {len(self)} pairs but got logits for {len(last)} "
+                             "prompts: score a subset with task.subset(rows)")
+        ans, wr = self.answer.to(last.device), self.wrong.to(last.device)
         return last.gather(1, ans[:, None])[:, 0] - last.gather(1, wr[:, None])[:, 0]
 
     def subset(self, rows: Tensor) -> TaskPrompts:

@@ -1,0 +1,171 @@
+"""Regenerate every circuit figure the README quotes, and write them into the README.
+
+    .venv/bin/python scripts/regenerate.py [--layer 2] [--tasks all] [--skip-readme]
+
+1. the built-in tasks and the model's accuracy on each (``featcircuit tasks``);
+2. ``featcircuit discover --layer L --task NAME`` for every task the model performs, and the
+   corpus run ``featcircuit discover --layer L``, each into ``featcircuit-out/readme/…``;
+3. their summaries in ``docs/results/results.json``, the faithfulness plots and the rendered
+   circuit of the first task in ``docs/results/``;
+4. the README's generated blocks (between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``)
+   rewritten from those numbers, so the README never holds a hand-copied figure.
+
+Same seed, same machine → the same kept sets and the same ``graph.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "featcircuit-out" / "readme"
+DOCS = ROOT / "docs" / "results"
+SWEEP = "0.005,0.05,0.1"
+
+
+def run(args: list[str], threads: int | None = None) -> str:
+    cmd = [sys.executable, "-m", "featcircuit", *args]
+    print("$ featcircuit " + " ".join(args), flush=True)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        sys.exit(f"regenerate: `featcircuit {' '.join(args)}` failed:\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+def f3(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def f2(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def task_table(tasks: list[dict]) -> str:
+    rows = ["| task | what | pairs (held-out) | tokens | accuracy | logit diff clean | corrupt | used |",
+            "|---|---|---|---|---|---|---|---|"]
+    for t in tasks:
+        rows.append(f"| `{t['task']}` | {t['what']} | {t['pairs']} ({t['heldout_pairs']}) | {t['n_ctx']} | "
+                    f"{t['accuracy']:.3f} | {t['logit_diff_clean']:+.2f} | {t['logit_diff_corrupt']:+.2f} | "
+                    f"{'yes' if t['performs'] else 'no'} |")
+    return "\n".join(rows)
+
+
+def circuit_table(runs: dict[str, dict]) -> str:
+    rows = ["| behaviour | ablation | \\|S\\| | m(M) | m(∅) | edges | F | completeness | CPR | CMD | F, errors ablated | rank (Spearman) | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in runs.items():
+        c = s["circuit"]
+        st = c["statistics"]
+        sp = st.get(f"spearman_{c['ranking']}")
+        rows.append(f"| {name} | {c['ablation']} | {c['scope']['size_heldout']:,} | {c['m_full']:.3g} | "
+                    f"{c['m_empty']:.3g} | {c['size']} | {f3(c['faithfulness'])} | {f3(c['completeness'])} | "
+                    f"{f2(c['cpr'])} | {f2(c['cmd'])} | {f3(c['errors_other_variant']['faithfulness'])} | "
+                    f"{c['ranking']} ({f2(sp)}) | {c['verdict']} |")
+    return "\n".join(rows)
+
+
+def baseline_table(runs: dict[str, dict]) -> str:
+    orders = list(next(iter(runs.values()))["circuit"]["baselines_at_size"])
+    rows = ["| behaviour | edges | " + " | ".join(f"F: {o}" for o in orders) + " | search beats all? |",
+            "|---|---|" + "---|" * len(orders) + "---|"]
+    for name, s in runs.items():
+        c = s["circuit"]
+        b = c["baselines_at_size"]
+        fs = b["search"]["faithfulness"]
+        beats = fs is not None and all((b[o]["faithfulness"] or -1e9) < fs for o in orders if o != "search")
+        rows.append(f"| {name} | {c['size']} | " + " | ".join(f3(b[o]["faithfulness"]) for o in orders)
+                    + f" | {'yes' if beats else '**no**'} |")
+    rows.append("")
+    rows.append("| behaviour | " + " | ".join(f"CPR / CMD: {o}" for o in orders) + " |")
+    rows.append("|---|" + "---|" * len(orders))
+    for name, s in runs.items():
+        a = s["circuit"]["areas"]
+        rows.append(f"| {name} | " + " | ".join(f"{f2(a[o]['cpr'])} / {f2(a[o]['cmd'])}" for o in orders) + " |")
+    return "\n".join(rows)
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    pat = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+    if not pat.search(text):
+        raise SystemExit(f"regenerate: README has no block <!-- results:{name} -->")
+    return pat.sub(lambda m: m.group(1) + body + m.group(2), text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layer", type=int, default=2)
+    ap.add_argument("--tasks", default="all", help="comma-separated task names, or all")
+    ap.add_argument("--skip-readme", action="store_true")
+    ap.add_argument("--jobs", type=int, default=2, help="discover runs at once (each single-threaded if > 1)")
+    args = ap.parse_args()
+    t0 = time.time()
+    DOCS.mkdir(parents=True, exist_ok=True)
+    tasks = json.loads(run(["tasks", "--json"]))["tasks"]
+    names = [t["task"] for t in tasks if t["performs"]]
+    if args.tasks != "all":
+        names = [n for n in names if n in args.tasks.split(",")]
+    runs: dict[str, dict] = {}
+    L = str(args.layer)
+    jobs = {f"task-{n}": ["discover", "--layer", L, "--task", n, "--tau-sweep", SWEEP, "--out", str(OUT / f"task-{n}"),
+                          "--force"] for n in names}
+    jobs["corpus"] = ["discover", "--layer", L, "--out", str(OUT / "corpus"), "--force"]
+    with ThreadPoolExecutor(args.jobs) as pool:  # each run single-threaded when several share the cores
+        printed = dict(zip(jobs, pool.map(lambda a: run(a, threads=1 if args.jobs > 1 else None), jobs.values())))
+    printed = {k.removeprefix("task-"): v for k, v in printed.items()}
+    for n in names:
+        out = OUT / f"task-{n}"
+        runs[f"task `{n}`"] = json.loads((out / "summary.json").read_text())
+        shutil.copyfile(out / "faithfulness.png", DOCS / f"faithfulness-{n}.png")
+    out = OUT / "corpus"
+    runs["corpus (KL)"] = json.loads((out / "summary.json").read_text())
+    shutil.copyfile(out / "faithfulness.png", DOCS / "faithfulness-corpus.png")
+    if names:
+        first = OUT / f"task-{names[0]}"
+        for ext in ("svg", "png"):
+            run(["render", str(first / "graph.json"), "-o", str(DOCS / f"circuit.{ext}"), "--top-edges", "15"])
+    bench = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_search.py"),
+                            "--task", names[0] if names else "bracket"], cwd=ROOT, capture_output=True, text=True)
+    if bench.returncode != 0:
+        sys.exit(f"regenerate: bench_search failed:\n{bench.stderr[-2000:]}")
+    res = {"layer": args.layer, "tasks": tasks, "runs": runs, "seconds": round(time.time() - t0, 1),
+           "discover_seconds": {k: v["seconds"]["total"] for k, v in runs.items()}}
+    (DOCS / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {DOCS / 'results.json'} and the plots in {DOCS}")
+    if args.skip_readme:
+        return
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if names:
+        out_txt = printed[names[0]].replace(str(Path.home()), "~").replace(str(ROOT) + "/", "")
+        text = replace_block(text, "discover-output", f"`featcircuit discover --layer {L} --task {names[0]}`:\n\n"
+                             f"```\n{out_txt.strip()}\n```")
+    text = replace_block(text, "bench-search", f"```\n$ .venv/bin/python benchmarks/bench_search.py\n"
+                         f"{bench.stdout.strip()}\n```")
+    text = replace_block(text, "tasks", task_table(tasks))
+    text = replace_block(text, "circuits", circuit_table(runs))
+    text = replace_block(text, "baselines", baseline_table(runs))
+    times = ", ".join(f"{k}: {v:.0f} s" for k, v in res["discover_seconds"].items())
+    text = replace_block(text, "timing", f"`discover` wall times on this machine (pair cached; {args.jobs} runs at "
+                         f"once, each on {'one thread' if args.jobs > 1 else 'both cores'}): {times}.")
+    sweep_rows = ["| behaviour | τ (relative) | edges | F | completeness |", "|---|---|---|---|---|"]
+    for name, s in runs.items():
+        for f in s["circuit"]["tau_sweep"]:
+            sweep_rows.append(f"| {name} | {f['tau']:g} | {f['size']} | {f3(f['faithfulness'])} | "
+                              f"{f3(f['completeness'])} |")
+    text = replace_block(text, "sweep", "\n".join(sweep_rows))
+    readme.write_text(text)
+    print(f"updated {readme} (blocks: tasks, circuits, baselines, sweep, timing) in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
