@@ -70,10 +70,10 @@ def main() -> None:
     best = {"plain": float("inf"), **{n: float("inf") for n in ns}}
     plain()
     for _ in range(args.reps):
-        for key in best:
+        for key, prev in list(best.items()):
             c0 = time.process_time()
             plain() if key == "plain" else joint(key)
-            best[key] = min(best[key], time.process_time() - c0)
+            best[key] = min(prev, time.process_time() - c0)
     print(f"batch {args.batch}, {torch.get_num_threads()} threads; best of {args.reps} (CPU time)")
     print(f"{'step':<24} {'s/step':>8} {'× plain':>8}")
     for key, t in best.items():

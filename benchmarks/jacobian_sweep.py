@@ -46,10 +46,10 @@ def row_of(lam: float, seconds: float, cpu_seconds: float, steps: int, ev: dict)
 def table(rows: list[dict]) -> str:
     """Markdown table; ratios against the λ = 0 row."""
     base = next(r for r in rows if r["lambda"] == 0)
-    lines = ["| λ | FVE resid | FVE mlp | CE rec. both (zero / mean) | dead resid / mlp | "
-             "\\|J\\|>0.005 | >0.01 | >0.02 | >0.04 | fewer >0.01 | top-10% share | train s (wall / CPU) | "
-             "× plain (wall / CPU) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = ("| λ | FVE resid | FVE mlp | CE rec. both (zero / mean) | dead resid / mlp | "
+              "\\|J\\|>0.005 | >0.01 | >0.02 | >0.04 | fewer >0.01 | top-10% share | train s (wall / CPU) | "
+              "× plain (wall / CPU) |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a = r["above"]
         lines.append(

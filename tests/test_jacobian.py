@@ -13,11 +13,11 @@ import featcircuit.training as T
 from featcircuit import UserError
 from featcircuit.dictionary import DictConfig, Dictionary, Pair
 from featcircuit.evaluation import evaluate_pair
-from featcircuit.jacobian import JacobianStats, code_jacobian, jacobian_stats, pair_jacobian, rms
+from featcircuit.jacobian import JacobianStats, jacobian_stats, pair_jacobian, rms
 from featcircuit.sites import mlp_parts, pair_sites
 
-CFG = dict(width=2.0, k=4, tokens=1200, epochs=2, batch_size=100, warmup_steps=3, ckpt_every=5,
-           dead_tokens=300, n_ctx=16)
+CFG = {"width": 2.0, "k": 4, "tokens": 1200, "epochs": 2, "batch_size": 100, "warmup_steps": 3,
+       "ckpt_every": 5, "dead_tokens": 300, "n_ctx": 16}
 
 
 def _data(model, n=100, ctx=16, seed=0):
@@ -226,7 +226,8 @@ def test_cache_key_unchanged_for_plain_pairs(neox, monkeypatch, tmp_path):
     assert not pair_dir(neox, 1, T.TrainConfig(jacobian=0.1), "builtin:stdlib").name.endswith(h)
 
 
-@pytest.mark.parametrize("bad", [dict(jacobian=-1.0), dict(jacobian=float("nan")), dict(jacobian=0.1, jacobian_tokens=0)])
+@pytest.mark.parametrize("bad", [{"jacobian": -1.0}, {"jacobian": float("nan")},
+                                 {"jacobian": 0.1, "jacobian_tokens": 0}])
 def test_bad_jacobian_options(neox, bad):
     with pytest.raises(UserError, match="jacobian"):
         T.train_pair(neox, 1, _data(neox), T.TrainConfig(**{**CFG, **bad}), progress=False)
