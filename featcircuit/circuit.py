@@ -24,6 +24,7 @@ from .faithfulness import curves, end_points, random_order
 from .search import compare_statistics, rank_edges, relative_tau, search_circuit, single_edge_deltas
 
 EXPLAINS_LITTLE = 0.5
+SMALL_SCOPE = 0.05  # a scope moving a task's metric by < 5% of its clean value explains little of it
 
 
 @dataclass
@@ -103,7 +104,7 @@ def find_circuit(model, pair, layer: int, search_beh, eval_beh, cfg: CircuitConf
               "attribution (abs)": ranking.order("abs"), "single-edge ablation": single_order,
               "random": random_order(ev.scope(), cfg.seed)}
     steps.update(1)
-    cur = curves(ev, orders, extra_sizes=[len(kept)])
+    cur = curves(ev, orders, extra_sizes=[max(len(kept), 1)])
     ep = end_points(ev, kept)
     ep_other = end_points(ev_other, [e for e in kept if e[0] >= 0])
     ep_search = end_points(ctx, kept)
@@ -111,7 +112,8 @@ def find_circuit(model, pair, layer: int, search_beh, eval_beh, cfg: CircuitConf
         f.update(size=len(f["kept"]), heldout=end_points(ev, f["kept"]))
     steps.update(1)
     steps.close()
-    at_size = {name: next(p for p in o["points"] if p["size"] == min(max(len(kept), 1), cur["scope_size"]))
+    size = min(max(len(kept), 1), cur["scope_size"])  # an empty circuit is compared at one edge
+    at_size = {name: next(p for p in o["points"] if p["size"] == size)
                for name, o in cur["orders"].items()} if cur["scope_size"] else {}
     return {
         "ablation": abl, "errors": cfg.errors, "rank_by": by, "tau": tau, "tau_relative": cfg.tau_abs is None,
@@ -151,6 +153,10 @@ def verdict(ep: dict, ctx: AblationContext) -> str:
     base = abs(ctx.m_full) if ctx.task is not None else None
     share = f"; the whole scope moves the metric by {abs(ctx.gap):.3g}" + (
         f" ({abs(ctx.gap) / base:.0%} of its clean value {ctx.m_full:.3g})" if base else "")
+    if base and abs(ctx.gap) < SMALL_SCOPE * base:
+        return (f"this layer's feature edges carry little of the behaviour{share}: faithfulness "
+                f"({f:.2f}, completeness {ep['completeness']:.2f}) is normalised by that small gap and "
+                "says little either way")
     if f < EXPLAINS_LITTLE:
         return (f"the circuit explains little: faithfulness {f:.2f} on held-out prompts "
                 f"(completeness {ep['completeness']:.2f}){share}")
