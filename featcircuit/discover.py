@@ -228,7 +228,7 @@ def discover(cfg: DiscoverConfig) -> dict:
     from .dictionary import load_pair
     from .faithfulness import plot_curves
     from .features import collect_stats, labels_for
-    from .graph import CircuitGraph, format_table
+    from .graph import CircuitGraph
     from .models import load_model, model_name
     from .pairs import default_pair
     from .report import write_report

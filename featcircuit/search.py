@@ -36,7 +36,6 @@ from .ablation import ERR, AblationContext, Config, Edge
 from .attribution import grad_rows, node_effects
 from .errors import UserError
 
-
 # ---- stage 1: ranking --------------------------------------------------------------------
 
 

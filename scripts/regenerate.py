@@ -95,10 +95,10 @@ def baseline_table(runs: dict[str, dict]) -> str:
 
 
 def replace_block(text: str, name: str, body: str) -> str:
-    pat = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+    pat = re.compile(rf"(<!-- results:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /results:{re.escape(name)} -->)", re.S)
     if not pat.search(text):
         raise SystemExit(f"regenerate: README has no block <!-- results:{name} -->")
-    return pat.sub(lambda m: m.group(1) + body + m.group(2), text)
+    return pat.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
 
 
 def main() -> None:
@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=2)
     ap.add_argument("--tasks", default="all", help="comma-separated task names, or all")
     ap.add_argument("--skip-readme", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="reuse finished runs in featcircuit-out/readme")
     ap.add_argument("--jobs", type=int, default=2, help="discover runs at once (each single-threaded if > 1)")
     args = ap.parse_args()
     t0 = time.time()
@@ -119,8 +120,17 @@ def main() -> None:
     jobs = {f"task-{n}": ["discover", "--layer", L, "--task", n, "--tau-sweep", SWEEP, "--out", str(OUT / f"task-{n}"),
                           "--force"] for n in names}
     jobs["corpus"] = ["discover", "--layer", L, "--out", str(OUT / "corpus"), "--force"]
+    def one(item: tuple[str, list[str]]) -> str:
+        name, a = item
+        saved = OUT / name / "stdout.txt"
+        if args.reuse and (OUT / name / "summary.json").is_file() and saved.is_file():
+            return saved.read_text()
+        text = run(a, threads=1 if args.jobs > 1 else None)
+        saved.write_text(text)
+        return text
+
     with ThreadPoolExecutor(args.jobs) as pool:  # each run single-threaded when several share the cores
-        printed = dict(zip(jobs, pool.map(lambda a: run(a, threads=1 if args.jobs > 1 else None), jobs.values())))
+        printed = dict(zip(jobs, pool.map(one, jobs.items())))
     printed = {k.removeprefix("task-"): v for k, v in printed.items()}
     for n in names:
         out = OUT / f"task-{n}"
@@ -129,8 +139,14 @@ def main() -> None:
     out = OUT / "corpus"
     runs["corpus (KL)"] = json.loads((out / "summary.json").read_text())
     shutil.copyfile(out / "faithfulness.png", DOCS / "faithfulness-corpus.png")
+    def rel_gap(n: str) -> float:  # the task whose behaviour the layer's scope moves most is shown
+        c = runs[f"task `{n}`"]["circuit"]
+        return abs(c["m_full"] - c["m_empty"]) / max(abs(c["m_full"]), 1e-9)
+
+    names = sorted(names, key=lambda n: -rel_gap(n))
     if names:
         first = OUT / f"task-{names[0]}"
+        shutil.copyfile(first / "faithfulness.png", DOCS / "faithfulness.png")
         for ext in ("svg", "png"):
             run(["render", str(first / "graph.json"), "-o", str(DOCS / f"circuit.{ext}"), "--top-edges", "15"])
     bench = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_search.py"),

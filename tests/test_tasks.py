@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from featcircuit.errors import UserError
-from featcircuit.tasks import BUILTIN_TASKS, MIN_PAIRS, TaskPrompts, builtin_task, load_prompts, task_performance
+from featcircuit.tasks import (
+    BUILTIN_TASKS,
+    MIN_PAIRS,
+    TaskPrompts,
+    builtin_task,
+    load_prompts,
+    task_performance,
+)
 
 
 @pytest.fixture(scope="module")
