@@ -441,10 +441,9 @@ def _search_html(search: Mapping | None, out_dir: Path) -> str:
     if search:
         s = search.get("search") or {}
         if s:
-            keys = ["n_candidates", "n_kept", "passes", "naive_passes", "seconds", "tau", "ablation",
-                    "d_full", "d_empty"]
+            keys = ["n_candidates", "n_kept", "passes", "seconds", "tau", "ablation"]
             row = [s.get(k) if k != "ablation" else e(str(s.get(k))) for k in keys]
-            out.append("<h3>Ablation search</h3>" + _table(keys, [row], set(range(len(keys))) - {6}))
+            out.append("<h3>Ablation search</h3>" + _table(keys, [row], set(range(len(keys))) - {5}))
         v = search.get("validation") or {}
         if v:
             out.append("<h3>Single-edge validation</h3><p class='meta'>each candidate edge ablated alone: "
@@ -457,8 +456,8 @@ def _search_html(search: Mapping | None, out_dir: Path) -> str:
             c = f.get("circuit") or {}
             out.append("<h3>Faithfulness</h3>"
                        f"<p class='meta'>circuit of {_num(c.get('size'))} edges: faithfulness "
-                       f"{_num(c.get('faithfulness'))} (KL {_num(c.get('kl'))}; all candidates kept "
-                       f"{_num(f.get('kl_full'))}, all ablated {_num(f.get('kl_empty'))})</p>")
+                       f"{_num(c.get('faithfulness'))}, completeness {_num(c.get('completeness'))} on held-out "
+                       "tokens (∅ = every feature edge of the layer ablated)</p>")
             curves = f.get("curves") or {}
             sizes = f.get("sizes") or []
             if curves and sizes:
