@@ -264,7 +264,7 @@ class AblationContext:
             dflt = self.f_empty[r, j] if cfg.default == "empty" else self.f[r, j]
             rows.append(r)
             js.append(torch.full_like(r, j))
-            vals.append(self.target_acts(j, kind, srcs) - dflt)
+            vals.append(self._acts[(j, kind, srcs)] - dflt)
         if rows:  # one scatter for every listed target: Σ_j (f'_j − f_j^default)·m_j
             v = torch.cat(vals)
             out.index_add_(0, torch.cat(rows), v[:, None] * W[torch.cat(js)])

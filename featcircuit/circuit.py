@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from .ablation import AblationContext, Edge
+from .ablation import AblationContext
 from .errors import UserError
 from .faithfulness import curves, end_points, random_order
 from .search import compare_statistics, rank_edges, relative_tau, search_circuit, single_edge_deltas
@@ -161,8 +161,3 @@ def verdict(ep: dict, ctx: AblationContext) -> str:
         return (f"the circuit explains little: faithfulness {f:.2f} on held-out prompts "
                 f"(completeness {ep['completeness']:.2f}){share}")
     return f"the circuit recovers {f:.0%} of the scope's effect on held-out prompts{share}"
-
-
-def edges_of(items) -> list[Edge]:
-    """``[[i, j], …]`` as edge tuples."""
-    return [(int(i), int(j)) for i, j in items]

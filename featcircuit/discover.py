@@ -173,9 +173,10 @@ def _quality(model, pair, pair_path: Path, tokens: torch.Tensor, layer: int, pro
 
     from .activations import tokens_digest
     from .evaluation import evaluate_pair
+    from .models import model_name
     from .pairs import cache_root
 
-    h = hashlib.sha256(f"{model_name_of(model)}|{layer}|{tokens_digest(tokens)}".encode())
+    h = hashlib.sha256(f"{model_name(model)}|{layer}|{tokens_digest(tokens)}".encode())
     files = sorted(Path(pair_path).glob("*/sae_weights.safetensors"))
     for f in files:
         h.update(f.read_bytes())
@@ -192,12 +193,6 @@ def _quality(model, pair, pair_path: Path, tokens: torch.Tensor, layer: int, pro
         except OSError:  # a read-only cache is not an error: the numbers were measured anyway
             pass
     return q
-
-
-def model_name_of(model) -> str:
-    from .models import model_name
-
-    return model_name(model)
 
 
 def _behaviour(cfg: DiscoverConfig, model):

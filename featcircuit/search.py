@@ -266,17 +266,6 @@ def search_circuit(ctx: AblationContext, candidates: list[Edge], *, tau: float, 
                         {"batch_timing": timing})
 
 
-def tau_sweep(ctx: AblationContext, candidates: list[Edge], taus: list[float], stat: dict[Edge, float],
-              batch: int | None = None) -> list[dict]:
-    """The faithfulness–size frontier: one search per τ (sharing the context's caches)."""
-    out = []
-    for t in sorted(taus):
-        res = search_circuit(ctx, candidates, tau=t, stat=stat, batch=batch, progress=False)
-        f = ctx.faithfulness(Config.keeping(res.kept))
-        out.append({"tau": t, "size": len(res.kept), "faithfulness_search_tokens": f, "kept": res.kept})
-    return out
-
-
 def relative_tau(ctx: AblationContext, tau: float) -> float:
     """τ in metric units from a fraction of ``|m(M) − m(∅)|``."""
     if not math.isfinite(tau) or tau < 0:
