@@ -275,39 +275,18 @@ class AblationContext:
     def _forward(self, dzs: list[Tensor]) -> list[Tensor]:
         """Logits per configuration (last position only for a task), given each one's Δz."""
         n_seq, n_ctx = self.tokens.shape
-        last = self.task is not None
-        vocab = int(self.model.cfg.d_vocab)
-        per_rows = self.max_rows if last else max(1, min(self.max_rows, 2**26 // (n_ctx * vocab)))
-        per = max(1, per_rows // n_seq)
-        out: list[Tensor] = []
-        for c in range(0, len(dzs), per):
-            chunk = dzs[c:c + per]
-            d = torch.stack(chunk).view(len(chunk) * n_seq, n_ctx - 1, -1)
-            with torch.no_grad():
-                dr = torch.zeros(len(chunk) * n_seq, n_ctx, self.parts.W_out.shape[1], dtype=self.x.dtype,
-                                 device=self.x.device)
-                dr[:, 1:] = d @ self.parts.W_out
-                if self._tail is not None:  # restart after the layer: Δresid = Δz·W_out
-                    logits = _run_tail(self._tail, dr.view(len(chunk), n_seq, n_ctx, -1), last)
-                else:
-                    def hook(act: Tensor, hook=None, d=d) -> Tensor:
-                        return torch.cat([act[:, :1], act[:, 1:] + d.to(act.dtype)], 1)
-
-                    logits = self.model.run_with_hooks(self.tokens.repeat(len(chunk), 1),
-                                                       fwd_hooks=[(self.hook_mlp, hook)])
-                    logits = logits[:, -1:] if last else logits
-            self.passes += 1
-            out.extend(logits.view(len(chunk), n_seq, logits.shape[1], -1).unbind(0))
+        drs = []
+        for d in dzs:
+            dr = torch.zeros(n_seq, n_ctx, self.parts.W_out.shape[1], dtype=self.x.dtype, device=self.x.device)
+            dr[:, 1:] = d.view(n_seq, n_ctx - 1, -1) @ self.parts.W_out
+            drs.append(dr)
+        out, passes = restart_logits(self.model, self.layer, self.tokens, self._tail, drs,
+                                     self.task is not None, self.max_rows)
+        self.passes += passes
         return out
 
     def _metric(self, logits: Tensor) -> float:
-        if self.task is not None:
-            return float(self.task.metric(logits))
-        if self.user_metric is not None:
-            return float(self.user_metric(logits, self.tokens))
-        logq = logits[:, 1:].log_softmax(-1)
-        # clamped per position: float noise must not make a KL negative
-        return float((self.clean_p * (self.clean_logp - logq)).sum(-1).clamp_min(0).mean())
+        return metric_value(self, logits)
 
     def values(self, configs: list[Config]) -> list[float]:
         """The metric m for each configuration (cached): logit difference, user metric or KL."""
@@ -333,6 +312,53 @@ class AblationContext:
 
 
 # ---- restarting the forward after the layer ------------------------------------------------
+
+
+def restart_logits(model, layer: int, tokens: Tensor, tail, d_resids: list[Tensor], last: bool,
+                   max_rows: int = 512) -> tuple[list[Tensor], int]:
+    """Logits per residual change ``d_resid [n, ctx, d]`` added after block ``layer``, and passes.
+
+    Restarts at block ``layer + 1`` from the captured clean residual (``tail``); without one, a
+    full forward with a hook at ``blocks.{layer}.hook_resid_post``. ``last``: only the last
+    position's logits (a task's metric reads nothing else).
+    """
+    n_seq, n_ctx = tokens.shape
+    vocab = int(model.cfg.d_vocab)
+    per_rows = max_rows if last else max(1, min(max_rows, 2**26 // (n_ctx * vocab)))
+    per = max(1, per_rows // n_seq)
+    out: list[Tensor] = []
+    passes = 0
+    for c in range(0, len(d_resids), per):
+        chunk = d_resids[c:c + per]
+        dr = torch.stack(chunk)  # [B, n, ctx, d]
+        with torch.no_grad():
+            if tail is not None:
+                logits = _run_tail(tail, dr, last)
+            else:
+                flat = dr.flatten(0, 1)
+
+                def hook(act: Tensor, hook=None, d=flat) -> Tensor:
+                    return act + d.to(act.dtype)
+
+                logits = model.run_with_hooks(tokens.repeat(len(chunk), 1),
+                                              fwd_hooks=[(f"blocks.{layer}.hook_resid_post", hook)])
+                logits = logits[:, -1:] if last else logits
+        passes += 1
+        out.extend(logits.view(len(chunk), n_seq, logits.shape[1], -1).unbind(0))
+    return out, passes
+
+
+def metric_value(ctx, logits: Tensor) -> float:
+    """The metric of a context (``task``, ``user_metric``, else KL to ``clean_p``) on logits."""
+    if ctx.task is not None:
+        return float(ctx.task.metric(logits))
+    if ctx.user_metric is not None:
+        return float(ctx.user_metric(logits, ctx.tokens))
+    logq = logits[:, 1:].log_softmax(-1)
+    # clamped per position: float noise must not make a KL negative
+    return float((ctx.clean_p * (ctx.clean_logp - logq)).sum(-1).clamp_min(0).mean())
+
+
 
 
 def _capture_tail(model, layer: int, tokens: Tensor):

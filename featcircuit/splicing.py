@@ -6,12 +6,14 @@ are outliers that every evaluation in the literature leaves clean.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 Replace = Callable[[Tensor], Tensor]
+_MID = re.compile(r"blocks\.(\d+)\.hook_resid_mid")
 
 
 def replace_hook(fn: Replace, skip_bos: bool = True):
@@ -40,7 +42,32 @@ def mean_ablate(mean: Tensor) -> Replace:
     return lambda a: mean.to(a.dtype).expand_as(a)
 
 
+def site_hooks(hook_name: str, fn: Callable[[Tensor], Tensor]) -> list[tuple[str, Callable]]:
+    """Forward hooks that replace the activation at ``hook_name`` by ``fn(act)`` for everything
+    downstream.
+
+    A TransformerBridge's ``blocks.L.hook_resid_mid`` (sequential blocks) is an alias of the
+    MLP's LayerNorm input: editing it changes what the MLP reads but not the residual stream
+    the next block receives. The mid residual is ``resid_pre + attn_out``, so it is replaced by
+    editing the attention output instead.
+    """
+    m = _MID.fullmatch(hook_name)
+    if m is None:
+        return [(hook_name, lambda act, hook=None: fn(act))]
+    L = m.group(1)
+    seen: dict = {}
+
+    def grab(act: Tensor, hook=None) -> Tensor:
+        seen["pre"] = act
+        return act
+
+    def edit(act: Tensor, hook=None) -> Tensor:
+        return fn(seen["pre"] + act) - seen["pre"]
+
+    return [(f"blocks.{L}.hook_resid_pre", grab), (f"blocks.{L}.hook_attn_out", edit)]
+
+
 def run_spliced(model, tokens: Tensor, replacements: dict[str, Replace]) -> Tensor:
-    """Logits of ``model`` on ``tokens`` with each hook's activation replaced."""
-    hooks = [(h, replace_hook(fn)) for h, fn in replacements.items()]
+    """Logits of ``model`` on ``tokens`` with each hook's activation replaced (BOS kept)."""
+    hooks = [h for name, fn in replacements.items() for h in site_hooks(name, replace_hook(fn))]
     return model.run_with_hooks(tokens, fwd_hooks=hooks)

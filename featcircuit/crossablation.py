@@ -1,0 +1,309 @@
+"""Ablating feature edges across layers: the scope, configurations and their metric (DESIGN §6, §12).
+
+The scope S of a run of layers is every feature edge between adjacent sites — ``resid(L) →
+mlp(L)``, ``resid(L) → resid(L+1)``, ``mlp(L) → resid(L+1)`` — at the (target token, source
+token) pairs where the source carries something (``c = a − b ≠ 0``, ``b`` its patched or zero
+value) and the target is active. Error nodes stay clean (they are outside the scope), the first
+site's features are the scope's inputs, and the last sites feed the rest of the model.
+
+A configuration (:class:`~featcircuit.ablation.Config` over global feature ids, see
+:meth:`CrossContext.gid`) says which edges into each target are kept. Sites are computed in
+order; a target reads, through each kept edge, its source's *current* value (after upstream
+ablations) and, through each ablated edge, the source's ablation value ``b`` (ACDC's edge
+semantics):
+
+- ``mlp(L)`` feature j at token t: ``x' = x_∅ + Σ_{kept i} c'_i·r_i`` at t, then LN2, ``W_in``,
+  σ and j's encoder, the clean TopK mask held (exact, as in the one-layer scope);
+- ``resid(L+1)`` feature k at t: ``pre' = pre_∅ + Σ_{kept (u,s)} J_uk(s,t)·c'_u(s)`` with
+  ``J`` the unit edge through the skip path, ``W_out`` and attention with its pattern and LN
+  scale frozen at the clean run (:mod:`featcircuit.edges`), mask held;
+- the change of the last sites enters the residual after the last chosen layer through the same
+  frozen maps, and the forward restarts there through the real remaining blocks.
+
+With one layer the scope is the ``resid(L) → mlp(L)`` edges and this equals
+:class:`~featcircuit.ablation.AblationContext` with errors kept (a test checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from .ablation import Config, Edge, _capture_tail, metric_value, restart_logits
+from .edges import ERR, active_rows, coefficients, edges_into, out_grad
+from .errors import UserError
+from .replacement import Replacement, SiteKey
+
+CROSS_ABLATIONS = ("zero", "patch")
+
+
+class _Entries:
+    """Token-level scope entries into one site: (target row, source site, feature, position, J, c)."""
+
+    def __init__(self, row, src_si, src, s, J, c, n):
+        self.row, self.src_si, self.src, self.s, self.J, self.c, self.n = row, src_si, src, s, J, c, n
+        self.edge = torch.empty(0, dtype=torch.long)
+
+
+class CrossContext:
+    """Clean (and corrupt) traces of one token set over a run of layers, and a scorer of configs."""
+
+    def __init__(self, rep: Replacement, tokens: Tensor, ablation: str = "zero", *,
+                 corrupt: Tensor | None = None, task=None, metric=None, max_rows: int = 512):
+        if ablation not in CROSS_ABLATIONS:
+            raise UserError(f"ablation {ablation!r} is not supported across layers: use zero or patch "
+                            "(mean ablation moves every feature at every token)")
+        if task is not None:
+            tokens, corrupt, metric = task.clean, task.corrupt, task.metric
+        if ablation == "patch" and (corrupt is None or corrupt.shape != tokens.shape):
+            raise UserError("patch ablation needs corrupt prompts of the clean prompts' shape "
+                            "(a task, or --prompts with clean/corrupt pairs)")
+        self.rep, self.model, self.ablation = rep, rep.model, ablation
+        self.layer = rep.layers[-1]
+        self.task, self.user_metric, self.max_rows = task, (None if task is not None else metric), max_rows
+        dev = next(self.model.parameters()).device
+        self.tokens = tokens.to(dev)
+        self.passes = 0
+        with torch.no_grad():
+            self.tr = rep.trace(self.tokens)
+            base = rep.trace(corrupt.to(dev)) if ablation == "patch" else None
+            self.co = coefficients(self.tr, base)
+            self._tail = _capture_tail(self.model, self.layer, self.tokens)
+        self.sites = list(rep.sites)
+        self.si = {s: i for i, s in enumerate(self.sites)}
+        widths = [rep.width(s) for s in self.sites]
+        self.offset = [sum(widths[:i]) for i in range(len(widths))]
+        self.n_features = sum(widths)
+        self.g_out = self._out_grad()
+        with torch.no_grad():
+            self._build()
+            d = self.tr.acts[("resid", self.layer)].shape[-1]
+            (logits,) = self._logits([torch.zeros(*self.tokens.shape, d, dtype=self.tr.logits.dtype)])
+            self.clean_logits = logits
+            if self.task is None and self.user_metric is None:
+                self.clean_logp = logits[:, 1:].log_softmax(-1)
+                self.clean_p = self.clean_logp.exp()
+        self._values: dict[Config, float] = {}
+        self.m_full = self.values([Config.full()])[0]
+        self.m_empty = self.values([Config.empty()])[0]
+
+    # ---- ids ------------------------------------------------------------------------------
+
+    def gid(self, site: SiteKey, feature: int) -> int:
+        """Global id of a feature: the site's offset plus the feature index."""
+        return self.offset[self.si[site]] + int(feature)
+
+    def node(self, gid: int) -> tuple[SiteKey, int]:
+        """(site, feature) of a global id."""
+        for i in range(len(self.sites) - 1, -1, -1):
+            if gid >= self.offset[i]:
+                return self.sites[i], gid - self.offset[i]
+        raise ValueError(f"bad global feature id {gid}")
+
+    # ---- the metric's gradient at the residual after the last layer ------------------------
+
+    def _metric_fn(self):
+        from .attribution import default_metric
+
+        if self.task is not None:
+            return lambda lg: self.task.metric(lg)
+        if self.user_metric is not None:
+            return lambda lg: self.user_metric(lg, self.tokens)
+        n = self.tokens[:, 1:].numel()
+        return lambda lg: default_metric(lg, self.tokens) / n  # KL's gradient is 0 at the clean run
+
+    def _out_grad(self) -> Tensor:
+        self.passes += 1
+        return out_grad(self.model, self.layer, self.tokens, self._tail, self._metric_fn(),
+                        self.tr.acts[("resid", self.layer)].shape[-1])
+
+    # ---- the scope ------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        """Active target rows and scope entries of every site; ∅ values; scope edge ids."""
+        tr, rep = self.tr, self.rep
+        ctx = self.tokens.shape[1]
+        self.rows: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self.entries: dict[int, _Entries] = {}
+        self.empty_vals: dict[int, Tensor] = {}
+        keys_all = []
+        for si, site in enumerate(self.sites):
+            if si == 0:
+                continue
+            n, t, k = active_rows(tr, site)
+            self.rows[si] = (n, t, k)
+            m = rep.width(site)
+            rkey = (n * ctx + t) * m + k
+            parts = {"row": [], "src_si": [], "src": [], "s": [], "J": [], "c": []}
+            for ch in edges_into(rep, tr, self.co, site):
+                feat = ch.src != ERR
+                if not feat.any():
+                    continue
+                psi = self.si[ch.src_site]
+                seq, s, src = ch.seq[feat], ch.s[feat], ch.src[feat]
+                c = self.co.codes[ch.src_site][seq, s, src]
+                row = torch.searchsorted(rkey, (seq * ctx + ch.t[feat]) * m + ch.dst[feat])
+                parts["row"].append(row)
+                parts["src_si"].append(torch.full_like(row, psi))
+                parts["src"].append(src)
+                parts["s"].append(s)
+                parts["J"].append(ch.value[feat] / c)
+                parts["c"].append(c)
+            dts = {"J": tr.acts[site].dtype, "c": tr.acts[site].dtype}
+            cat = {key: torch.cat(v) if v else torch.zeros(0, dtype=dts.get(key, torch.long))
+                   for key, v in parts.items()}
+            E = _Entries(cat["row"], cat["src_si"], cat["src"], cat["s"], cat["J"], cat["c"], n[cat["row"]])
+            self.entries[si] = E
+            src_gid = torch.tensor(self.offset, dtype=torch.long)[E.src_si] + E.src
+            dst_gid = self.offset[si] + k[E.row]
+            keys_all.append(dst_gid * self.n_features + src_gid)
+            self.empty_vals[si] = self._site_values(si, torch.zeros(len(E.row), dtype=torch.bool), E.c)
+        keys = torch.cat(keys_all) if keys_all else torch.zeros(0, dtype=torch.long)
+        self.edge_keys, inv = torch.unique(keys, return_inverse=True)  # sorted by (dst, src)
+        self.edge_count = torch.bincount(inv, minlength=len(self.edge_keys))
+        o = 0
+        for si in sorted(self.entries):
+            E = self.entries[si]
+            E.edge = inv[o:o + len(E.row)]
+            o += len(E.row)
+        self.edge_dst = self.edge_keys // self.n_features
+        self.edge_src = self.edge_keys % self.n_features
+
+    def scope(self) -> list[Edge]:
+        """Every edge (src gid, dst gid) of the scope, in (dst, src) order."""
+        return list(zip(self.edge_src.tolist(), self.edge_dst.tolist()))
+
+    def scope_size(self) -> int:
+        return len(self.edge_keys)
+
+    # ---- one configuration ------------------------------------------------------------------
+
+    def _kept(self, cfg: Config) -> Tensor:
+        """Which scope edges ``cfg`` keeps (bool over edge ids)."""
+        kept = torch.full((len(self.edge_keys),), cfg.default == "full", dtype=torch.bool)
+        for j, kind, srcs in cfg.targets:
+            lo = int(torch.searchsorted(self.edge_dst, j))
+            hi = int(torch.searchsorted(self.edge_dst, j, right=True))
+            if lo == hi:
+                continue
+            ids = self._ids(j, srcs)
+            if kind == "keep":
+                kept[lo:hi] = False
+                kept[ids] = True
+            else:
+                kept[ids] = False
+        return kept
+
+    def _ids(self, j: int, srcs: Iterable[int]) -> Tensor:
+        keys = torch.tensor([j * self.n_features + i for i in srcs if i != ERR], dtype=torch.long)
+        if len(keys) == 0:
+            return keys
+        pos = torch.searchsorted(self.edge_keys, keys).clamp_max(len(self.edge_keys) - 1)
+        return pos[self.edge_keys[pos] == keys]
+
+    def _site_values(self, si: int, kept_e: Tensor, cur: Tensor) -> Tensor:
+        """Codes of the site's active rows when entries ``kept_e`` carry ``cur`` (others carry b)."""
+        rep, site = self.rep, self.sites[si]
+        n, t, k = self.rows[si]
+        E = self.entries[si]
+        code = self.tr.codes[site][n, t, k]
+        w = torch.where(kept_e, cur, torch.zeros_like(cur)) - E.c  # kept: c' − c; ablated: −c
+        if site[0] == "resid":
+            pre = code.index_add(0, E.row, E.J * w)
+            return torch.relu(pre)
+        # mlp(L): rows with no kept entry read x_∅ (cached), rows whose entries are all kept and
+        # unchanged read x; only the others are recomputed
+        L = site[1]
+        D = rep.decoder(("resid", L))
+        R = len(n)
+        kept_f = kept_e.to(E.c.dtype)
+        n_kept = torch.zeros(R, dtype=E.c.dtype).index_add_(0, E.row, kept_f)
+        n_all = torch.zeros(R, dtype=E.c.dtype).index_add_(0, E.row, torch.ones_like(kept_f))
+        moved = torch.zeros(R, dtype=E.c.dtype).index_add_(0, E.row, ((cur != E.c) & kept_e).to(E.c.dtype))
+        out = code.clone()
+        empty = self.empty_vals.get(si)
+        none = (n_kept == 0) & (n_all > 0)
+        if empty is not None:
+            out[none] = empty[none]
+            redo = (n_all > 0) & ~none & ((n_kept < n_all) | (moved > 0))
+        else:
+            redo = (n_all > 0) & ((n_kept < n_all) | (moved > 0))
+        r = torch.nonzero(redo).flatten()
+        if len(r) == 0:
+            return out
+        sel = redo[E.row]
+        remap = torch.full((R,), -1, dtype=torch.long)
+        remap[r] = torch.arange(len(r))
+        x = self.tr.acts[("resid", L)][n[r], t[r]].clone()
+        x.index_add_(0, remap[E.row[sel]], w[sel, None] * D[E.src[sel]])
+        M = rep.dictionary(site)
+        z = rep.parts[L].hidden(x)
+        if hasattr(M, "pre_acts") and hasattr(M, "W_enc"):
+            kk = k[r]
+            pre = torch.relu(((z - M.b_dec) * M.W_enc.T[kk]).sum(-1) + M.b_enc[kk])
+        else:
+            pre = M.encode(z).gather(1, k[r][:, None])[:, 0]
+        out[r] = pre
+        return out
+
+    def _x_out(self, cfg: Config) -> Tensor:
+        """The change of the residual after the last chosen layer under ``cfg``."""
+        rep, tr = self.rep, self.tr
+        kept = self._kept(cfg)
+        dcode: dict[int, Tensor] = {}
+        for si in range(1, len(self.sites)):
+            site = self.sites[si]
+            E = self.entries[si]
+            cur = E.c.clone()
+            for psi, dc in dcode.items():
+                sel = E.src_si == psi
+                if sel.any():
+                    cur[sel] += dc[E.n[sel], E.s[sel], E.src[sel]]
+            kept_e = kept[E.edge] if len(E.edge) else torch.zeros(0, dtype=torch.bool)
+            if cfg.default == "empty" and not cfg.targets:
+                vals = self.empty_vals[si]
+            else:
+                vals = self._site_values(si, kept_e, cur)
+            n, t, k = self.rows[si]
+            diff = vals - tr.codes[site][n, t, k]
+            if diff.any():
+                d = torch.zeros_like(tr.codes[site])
+                d[n, t, k] = diff
+                dcode[si] = d
+        L = self.layer
+        dres = [dcode.get(self.si[("resid", L)]), dcode.get(self.si[("mlp", L)])]
+        zero = torch.zeros_like(tr.acts[("resid", L)])
+        dx = zero if dres[0] is None else dres[0] @ rep.decoder(("resid", L))
+        dzo = None if dres[1] is None else dres[1] @ rep.decoder(("mlp", L)) @ rep.parts[L].W_out
+        return rep.step(L, tr, dx, dzo)
+
+    def _logits(self, d_outs: list[Tensor]) -> list[Tensor]:
+        out, passes = restart_logits(self.model, self.layer, self.tokens, self._tail, d_outs,
+                                     self.task is not None, self.max_rows)
+        self.passes += passes
+        return out
+
+    def values(self, configs: list[Config]) -> list[float]:
+        """The metric m for each configuration (cached)."""
+        todo = list(dict.fromkeys(c for c in configs if c not in self._values))
+        if todo:
+            with torch.no_grad():
+                for c, lg in zip(todo, self._logits([self._x_out(c) for c in todo])):
+                    self._values[c] = metric_value(self, lg)
+        return [self._values[c] for c in configs]
+
+    def distance(self, configs: list[Config]) -> list[float]:
+        """``D = |m(config) − m(M)|``."""
+        return [abs(v - self.m_full) for v in self.values(configs)]
+
+    @property
+    def gap(self) -> float:
+        """``m(M) − m(∅)``: what the whole scope does to the metric."""
+        return self.m_full - self.m_empty
+
+    def faithfulness(self, cfg: Config) -> float | None:
+        """``(m(C) − m(∅)) / (m(M) − m(∅))``; None when the scope does nothing."""
+        (v,) = self.values([cfg])
+        return (v - self.m_empty) / self.gap if self.gap != 0 else None
