@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
@@ -67,11 +68,27 @@ def _context(model, pair, layer, beh, ablation, errors) -> AblationContext:
 def find_circuit(model, pair, layer: int, search_beh, eval_beh, cfg: CircuitConfig,
                  progress: bool = True) -> dict:
     """Search on ``search_beh`` and score on ``eval_beh`` (a TaskPrompts or a token tensor)."""
-    is_task = hasattr(search_beh, "clean")
-    abl = _ablation(cfg, is_task)
+    abl = _ablation(cfg, hasattr(search_beh, "clean"))
+
+    def make(beh, errors):
+        return _context(model, pair, layer, beh, abl, errors)
+
+    what = (f"every resid{layer} → mlp{layer} feature edge" +
+            (" and the residual error's edges" if cfg.errors == "ablated" else "") +
+            " at the tokens where both ends are present")
+    return search_and_score(make, rank_edges, search_beh, eval_beh, cfg, abl, what, progress=progress)
+
+
+def search_and_score(make: Callable, rank: Callable, search_beh, eval_beh, cfg: CircuitConfig, abl: str,
+                     scope_what: str, *, extra_orders: Callable | None = None, other_errors: bool = True,
+                     keep: dict | None = None, progress: bool = True) -> dict:
+    """Rank, search and score with any context: ``make(behaviour, errors)`` builds one (an
+    :class:`AblationContext`, a cross-layer context …), ``rank(ctx)`` gives its
+    :class:`~featcircuit.search.EdgeRanking`; ``extra_orders(ctx)`` adds named orders; ``keep``
+    receives the search and held-out contexts."""
     steps = tqdm(total=5, desc="circuit", disable=not progress)
-    ctx = _context(model, pair, layer, search_beh, abl, cfg.errors)
-    ranking = rank_edges(ctx)
+    ctx = make(search_beh, cfg.errors)
+    ranking = rank(ctx)
     cmp = compare_statistics(ctx, ranking, seed=cfg.seed)
     steps.update(1)
     by = cfg.rank_by
@@ -81,7 +98,8 @@ def find_circuit(model, pair, layer: int, search_beh, eval_beh, cfg: CircuitConf
     stat = ranking.stat(by)
     cands = ranking.order(by)[: cfg.candidates]
     tau = cfg.tau_abs if cfg.tau_abs is not None else relative_tau(ctx, cfg.tau)
-    res = search_circuit(ctx, cands, tau=tau, stat=stat, batch=cfg.batch, progress=progress)
+    batch = cfg.batch if cfg.batch is not None or hasattr(ctx, "dz_empty") else 1
+    res = search_circuit(ctx, cands, tau=tau, stat=stat, batch=batch, progress=progress)
     kept = res.kept
     steps.update(1)
     singles = single_edge_deltas(ctx, cands)
@@ -91,9 +109,10 @@ def find_circuit(model, pair, layer: int, search_beh, eval_beh, cfg: CircuitConf
         sweep.append({"tau": t, "kept": r.kept})
     steps.update(1)
 
-    ev = _context(model, pair, layer, eval_beh, abl, cfg.errors)
+    ev = make(eval_beh, cfg.errors)
+    if keep is not None:
+        keep.update(search=ctx, heldout=ev)
     other = "ablated" if cfg.errors == "kept" else "kept"
-    ev_other = _context(model, pair, layer, eval_beh, abl, other)
     by_delta = {(v["src"], v["dst"]): v["delta"] for v in res.visited}
     removed = sorted((e for e in cands if e not in set(kept)), key=lambda e: -by_delta[e])
     search_order = sorted(kept, key=lambda e: -by_delta[e]) + removed + [e for e in ranking.order(by)
@@ -101,15 +120,20 @@ def find_circuit(model, pair, layer: int, search_beh, eval_beh, cfg: CircuitConf
     single_order = [cands[k] for k in sorted(range(len(cands)), key=lambda k: -singles[k])]
     single_order += [e for e in ranking.order(by) if e not in set(cands)]
     orders = {"search": search_order, "attribution (net)": ranking.order("net"),
-              "attribution (abs)": ranking.order("abs"), "single-edge ablation": single_order,
-              "random": random_order(ev.scope(), cfg.seed)}
+              "attribution (abs)": ranking.order("abs"), "single-edge ablation": single_order}
+    if extra_orders is not None:
+        orders.update(extra_orders(ctx))
+    orders["random"] = random_order(ev.scope(), cfg.seed)
     steps.update(1)
     cur = curves(ev, orders, extra_sizes=[max(len(kept), 1)])
     ep = end_points(ev, kept)
-    ep_other = end_points(ev_other, [e for e in kept if e[0] >= 0])
     ep_search = end_points(ctx, kept)
     for f in sweep:
         f.update(size=len(f["kept"]), heldout=end_points(ev, f["kept"]))
+    out_other = {}
+    if other_errors:
+        ev_other = make(eval_beh, other)
+        out_other[f"heldout_errors_{other}"] = end_points(ev_other, [e for e in kept if e[0] >= 0])
     steps.update(1)
     steps.close()
     size = min(max(len(kept), 1), cur["scope_size"])  # an empty circuit is compared at one edge
@@ -119,10 +143,7 @@ def find_circuit(model, pair, layer: int, search_beh, eval_beh, cfg: CircuitConf
         "ablation": abl, "errors": cfg.errors, "rank_by": by, "tau": tau, "tau_relative": cfg.tau_abs is None,
         "tau_setting": cfg.tau if cfg.tau_abs is None else cfg.tau_abs,
         "search_tokens": _describe(search_beh), "heldout_tokens": _describe(eval_beh),
-        "scope": {"what": f"every resid{layer} → mlp{layer} feature edge" +
-                  (" and the residual error's edges" if cfg.errors == "ablated" else "") +
-                  " at the tokens where both ends are present",
-                  "size_search": len(ctx.scope()), "size_heldout": cur["scope_size"]},
+        "scope": {"what": scope_what, "size_search": len(ctx.scope()), "size_heldout": cur["scope_size"]},
         "statistics": {k: v for k, v in cmp.items() if k not in ("edges", "measured")},
         "statistics_sample": {"edges": cmp["edges"], "single_edge_delta": cmp["measured"]},
         "search": res.to_dict(),
@@ -130,7 +151,7 @@ def find_circuit(model, pair, layer: int, search_beh, eval_beh, cfg: CircuitConf
         "single_edge_delta": singles,
         "circuit": [list(e) for e in kept],
         "search_tokens_end_points": ep_search,
-        "heldout": ep, f"heldout_errors_{other}": ep_other,
+        "heldout": ep, **out_other,
         "curves": cur, "at_circuit_size": at_size,
         "tau_sweep": [{k: v for k, v in f.items() if k != "kept"} | {"circuit": [list(e) for e in f["kept"]]}
                       for f in sweep],
@@ -144,7 +165,7 @@ def _describe(beh) -> dict:
     return {"sequences": int(beh.shape[0]), "n_ctx": int(beh.shape[1])}
 
 
-def verdict(ep: dict, ctx: AblationContext) -> str:
+def verdict(ep: dict, ctx) -> str:
     """One plain sentence on what the scope and the circuit explain."""
     f = ep["faithfulness"]
     if f is None:
