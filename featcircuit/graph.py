@@ -227,6 +227,18 @@ def _check_node(nid: str, attrs: Mapping[str, Any], where: str) -> None:
                         "in [0, 1]")
 
 
+def _check_meta_keys(meta: Mapping[str, Any], where: str) -> str:
+    """Check the required meta keys (model, metric, mode); return the mode."""
+    for key, kind in (("model", "a string"), ("metric", "a string"), ("mode", f"one of {', '.join(MODES)}")):
+        if key not in meta:
+            raise UserError(f"{where}: meta is missing key {key!r}; expected {kind}")
+        if not isinstance(meta[key], str):
+            raise UserError(f"{where}: meta key {key!r} is {_short(meta[key])}; expected {kind}")
+    if meta["mode"] not in MODES:
+        raise UserError(f"{where}: meta mode {_short(meta['mode'])}; expected one of {', '.join(MODES)}")
+    return meta["mode"]
+
+
 def _check_meta(meta: dict[str, Any], g: nx.DiGraph, where: str, strict: bool) -> None:
     """Check ``meta`` against the nodes (and fill defaults) in place; UserError starting with ``where``.
 
@@ -242,15 +254,7 @@ def _check_meta(meta: dict[str, Any], g: nx.DiGraph, where: str, strict: bool) -
             raise UserError(f"{where}: node {with_pos[0]!r} has a position and {without[0]!r} has "
                             "none; a graph is all prompt mode or all corpus")
         return
-    for key, typ, kind in (("model", str, "a string"), ("metric", str, "a string"),
-                           ("mode", str, f"one of {', '.join(MODES)}")):
-        if key not in meta:
-            raise UserError(f"{where}: meta is missing key {key!r}; expected {kind}")
-        if not isinstance(meta[key], typ):
-            raise UserError(f"{where}: meta key {key!r} is {_short(meta[key])}; expected {kind}")
-    mode = meta["mode"]
-    if mode not in MODES:
-        raise UserError(f"{where}: meta mode {_short(mode)}; expected one of {', '.join(MODES)}")
+    mode = _check_meta_keys(meta, where)
     node_layers = sorted({r.layer for r in refs.values() if r.layer >= 0})
     meta.setdefault("layers", node_layers)
     layers = meta["layers"]
@@ -453,6 +457,7 @@ class CircuitGraph:
         if not isinstance(nodes, Mapping):
             raise UserError(f"nodes is {_short(nodes)}; expected a mapping from node id to attributes")
         meta = dict(meta or {})
+        _check_meta_keys(meta, "graph")
         g = nx.DiGraph()
         for nid in sorted(nodes, key=lambda n: _node_key(n) if isinstance(n, str) else ()):
             given = nodes[nid]
@@ -486,7 +491,7 @@ class CircuitGraph:
             _check_node(nid, attrs, where)
             g.add_node(nid, **attrs)
         prompt_mode = meta.get("mode") == "prompt"
-        rows = []
+        rows, seen = [], set()
         for k, e in enumerate(edges):
             if not (isinstance(e, (tuple, list)) and len(e) == 3 and isinstance(e[2], Mapping)):
                 raise UserError(f"edge {k} is {_short(e)}; expected (source, target, attributes)")
@@ -499,8 +504,9 @@ class CircuitGraph:
             problem = _edge_problem(u, v)
             if problem:
                 raise UserError(f"{where} {problem}")
-            if g.has_edge(u, v):
+            if (u, v) in seen:
                 raise UserError(f"{where} is a duplicate edge")
+            seen.add((u, v))
             unknown = sorted(set(given) - set(EDGE_KEYS))
             if unknown:
                 raise UserError(f"{where} has unknown attribute {unknown[0]!r}; expected "
