@@ -26,6 +26,7 @@ Pruning rules (the same in :meth:`CircuitGraph.from_edges` and :meth:`CircuitGra
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -110,7 +111,14 @@ def node_id(site: str, layer: int, feature: int | str, position: int | None = No
 
 def parse_node(nid: str) -> NodeRef:
     """Parse a node id into a :class:`NodeRef`; a one-line UserError names a bad id."""
-    m = _ID_RE.fullmatch(nid) if isinstance(nid, str) else None
+    if not isinstance(nid, str):
+        raise UserError(f"bad node id {_short(nid)}; expected {_ID_HELP}")
+    return _parse_str(nid)
+
+
+@functools.lru_cache(maxsize=1 << 18)  # sorting and checking a big graph parses each id many times
+def _parse_str(nid: str) -> NodeRef:
+    m = _ID_RE.fullmatch(nid)
     if m is None:
         raise UserError(f"bad node id {_short(nid)}; expected {_ID_HELP}")
     pos = None if m.group(5) is None else int(m.group(5))
@@ -140,6 +148,7 @@ def _rank(ref: NodeRef) -> int:
     return 2 * ref.layer + (1 if ref.site == "resid" else 2)
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def _node_key(nid: str) -> tuple[int, int, int]:
     """Canonical order: up the stream (emb, resid0, mlp0, resid1, ..., out), then position, then
     feature (err first)."""
@@ -493,7 +502,8 @@ class CircuitGraph:
         prompt_mode = meta.get("mode") == "prompt"
         rows, seen = [], set()
         for k, e in enumerate(edges):
-            if not (isinstance(e, (tuple, list)) and len(e) == 3 and isinstance(e[2], Mapping)):
+            if not (isinstance(e, (tuple, list)) and len(e) == 3
+                    and (type(e[2]) is dict or isinstance(e[2], Mapping))):  # dict first: fast
                 raise UserError(f"edge {k} is {_short(e)}; expected (source, target, attributes)")
             u, v, given = e
             where = f"edge {k} ({u} -> {v})"
