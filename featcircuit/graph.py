@@ -187,6 +187,13 @@ def _opt_float(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _given_float(x: Any) -> float | None:
+    """A float from a number, numpy or torch scalar (None for None, NaN, inf); TypeError otherwise."""
+    if isinstance(x, (bool, str, bytes)):
+        raise TypeError(f"not a number: {x!r}")
+    return _opt_float(x)  # float() raises TypeError/ValueError for anything else
+
+
 def _as_list(x: Any, name: str) -> list:
     """A 1-D list from a list, numpy array or torch tensor (any device or dtype)."""
     if hasattr(x, "detach"):  # torch tensor: bfloat16/cuda do not go through numpy
@@ -266,6 +273,8 @@ def _check_meta(meta: dict[str, Any], g: nx.DiGraph, where: str, strict: bool) -
     mode = _check_meta_keys(meta, where)
     node_layers = sorted({r.layer for r in refs.values() if r.layer >= 0})
     meta.setdefault("layers", node_layers)
+    if isinstance(meta["layers"], (tuple, range)):
+        meta["layers"] = list(meta["layers"])
     layers = meta["layers"]
     if not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
                                                for x in layers):
@@ -490,15 +499,13 @@ class CircuitGraph:
             attrs["label"] = nid if label is None else label
             attrs["token"] = token
             for k in NODE_FLOAT_KEYS:
-                v, bad = given.get(k), f"{where} has {k} {_short(given.get(k))}; expected a number or None"
-                if isinstance(v, (bool, str)):
-                    raise UserError(bad)
-                try:  # numbers, numpy and torch scalars; NaN means unknown, as in from_edges
-                    attrs[k] = _opt_float(v)
+                try:
+                    attrs[k] = _given_float(given.get(k))  # NaN means unknown, as in from_edges
                 except (TypeError, ValueError):
-                    raise UserError(bad) from None
+                    raise UserError(f"{where} has {k} {_short(given[k])}; "
+                                    "expected a number or None") from None
             _check_node(nid, attrs, where)
-            g.add_node(nid, **attrs)
+            g.add_node(nid, **(attrs | ref._asdict()))  # plain ints from the id, not numpy ones
         prompt_mode = meta.get("mode") == "prompt"
         rows, seen = [], set()
         for k, e in enumerate(edges):
@@ -525,8 +532,11 @@ class CircuitGraph:
                 need = "weight" if prompt_mode else "weight, abs_weight and count"
                 raise UserError(f"{where} lacks {need} (corpus-mode edges sum terms over tokens: "
                                 "abs_weight and count cannot be inferred)")
-            w = _opt_float(given["weight"])
-            aw = _opt_float(given.get("abs_weight", abs(w) if w is not None else None))
+            try:
+                w = _given_float(given["weight"])
+                aw = _given_float(given.get("abs_weight", abs(w) if w is not None else None))
+            except (TypeError, ValueError):
+                w = aw = None
             if w is None or aw is None:
                 raise UserError(f"{where} has weight {_short(given['weight'])} or abs_weight "
                                 f"{_short(given.get('abs_weight'))}; expected finite numbers")
