@@ -164,7 +164,7 @@ def _edge_problem(u: str, v: str) -> str | None:
                 "-> mlp1 -> ... -> out")
     if (a.position is None) != (b.position is None):
         return "joins a node with a position to one without; a graph is all prompt mode or all corpus"
-    if a.position is not None and a.position > b.position:
+    if a.position is not None and b.position is not None and a.position > b.position:
         return (f"goes back from position {a.position} to {b.position}; a causal model reads only "
                 "earlier positions")
     return None
@@ -303,7 +303,7 @@ def _check_meta(meta: dict[str, Any], g: nx.DiGraph, where: str, strict: bool) -
     if not toks:
         raise UserError(f"{where}: a prompt-mode graph needs meta prompt_tokens (the prompt, tokenized)")
     for n in with_pos:
-        pos, d = refs[n].position, g.nodes[n]
+        pos, d = int(refs[n].position), g.nodes[n]  # type: ignore[arg-type]  # with_pos: not None
         if pos >= len(toks):
             raise UserError(f"{where}: node {n!r} is at position {pos}, past the prompt's "
                             f"{len(toks)} tokens")
@@ -507,13 +507,14 @@ class CircuitGraph:
             _check_node(nid, attrs, where)
             g.add_node(nid, **(attrs | ref._asdict()))  # plain ints from the id, not numpy ones
         prompt_mode = meta.get("mode") == "prompt"
-        rows, seen = [], set()
-        for k, e in enumerate(edges):
+        rows: list[tuple[str, str, dict[str, Any]]] = []
+        seen: set[tuple[str, str]] = set()
+        for i, e in enumerate(edges):
             if not (isinstance(e, (tuple, list)) and len(e) == 3
                     and (type(e[2]) is dict or isinstance(e[2], Mapping))):  # dict first: fast
-                raise UserError(f"edge {k} is {_short(e)}; expected (source, target, attributes)")
+                raise UserError(f"edge {i} is {_short(e)}; expected (source, target, attributes)")
             u, v, given = e
-            where = f"edge {k} ({u} -> {v})"
+            where = f"edge {i} ({u} -> {v})"
             for end in (u, v):
                 parse_node(end)
                 if end not in g:
