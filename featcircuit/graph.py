@@ -719,6 +719,8 @@ class CircuitGraph:
         for n in self.sorted_nodes():
             attrs = {k: v for k, v in self.g.nodes[n].items() if k in NODE_KEYS and v is not None}
             attrs["label"] = _xml_text(str(attrs.get("label", n)))
+            if "token" in attrs:
+                attrs["token"] = _xml_text(str(attrs["token"]))
             h.add_node(n, **attrs)
         for u, v, d in self.sorted_edges():
             h.add_edge(u, v, **{k: x for k, x in d.items() if k in EDGE_KEYS and x is not None})

@@ -658,9 +658,14 @@ def test_dot_node_text_error_nodes_and_legend():
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz `dot` is not installed")
-def test_render_cross_layer_svg(tmp_path):
-    cg = cross_graph()
+def test_render_cross_layer_svg_with_awkward_tokens(tmp_path):
+    tokens = ['say "hi"', "\\", "\n<b>&amp;", "bell\x07"]  # quotes, backslash, newline, HTML, control
+    cg = CircuitGraph.from_nodes_edges(cross_nodes(), cross_edges(), cross_meta(prompt_tokens=tokens))
     out = cg.render(tmp_path / "x.svg")
     root = ET.parse(out).getroot()
     titles = {t.text for t in root.iter("{http://www.w3.org/2000/svg}title")}
     assert set(cg.g.nodes) <= titles
+    texts = " ".join(t.text or "" for t in root.iter("{http://www.w3.org/2000/svg}text"))
+    assert 'token "say \\"hi\\""' in texts and '"\\n<b>&amp;"' in texts  # shown escaped, literally
+    h = nx.read_graphml(cg.save_graphml(tmp_path / "x.graphml"))
+    assert h.nodes["out@3"]["token"] == "bell\ufffd" and h.nodes["emb@0"]["token"] == 'say "hi"'
