@@ -18,6 +18,9 @@ conventions:
 - ``ctx_idx``: the token position; a corpus-mode graph (edges summed over tokens) has ``ctx_idx`` 0
   for every node and says so in ``metadata.aggregation``.
 - the metric's ``clerp`` reads ``Output "..." (p=...)``: the frontend parses the ``(p=`` part.
+- ``influence``: circuit-tracer's *cumulative* share, the value Neuronpedia's ``node_threshold``
+  prunes on: nodes sorted by their own share of the influence on the metric (descending), a node's
+  value is the share held by it and every node before it. Our per-node share is ``influence_share``.
 
 Node ids are ours (``resid1/37@5``), unique, so ``node_id`` and ``jsNodeId`` are both the id.
 """
@@ -96,6 +99,24 @@ def stream_layer(site: str, layer: int, top: int) -> str:
     return str(2 * layer + (1 if site == "resid" else 2))
 
 
+def cumulative_influence(graph: CircuitGraph) -> dict[str, float]:
+    """circuit-tracer's node ``influence``: running sum of the nodes' shares, largest share first.
+
+    Pruning at a threshold t (keep nodes whose value is <= t) then keeps the fewest nodes holding a
+    share t of the influence, as circuit-tracer's ``node_threshold`` does. Nodes without a share
+    are left out.
+    """
+    nodes = graph.g.nodes
+    shares = {n: float(nodes[n]["influence"]) for n in graph.sorted_nodes()
+              if nodes[n].get("influence") is not None}
+    order = sorted(shares, key=lambda n: -shares[n])  # stable: ties keep canonical node order
+    out, total = {}, 0.0
+    for n in order:
+        total += shares[n]
+        out[n] = min(total, 1.0)  # float round-off must not push a share past 1
+    return out
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:100] or "graph"
 
@@ -106,9 +127,10 @@ def attribution_graph(graph: CircuitGraph, cards: Mapping[str, dict] | None = No
     """The graph as circuit-tracer / Neuronpedia attribution-graph JSON (one prompt per graph).
 
     ``nodes`` carry ``node_id``, ``jsNodeId``, ``feature``, ``layer``, ``ctx_idx``,
-    ``feature_type``, ``clerp``, ``influence``, ``activation``, ``is_target_logit``,
+    ``feature_type``, ``clerp``, ``influence`` (cumulative), ``activation``, ``is_target_logit``,
     ``token_prob`` (the schema's fields; see the module docstring for our conventions) plus
-    ``site``, ``model_layer``, ``position``, ``effect``, ``dense`` and ``label_f1``; ``links``
+    ``site``, ``model_layer``, ``position``, ``influence_share``, ``effect``, ``dense`` and
+    ``label_f1``; ``links``
     carry ``source``, ``target``, ``weight`` plus ``abs_weight``, ``count``, ``behav_weight``,
     ``delta``, ``mean_per_coactivation`` and, with ``evidence``
     (:func:`featcircuit.evidence.edge_evidence`), ``top_tokens`` and the top contexts
@@ -133,6 +155,7 @@ def attribution_graph(graph: CircuitGraph, cards: Mapping[str, dict] | None = No
     layers = graph.layers
     top = 2 * max(layers) + 3 if layers else 1
     metric = str(meta.get("metric") or "metric")
+    cumulative = cumulative_influence(graph)
     nodes = []
     for n in graph.sorted_nodes():
         d = graph.g.nodes[n]
@@ -155,10 +178,11 @@ def attribution_graph(graph: CircuitGraph, cards: Mapping[str, dict] | None = No
         nodes.append({
             "node_id": n, "jsNodeId": n, "feature": feature,
             "layer": stream_layer(site, int(d["layer"]), top), "ctx_idx": ctx, "feature_type": ftype,
-            "clerp": clerp, "influence": d.get("influence"), "activation": activation,
+            "clerp": clerp, "influence": cumulative.get(n), "activation": activation,
             "is_target_logit": site == "out", "token_prob": p if site == "out" else 0.0,
             "run_idx": 0, "reverse_ctx_idx": 0,
-            "site": site, "model_layer": int(d["layer"]), "position": pos, "effect": d.get("effect"),
+            "site": site, "model_layer": int(d["layer"]), "position": pos,
+            "influence_share": d.get("influence"), "effect": d.get("effect"),
             "freq": d.get("freq"), "max_act": d.get("max_act"), "has_card": n in cards,
             "dense": is_dense(d.get("freq")),
             "label_f1": (card.get("label_score") or {}).get("f1", d.get("label_f1"))})

@@ -554,6 +554,10 @@ class CircuitGraph:
         for u, v, d in sorted(rows, key=lambda r: _edge_key(*r)):
             g.add_edge(u, v, **d)
         _check_meta(meta, g, "graph", strict=True)
+        total = sum(d["influence"] for _, d in g.nodes(data=True) if d["influence"] is not None)
+        if total > 1 + INFLUENCE_TOL:  # shares of one total; cumulative values would sum past 1
+            raise UserError(f"graph: node influences sum to {total:.6g}; expected each node's share of "
+                            "the total influence on out, together at most 1")
         return cls(g, meta)
 
     @property

@@ -23,11 +23,11 @@ def validate(doc: dict) -> None:
 def prompt_graph() -> CircuitGraph:
     """Two layers, features, error nodes, embeddings and the metric at several positions."""
     nodes = {"emb@2": {}, "emb@7": {}, "emb@9": {},
-             "resid0/5@2": {"activation": 2.5, "influence": 0.30, "label": "name Mary"},
+             "resid0/5@2": {"activation": 2.5, "influence": 0.20, "label": "name Mary"},
              "resid0/5@7": {"activation": 0.4, "influence": 0.05, "label": "name Mary"},
              "resid0/err@9": {"influence": 0.02},
-             "mlp0/11@7": {"activation": 1.25, "influence": 0.20, "label": "repeated name"},
-             "resid1/3@9": {"activation": 3.0, "influence": 0.60, "label": "IO mover"},
+             "mlp0/11@7": {"activation": 1.25, "influence": 0.15, "label": "repeated name"},
+             "resid1/3@9": {"activation": 3.0, "influence": 0.45, "label": "IO mover"},
              "mlp1/err@9": {"influence": 0.01}, "mlp1/8@9": {"activation": 0.5, "effect": -0.2},
              "out@9": {"label": "logit( Mary) - logit( John)"}}
     edges = [("emb@2", "resid0/5@2", {"weight": 1.5}), ("emb@7", "resid0/5@7", {"weight": 0.2}),
@@ -91,7 +91,7 @@ def test_prompt_mode_nodes_carry_positions_tokens_and_types():
         assert n["ctx_idx"] == ref.position and n["position"] == ref.position
         assert n["model_layer"] == ref.layer and n["site"] == ref.site
         d = g.g.nodes[nid]
-        assert n["influence"] == d["influence"] and n["activation"] == d["activation"]
+        assert n["influence_share"] == d["influence"] and n["activation"] == d["activation"]
         want_type = {"emb": "embedding", "out": "logit"}.get(ref.site) or (
             f"{ref.site} reconstruction error" if ref.feature < 0 else f"{ref.site} dictionary feature")
         assert n["feature_type"] == want_type
@@ -104,6 +104,19 @@ def test_prompt_mode_nodes_carry_positions_tokens_and_types():
     out = by_id["out@9"]
     assert out["clerp"] == 'Output "logit( Mary) - logit( John)" (p=0.420)' and out["token_prob"] == 0.42
     assert by_id["resid1/3@9"]["clerp"] == "IO mover" and by_id["resid1/3@9"]["feature"] == 3
+
+
+def test_influence_is_circuit_tracers_cumulative_share():
+    doc = attribution_graph(prompt_graph())
+    infl = {n["node_id"]: n["influence"] for n in doc["nodes"]}
+    # shares 0.45, 0.20, 0.15, 0.05, 0.02, 0.01: running sums, largest share first
+    assert infl["resid1/3@9"] == pytest.approx(0.45) and infl["resid0/5@2"] == pytest.approx(0.65)
+    assert infl["mlp0/11@7"] == pytest.approx(0.80) and infl["mlp1/err@9"] == pytest.approx(0.88)
+    assert infl["emb@2"] is None and infl["out@9"] is None  # no share given: left out
+    # Neuronpedia's node_threshold (0.8 here) keeps nodes with influence <= 0.8: the three nodes
+    # holding 80% of the influence
+    kept = {n for n, v in infl.items() if v is not None and v <= doc["metadata"]["node_threshold"] + 1e-9}
+    assert kept == {"resid1/3@9", "resid0/5@2", "mlp0/11@7"}
 
 
 def test_layers_stack_the_stream_and_keep_sites_apart():

@@ -387,9 +387,9 @@ PROMPT = ["The", " cat", " sat", " on"]
 
 
 def cross_nodes() -> dict:
-    return {"emb@0": {}, "emb@1": {}, "resid0/3@0": {"activation": 1.5, "influence": 0.4, "label": "the"},
+    return {"emb@0": {}, "emb@1": {}, "resid0/3@0": {"activation": 1.5, "influence": 0.3, "label": "the"},
             "resid0/err@1": {}, "mlp0/7@1": {"activation": 0.5}, "mlp0/2@0": {},
-            "resid1/2@2": {"influence": 0.9, "effect": 0.3}, "mlp1/err@3": {}, "out@3": {}}
+            "resid1/2@2": {"influence": 0.6, "effect": 0.3}, "mlp1/err@3": {}, "out@3": {}}
 
 
 def cross_edges() -> list:
@@ -489,6 +489,7 @@ def test_corpus_mode_cross_layer_graph():
     ({**cross_nodes(), "resid0/3@0": {"position": 4}}, None, None,
      "has site/layer/feature@position 'resid'/0/3@4; its id says 'resid'/0/3@0"),
     ({**cross_nodes(), "resid0/3@0": {"influence": 1.5}}, None, None, "influence 1.5"),
+    ({**cross_nodes(), "resid0/3@0": {"influence": 0.6}}, None, None, "node influences sum to 1.2"),
     ({**cross_nodes(), "resid0/3@0": {"activation": "big"}}, None, None, "activation 'big'"),
     ({**cross_nodes(), "resid0/3@0": {"colour": "red"}}, None, None, "unknown attribute 'colour'"),
     ({**cross_nodes(), "resid0/3@0": {"token": "x"}}, None, None, "only emb and out nodes"),
@@ -646,8 +647,8 @@ def test_dot_pen_width_grows_with_abs_delta_and_colour_is_the_sign():
 def test_dot_node_text_error_nodes_and_legend():
     src = cross_graph().to_dot()
     nodes = {m[1]: m[2] for m in re.finditer(r'^\s*"([^"]+)" \[(.*?)\]$', src, re.M)}
-    assert 'label="resid0/3@0\\nthe\\nact 1.5  infl 0.4"' in nodes["resid0/3@0"]
-    assert "infl 0.9" in nodes["resid1/2@2"]
+    assert 'label="resid0/3@0\\nthe\\nact 1.5  infl 0.3"' in nodes["resid0/3@0"]
+    assert "infl 0.6" in nodes["resid1/2@2"]
     for err in ("resid0/err@1", "mlp1/err@3"):
         assert "shape=triangle" in nodes[err] and 'fillcolor="#dddddd"' in nodes[err]
     assert "shape=house" in nodes["emb@0"] and 'token \\"The\\"' in nodes["emb@0"]
