@@ -243,6 +243,13 @@ def _check_node(nid: str, attrs: Mapping[str, Any], where: str) -> None:
                         "in [0, 1]")
 
 
+def _check_influence(g: nx.DiGraph, where: str) -> None:
+    total = sum(d["influence"] for _, d in g.nodes(data=True) if d.get("influence") is not None)
+    if total > 1 + INFLUENCE_TOL:  # shares of one total; cumulative values would sum past 1
+        raise UserError(f"{where}: node influences sum to {total:.6g}; expected each node's share of "
+                        "the total influence on out, together at most 1")
+
+
 def _check_meta_keys(meta: Mapping[str, Any], where: str) -> str:
     """Check the required meta keys (model, metric, mode); return the mode."""
     for key, kind in (("model", "a string"), ("metric", "a string"), ("mode", f"one of {', '.join(MODES)}")):
@@ -554,10 +561,7 @@ class CircuitGraph:
         for u, v, d in sorted(rows, key=lambda r: _edge_key(*r)):
             g.add_edge(u, v, **d)
         _check_meta(meta, g, "graph", strict=True)
-        total = sum(d["influence"] for _, d in g.nodes(data=True) if d["influence"] is not None)
-        if total > 1 + INFLUENCE_TOL:  # shares of one total; cumulative values would sum past 1
-            raise UserError(f"graph: node influences sum to {total:.6g}; expected each node's share of "
-                            "the total influence on out, together at most 1")
+        _check_influence(g, "graph")
         return cls(g, meta)
 
     @property
@@ -696,6 +700,7 @@ class CircuitGraph:
                        delta=get(ed, "delta", where, "float?"))
         meta = dict(d["meta"])
         _check_meta(meta, g, source, strict=False)
+        _check_influence(g, source)
         return cls(g, meta)
 
     def save_json(self, path: str | Path) -> Path:

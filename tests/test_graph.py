@@ -539,6 +539,10 @@ def test_from_json_checks_cross_layer_files():
     with pytest.raises(UserError, match="has a position and 'resid0/3' has none"):
         CircuitGraph.from_json(bad)
     bad = json.loads(json.dumps(d))
+    bad["nodes"][2]["influence"] = 0.9  # resid0/3@0; resid1/2@2 holds 0.6
+    with pytest.raises(UserError, match="node influences sum to 1.5"):
+        CircuitGraph.from_json(bad)
+    bad = json.loads(json.dumps(d))
     bad["meta"]["prompt_tokens"] = PROMPT[:2]
     with pytest.raises(UserError, match="past the prompt's 2 tokens"):
         CircuitGraph.from_json(bad)
