@@ -46,6 +46,7 @@ from .cards import analyze_features
 from .contexts import show_token
 from .lens import LENS_RULE
 from .io import atomic_write_text
+from .exports import attribution_graph, neuronpedia_feature
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -560,104 +561,6 @@ token-removal effects and the activation density.</p>{_glance_html(quality, sear
 attribution_graph.json (nodes/links), graph.json (featcircuit schema)</p>
 </main><script>{_JS}</script></body></html>
 """
-
-
-# ---- 4. exports ------------------------------------------------------------------------------
-
-
-def _centres(edges: list[float]) -> list[float]:
-    return [(a + b) / 2 for a, b in zip(edges, edges[1:])]
-
-
-def _np_activation(ex: dict, bin_min=None, bin_max=None, bin_contains=None) -> dict:
-    vals = [float(v) for v in ex["values"]]
-    return {"tokens": ex["tokens"], "values": vals, "maxValue": max(vals) if vals else 0.0,
-            "maxValueTokenIndex": ex["index"], "minValue": min(vals) if vals else 0.0,
-            "binMin": bin_min, "binMax": bin_max, "binContains": bin_contains,
-            "qualifyingTokenIndex": ex["index"]}
-
-
-def neuronpedia_feature(card: dict, model_id: str) -> dict:
-    """A card in the field names of a Neuronpedia feature dashboard (plus ``featcircuit`` extras).
-
-    ``activations``: the top examples (``binMin``/``binMax``/``binContains`` null) then one example
-    per activation bin (``binMin``/``binMax`` its range, ``binContains`` its count).
-    """
-    acts = [_np_activation(ex) for ex in card["top"]]
-    acts += [_np_activation(b["example"], b["lo"], b["hi"], b["count"]) for b in card["bins"] if b["example"]]
-    lens = card["lens"]
-    return {
-        "modelId": model_id, "layer": f"{card['layer']}-{card['site']}", "index": str(card["feature"]),
-        "explanations": [{"description": card["label"], "typeName": "featcircuit-rule",
-                          "score": (card.get("label_score") or {}).get("f1"),
-                          "scorer": "held-out F1 of predicting where the feature fires"}],
-        "maxActApprox": card["max_act"], "frac_nonzero": card["freq"],
-        "pos_str": [x["token"] for x in lens["top"]], "pos_values": [x["value"] for x in lens["top"]],
-        "neg_str": [x["token"] for x in lens["bottom"]], "neg_values": [x["value"] for x in lens["bottom"]],
-        "freq_hist_data_bar_heights": card["histogram"]["counts"],
-        "freq_hist_data_bar_values": _centres(card["histogram"]["edges"]),
-        "logits_hist_data_bar_heights": lens["histogram"]["counts"],
-        "logits_hist_data_bar_values": _centres(lens["histogram"]["edges"]),
-        "activations": acts,
-        "featcircuit": {"id": card["id"], "hook": card["hook"], "n_tokens": card["n_tokens"],
-                        "mean_act": card["mean_act"], "token_removal": card.get("removal"),
-                        "lens_rule": lens["rule"], "label": card["label"],
-                        "label_score": card.get("label_score"),
-                        "dense": card.get("dense"), "dense_limit": card.get("dense_limit"),
-                        "n_docs": card.get("n_docs"), "quantiles": card.get("quantiles")},
-    }
-
-
-def attribution_graph(graph, cards: Mapping[str, dict] | None = None,
-                      evidence: Sequence[Mapping] | None = None) -> dict:
-    """The graph as attribution-graph JSON: ``metadata``, ``qParams``, ``nodes``, ``links``.
-
-    Nodes carry ``dense`` and the label's held-out ``label_f1``; with ``evidence`` each link
-    carries ``mean_per_coactivation``, ``top_tokens`` and its top contexts (``evidence``).
-    """
-    from .stats import is_dense
-
-    cards = cards or {}
-    ev_by = {(x["source"], x["target"]): x for x in evidence or []}
-    meta = graph.meta
-    layer = meta.get("layer")
-    nodes = []
-    for n in graph.sorted_nodes():
-        d = graph.g.nodes[n]
-        site, feat = d.get("site"), int(d.get("feature", -1))
-        if n == "out":
-            ftype = "logit"
-        elif feat < 0:
-            ftype = f"{site} reconstruction error"
-        else:
-            ftype = f"{site} dictionary feature"
-        nodes.append({"node_id": n, "jsNodeId": n, "feature": feat, "layer": str(d.get("layer", layer)),
-                      "ctx_idx": 0, "feature_type": ftype, "site": site, "clerp": str(d.get("label", n)),
-                      "activation": d.get("mean_act"), "influence": d.get("effect"), "freq": d.get("freq"),
-                      "max_act": d.get("max_act"), "token_prob": 0.0, "is_target_logit": n == "out",
-                      "has_card": n in cards, "dense": is_dense(d.get("freq")),
-                      "label_f1": ((cards.get(n) or {}).get("label_score") or {}).get("f1",
-                                                                                     d.get("label_f1"))})
-    links = []
-    for u, v, d in graph.sorted_edges():
-        link = {"source": u, "target": v, "weight": d["weight"], "abs_weight": d["abs_weight"],
-                "count": d["count"], "behav_weight": d.get("behav_weight"), "delta": d.get("delta"),
-                "mean_per_coactivation": d["weight"] / d["count"] if d["count"] else None}
-        ev = ev_by.get((u, v))
-        if ev is not None:
-            link["top_tokens"] = ev["top_tokens"]
-            link["evidence"] = [{k: x[k] for k in ("seq", "pos", "edge", "a", "f", "tokens", "index")}
-                                for x in ev["top"]]
-        links.append(link)
-    model = str(meta.get("model", "model"))
-    return {"metadata": {"slug": f"{Path(model).name}-L{layer}", "scan": model, "prompt": "",
-                         "prompt_tokens": [],
-                         "schema": "featcircuit attribution graph (circuit-tracer / Neuronpedia fields)",
-                         "aggregation": "edges summed over token positions: ctx_idx is 0 for every node",
-                         "info": meta},
-            "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
-                        "sparsify": None},
-            "nodes": nodes, "links": links}
 
 
 # ---- the entry point -------------------------------------------------------------------------

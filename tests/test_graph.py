@@ -6,7 +6,9 @@ import json
 import logging
 import math
 import re
+import shlex
 import shutil
+import subprocess
 import xml.etree.ElementTree as ET
 
 import graphviz
@@ -17,8 +19,15 @@ import torch
 
 from featcircuit import graph as graph_mod
 from featcircuit.errors import UserError
-from featcircuit.graph import (NEG_COLOR, POS_COLOR, CircuitGraph, _dot_text, format_table,
-                               node_id, parse_node_id)
+from featcircuit.graph import (
+    NEG_COLOR,
+    POS_COLOR,
+    CircuitGraph,
+    _dot_text,
+    format_table,
+    node_id,
+    parse_node_id,
+)
 
 TRICKY = {
     "resid3/0": 'say "hi" <b>&amp;</b> \\',       # quotes, HTML-looking, entity, trailing backslash
@@ -370,3 +379,298 @@ def test_top_edges_and_table():
     assert len(cg.top_edges(100)) == cg.g.number_of_edges()
     assert format_table([]) == "(no rows)"
     assert all(math.isfinite(r["abs_weight"]) for r in cg.top_edges(10))
+
+
+# ---- cross-layer graphs (several layers, emb/out, prompt-mode positions) ---------------------
+
+PROMPT = ["The", " cat", " sat", " on"]
+
+
+def cross_nodes() -> dict:
+    return {"emb@0": {}, "emb@1": {}, "resid0/3@0": {"activation": 1.5, "influence": 0.3, "label": "the"},
+            "resid0/err@1": {}, "mlp0/7@1": {"activation": 0.5}, "mlp0/2@0": {},
+            "resid1/2@2": {"influence": 0.6, "effect": 0.3}, "mlp1/err@3": {}, "out@3": {}}
+
+
+def cross_edges() -> list:
+    return [("emb@0", "resid0/3@0", {"weight": 1.0}), ("emb@1", "resid0/err@1", {"weight": -0.2}),
+            ("resid0/3@0", "mlp0/7@1", {"weight": 0.3, "delta": 0.01}),
+            ("resid0/err@1", "mlp0/7@1", {"weight": 0.1}), ("resid0/3@0", "mlp0/2@0", {"weight": 0.2}),
+            ("mlp0/7@1", "resid1/2@2", {"weight": -0.7, "delta": -0.05}),
+            ("mlp0/2@0", "resid1/2@2", {"weight": 0.4, "delta": 0.02}),
+            ("resid1/2@2", "out@3", {"weight": 2.0, "delta": 0.08}),
+            ("mlp1/err@3", "out@3", {"weight": 0.05})]
+
+
+def cross_meta(**kw) -> dict:
+    return {"model": "toy", "mode": "prompt", "metric": "logit_diff", "prompt": "The cat sat on",
+            "prompt_tokens": PROMPT, **kw}
+
+
+def cross_graph() -> CircuitGraph:
+    return CircuitGraph.from_nodes_edges(cross_nodes(), cross_edges(), cross_meta())
+
+
+def test_cross_layer_ids_parse_and_round_trip():
+    from featcircuit.graph import NodeRef, parse_node
+
+    cases = {"resid1/37@5": ("resid", 1, 37, 5), "mlp0/err@3": ("mlp", 0, -1, 3), "emb@5": ("emb", -1, -1, 5),
+             "out@11": ("out", -1, -1, 11), "emb": ("emb", -1, -1, None), "out": ("out", -1, -1, None),
+             "resid12/0": ("resid", 12, 0, None)}
+    for nid, want in cases.items():
+        ref = parse_node(nid)
+        assert ref == NodeRef(*want)
+        assert node_id(ref.site, ref.layer, ref.feature, ref.position) == nid
+    assert parse_node_id("mlp0/err@3") == ("mlp", 0, "err") and parse_node_id("emb@2") == ("emb", -1, -1)
+    for bad in ["resid1/37@", "resid1/37@05", "resid1/37@-1", "emb/3", "emb3", "logit@2", "out@2@3",
+                "resid1/37 @5", "mlp/3@1"]:
+        with pytest.raises(UserError, match="expected resid") as exc:
+            parse_node(bad)
+        assert "\n" not in str(exc.value) and repr(bad) in str(exc.value)
+    with pytest.raises(UserError, match="bad position -1"):
+        node_id("resid", 1, 3, -1)
+
+
+def test_from_nodes_edges_builds_and_round_trips(tmp_path):
+    cg = cross_graph()
+    assert cg.mode == "prompt" and cg.layers == [0, 1]
+    assert cg.meta["layers"] == [0, 1] and cg.meta["task"] is None  # defaults filled in
+    n = cg.g.nodes
+    assert n["emb@1"]["token"] == " cat" and n["out@3"]["token"] == " on"  # prompt tokens filled in
+    assert n["resid0/3@0"]["token"] is None and n["resid0/3@0"]["position"] == 0
+    assert n["mlp0/7@1"] | {} == {**n["mlp0/7@1"], "site": "mlp", "layer": 0, "feature": 7, "position": 1}
+    e = cg.g.edges["emb@0", "resid0/3@0"]
+    assert e == {"weight": 1.0, "abs_weight": 1.0, "count": 1, "behav_weight": None, "delta": None}
+    # canonical order: up the stream, then position, then feature
+    assert cg.sorted_nodes() == ["emb@0", "emb@1", "resid0/3@0", "resid0/err@1", "mlp0/2@0", "mlp0/7@1",
+                                 "resid1/2@2", "mlp1/err@3", "out@3"]
+    d1 = cg.to_json()
+    assert d1["version"] == 2
+    text = json.dumps(d1, indent=1)
+    assert CircuitGraph.from_json(json.loads(text)).to_json() == d1
+    p1, p2 = tmp_path / "g.json", tmp_path / "g2.json"
+    cg.save_json(p1)
+    CircuitGraph.load_json(p1).save_json(p2)
+    assert p1.read_bytes() == p2.read_bytes()
+    # GraphML keeps positions and tokens (None ones left out)
+    h = nx.read_graphml(cg.save_graphml(tmp_path / "g.graphml"))
+    assert h.nodes["resid1/2@2"]["position"] == 2 and h.nodes["emb@1"]["token"] == " cat"
+    assert "position" not in nx.read_graphml(build().save_graphml(tmp_path / "one.graphml")).nodes["mlp3/0"]
+    # pruning keeps the out node and drops isolated ones, as for one-layer graphs
+    pruned = cg.prune(top_n=2)
+    assert set(pruned.g.edges) == {("resid1/2@2", "out@3"), ("emb@0", "resid0/3@0")}
+    assert "out@3" in pruned.g and pruned.mode == "prompt"
+
+
+def test_corpus_mode_cross_layer_graph():
+    nodes = {"resid0/1": {}, "mlp0/2": {}, "resid1/err": {}, "out": {}}
+    edges = [("resid0/1", "mlp0/2", {"weight": 2.0, "abs_weight": 3.0, "count": 7}),
+             ("mlp0/2", "resid1/err", {"weight": -1.0, "abs_weight": 1.0, "count": 2}),
+             ("resid1/err", "out", {"weight": 0.5, "abs_weight": 0.5, "count": 2})]
+    cg = CircuitGraph.from_nodes_edges(nodes, edges, {"model": "m", "mode": "corpus", "metric": "loss"})
+    assert cg.mode == "corpus" and cg.g.edges["resid0/1", "mlp0/2"]["abs_weight"] == 3.0
+    assert CircuitGraph.from_json(cg.to_json()).to_json() == cg.to_json()
+
+
+@pytest.mark.parametrize("nodes, edges, meta, message", [
+    ({**cross_nodes(), "resid1/x@2": {}}, None, None, "bad node id 'resid1/x@2'"),
+    (None, [("mlp0/7@1", "resid0/3@0", {"weight": 1.0})], None, "goes down or sideways"),
+    (None, [("resid0/3@0", "resid0/err@1", {"weight": 1.0})], None, "goes down or sideways"),
+    ({**cross_nodes(), "resid0/3@2": {}}, [("resid0/3@2", "mlp0/7@1", {"weight": 1.0})], None,
+     "goes back from position 2 to 1"),
+    (None, [("emb@0", "resid0/9@0", {"weight": 1.0})], None, "refers to node 'resid0/9@0', not in nodes"),
+    (None, [("emb@0", "resid0/3@0", {"weight": 1.0})] * 2, None, "duplicate edge"),
+    (None, [("emb@0", "resid0/3@0", {"weight": 1.0, "abs_weight": 0.5})], None, "abs_weight 0.5 < |weight|"),
+    (None, [("emb@0", "resid0/3@0", {"weight": float("nan")})], None, "expected finite numbers"),
+    (None, [("emb@0", "resid0/3@0", {"weight": "1"})], None, "weight '1' or abs_weight"),
+    (None, [("emb@0", "resid0/3@0", {"weight": 1.0, "count": -1})], None, "count -1"),
+    (None, [("emb@0", "out@3")], None, "expected (source, target, attributes)"),
+    (None, [("emb@0", "resid0/3@0", {"wieght": 1.0})], None, "unknown attribute 'wieght'"),
+    ({**cross_nodes(), "resid0/3@0": {"position": 4}}, None, None,
+     "has site/layer/feature@position 'resid'/0/3@4; its id says 'resid'/0/3@0"),
+    ({**cross_nodes(), "resid0/3@0": {"influence": 1.5}}, None, None, "influence 1.5"),
+    ({**cross_nodes(), "resid0/3@0": {"influence": 0.6}}, None, None, "node influences sum to 1.2"),
+    ({**cross_nodes(), "resid0/3@0": {"activation": "big"}}, None, None, "activation 'big'"),
+    ({**cross_nodes(), "resid0/3@0": {"colour": "red"}}, None, None, "unknown attribute 'colour'"),
+    ({**cross_nodes(), "resid0/3@0": {"token": "x"}}, None, None, "only emb and out nodes"),
+    ({**cross_nodes(), "emb@0": {"token": "A"}}, None, None, "has token 'A' but prompt token 0 is 'The'"),
+    ({**cross_nodes(), "resid0/4": {}}, None, None, "'resid0/4' has no position in a prompt-mode graph"),
+    ({**cross_nodes(), "resid0/4@9": {}}, None, None, "is at position 9, past the prompt's 4 tokens"),
+    (None, None, {"mode": "prompts"}, "meta mode 'prompts'"),
+    (None, None, {"metric": None}, "meta key 'metric' is None"),
+    (None, None, {"layers": [0]}, "nodes at layer 1 but meta layers is [0]"),
+    (None, None, {"prompt_tokens": []}, "needs meta prompt_tokens"),
+])
+def test_from_nodes_edges_rejects_what_breaks_the_spec(nodes, edges, meta, message):
+    m = cross_meta()
+    m.update(meta or {})
+    with pytest.raises(UserError) as exc:
+        CircuitGraph.from_nodes_edges(nodes or cross_nodes(), edges or cross_edges(), m)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_from_nodes_edges_mode_rules():
+    nodes = {"resid0/1": {}, "mlp0/2": {}}
+    edge = [("resid0/1", "mlp0/2", {"weight": 2.0})]
+    with pytest.raises(UserError, match="lacks weight, abs_weight and count"):
+        CircuitGraph.from_nodes_edges(nodes, edge, {"model": "m", "mode": "corpus", "metric": "x"})
+    with pytest.raises(UserError, match="has no position in a prompt-mode graph"):
+        CircuitGraph.from_nodes_edges(nodes, [], cross_meta())
+    with pytest.raises(UserError, match="has a position in a corpus-mode graph"):
+        CircuitGraph.from_nodes_edges({"emb@0": {}}, [], {"model": "m", "mode": "corpus", "metric": "x"})
+    with pytest.raises(UserError, match="missing key 'mode'"):
+        CircuitGraph.from_nodes_edges(nodes, [], {"model": "m", "metric": "x"})
+
+
+def test_from_json_checks_cross_layer_files():
+    d = cross_graph().to_json()
+    bad = json.loads(json.dumps(d))
+    first = bad["edges"][0]
+    first["source"], first["target"] = first["target"], first["source"]
+    with pytest.raises(UserError, match="is not a circuit edge: it goes down"):
+        CircuitGraph.from_json(bad)
+    bad = json.loads(json.dumps(d))
+    bad["nodes"][0]["position"] = 3
+    with pytest.raises(UserError, match="its id says 'emb'/-1/-1@0"):
+        CircuitGraph.from_json(bad)
+    bad = json.loads(json.dumps(d))  # a file without meta mode is only checked for mixed positions
+    del bad["meta"]["mode"]
+    bad["nodes"].append({**bad["nodes"][2], "id": "resid0/3", "position": None})
+    with pytest.raises(UserError, match="has a position and 'resid0/3' has none"):
+        CircuitGraph.from_json(bad)
+    bad = json.loads(json.dumps(d))
+    bad["nodes"][2]["influence"] = 0.9  # resid0/3@0; resid1/2@2 holds 0.6
+    with pytest.raises(UserError, match="node influences sum to 1.5"):
+        CircuitGraph.from_json(bad)
+    bad = json.loads(json.dumps(d))
+    bad["meta"]["prompt_tokens"] = PROMPT[:2]
+    with pytest.raises(UserError, match="past the prompt's 2 tokens"):
+        CircuitGraph.from_json(bad)
+
+
+def test_version_1_files_still_load():
+    # a graph file exactly as version 1 wrote it (before positions, tokens, activation, influence)
+    v1 = {"schema": "featcircuit.graph", "version": 1, "meta": {"model": "toy", "layer": 3},
+          "nodes": [{"id": "resid3/0", "site": "resid", "layer": 3, "feature": 0, "label": "a", "freq": 0.5,
+                     "mean_act": 1.0, "max_act": 2.0, "effect": None, "label_f1": 0.5, "dense": True},
+                    {"id": "mlp3/err", "site": "mlp", "layer": 3, "feature": -1, "label": "mlp3/err",
+                     "freq": None, "mean_act": None, "max_act": None, "effect": None, "dense": False},
+                    {"id": "out", "site": "out", "layer": -1, "feature": -1, "label": "out", "freq": None,
+                     "mean_act": None, "max_act": None, "effect": 0.0, "dense": False}],
+          "edges": [{"source": "resid3/0", "target": "mlp3/err", "weight": -1.0, "abs_weight": 2.0,
+                     "count": 3, "behav_weight": None, "delta": 0.5}]}
+    cg = CircuitGraph.from_json(v1)
+    assert cg.mode == "corpus" and cg.layers == [3]
+    assert cg.g.nodes["resid3/0"]["position"] is None and cg.g.nodes["resid3/0"]["activation"] is None
+    assert cg.g.nodes["resid3/0"]["label_f1"] == 0.5 and cg.g.nodes["mlp3/err"]["label_f1"] is None
+    d2 = cg.to_json()
+    assert d2["version"] == 2 and CircuitGraph.from_json(d2).to_json() == d2
+    for n1, n2 in zip(v1["nodes"], d2["nodes"]):  # nothing lost: v2 adds keys, all None here
+        assert {k: n2[k] for k in n1} == n1 and n2["label_f1"] == n1.get("label_f1")
+        assert all(n2[k] is None for k in ("position", "token", "activation", "influence"))
+    assert d2["edges"] == v1["edges"]
+
+
+def _plain_layout(src: str) -> dict[str, tuple[float, float]]:
+    """Node centres from ``dot -Tplain`` (y grows upwards)."""
+    proc = subprocess.run([shutil.which("dot"), "-Tplain"], input=src, capture_output=True, text=True,
+                          check=True)
+    pos = {}
+    for line in proc.stdout.splitlines():
+        parts = shlex.split(line)
+        if parts and parts[0] == "node":
+            pos[parts[1]] = (float(parts[2]), float(parts[3]))
+    return pos
+
+
+def _rank_names(src: str) -> list[str]:
+    return re.findall(r"subgraph row_(\w+) \{", src)
+
+
+def test_dot_ranks_go_up_the_stream():
+    # an edge from emb straight to mlp0 and from resid0 straight to out: without the rank spine dot
+    # would put mlp0 level with resid0
+    nodes = {"emb@0": {}, "resid0/1@0": {}, "mlp0/2@0": {}, "out@0": {}}
+    edges = [("emb@0", "resid0/1@0", {"weight": 1.0}), ("emb@0", "mlp0/2@0", {"weight": 1.0}),
+             ("resid0/1@0", "out@0", {"weight": 1.0}), ("mlp0/2@0", "out@0", {"weight": 1.0})]
+    cg = CircuitGraph.from_nodes_edges(nodes, edges, cross_meta(prompt_tokens=["x"]))
+    src = cg.to_dot()
+    assert "rankdir=BT" in src and _rank_names(src) == ["emb", "resid0", "mlp0", "out0"]
+    assert re.findall(r"(_rank_\w+) -> (_rank_\w+) \[style=invis\]", src) == [
+        ("_rank_emb", "_rank_resid0"), ("_rank_resid0", "_rank_mlp0"), ("_rank_mlp0", "_rank_out")]
+    if shutil.which("dot") is None:
+        pytest.skip("graphviz `dot` is not installed")
+    y = {n: xy[1] for n, xy in _plain_layout(src).items()}
+    assert y["emb@0"] < y["resid0/1@0"] < y["mlp0/2@0"] < y["out@0"]
+    # the bigger graph: every rank strictly above the one before, positions left to right
+    src = cross_graph().to_dot()
+    assert _rank_names(src) == ["emb", "resid0", "mlp0", "resid1", "mlp1", "out0"]
+    layout = _plain_layout(src)
+    heights = [layout[f"_rank_{r}"][1] for r in ("emb", "resid0", "mlp0", "resid1", "mlp1", "out")]
+    assert heights == sorted(heights) and len(set(heights)) == 6
+    for n in cross_graph().g.nodes:
+        site = n.split("/")[0].split("@")[0]
+        assert layout[n][1] == layout[f"_rank_{site}"][1]  # each node sits in its site's rank
+    assert layout["emb@0"][0] < layout["emb@1"][0]
+    assert layout["resid0/3@0"][0] < layout["resid0/err@1"][0]
+    assert layout["mlp0/2@0"][0] < layout["mlp0/7@1"][0]
+    # crossing edges: dot would swap one rank to uncross them; the position order holds instead
+    nodes = {"resid0/1@0": {}, "resid0/2@1": {}, "mlp0/3@1": {}, "mlp0/4@3": {}, "out@3": {}}
+    edges = [("resid0/1@0", "mlp0/4@3", {"weight": 1.0}), ("resid0/2@1", "mlp0/3@1", {"weight": 1.0}),
+             ("mlp0/3@1", "out@3", {"weight": 1.0}), ("mlp0/4@3", "out@3", {"weight": 1.0})]
+    x = {n: xy[0] for n, xy in _plain_layout(CircuitGraph.from_nodes_edges(
+        nodes, edges, cross_meta(prompt_tokens=list("abcd"))).to_dot()).items()}
+    assert x["resid0/1@0"] < x["resid0/2@1"] and x["mlp0/3@1"] < x["mlp0/4@3"]
+
+
+def _cross_dot_edges(src: str) -> dict[tuple[str, str], str]:
+    return {(m[1], m[2]): m[3] for m in re.finditer(r'^\s*"([^"]+)" -> "([^"]+)" \[(.*)\]$', src, re.M)}
+
+
+def test_dot_pen_width_grows_with_abs_delta_and_colour_is_the_sign():
+    cg = cross_graph()
+    edges = _cross_dot_edges(cg.to_dot())
+    width = {e: float(re.search(r"penwidth=([\d.]+)", a)[1]) for e, a in edges.items() if "penwidth" in a}
+    measured = {(u, v): abs(d["delta"]) for u, v, d in cg.g.edges(data=True) if d["delta"] is not None}
+    order = sorted(measured, key=measured.get)
+    assert [width[e] for e in order] == sorted(width[e] for e in order)
+    assert len({width[e] for e in order}) == len(order)  # strictly: |Δ| values all differ
+    assert width[order[-1]] == 5.0
+    assert all(width[e] == 0.5 for e in set(cg.g.edges) - set(measured))  # unmeasured: thinnest
+    for (u, v), d in cg.g.edges.items():
+        assert f'color="{POS_COLOR if d["weight"] > 0 else NEG_COLOR}"' in edges[u, v]
+    # without any delta, pen width follows |weight|
+    plain = CircuitGraph.from_nodes_edges(cross_nodes(), [(u, v, {"weight": d["weight"]})
+                                                          for u, v, d in cross_edges()], cross_meta())
+    w2 = {e: float(re.search(r"penwidth=([\d.]+)", a)[1]) for e, a in _cross_dot_edges(plain.to_dot()).items()
+          if "penwidth" in a}
+    by_w = sorted(plain.g.edges, key=lambda e: abs(plain.g.edges[e]["weight"]))
+    assert [w2[e] for e in by_w] == sorted(w2.values()) and w2[by_w[-1]] == 5.0
+
+
+def test_dot_node_text_error_nodes_and_legend():
+    src = cross_graph().to_dot()
+    nodes = {m[1]: m[2] for m in re.finditer(r'^\s*"([^"]+)" \[(.*?)\]$', src, re.M)}
+    assert 'label="resid0/3@0\\nthe\\nact 1.5  infl 0.3"' in nodes["resid0/3@0"]
+    assert "infl 0.6" in nodes["resid1/2@2"]
+    for err in ("resid0/err@1", "mlp1/err@3"):
+        assert "shape=triangle" in nodes[err] and 'fillcolor="#dddddd"' in nodes[err]
+    assert "shape=house" in nodes["emb@0"] and 'token \\"The\\"' in nodes["emb@0"]
+    assert "shape=doubleoctagon" in nodes["out@3"] and "logit_diff" in nodes["out@3"]
+    title = re.search(r'^\s*fontname=Helvetica label="(.*)" labelloc=t$', src, re.M)[1]
+    assert "metric=logit_diff" in title and "layers=0-1" in title and "mode=prompt" in title
+    assert 'positions: 0:\\"The\\"  1:\\" cat\\"  2:\\" sat\\"  3:\\" on\\"' in title
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz `dot` is not installed")
+def test_render_cross_layer_svg_with_awkward_tokens(tmp_path):
+    tokens = ['say "hi"', "\\", "\n<b>&amp;", "bell\x07"]  # quotes, backslash, newline, HTML, control
+    cg = CircuitGraph.from_nodes_edges(cross_nodes(), cross_edges(), cross_meta(prompt_tokens=tokens))
+    out = cg.render(tmp_path / "x.svg")
+    root = ET.parse(out).getroot()
+    titles = {t.text for t in root.iter("{http://www.w3.org/2000/svg}title")}
+    assert set(cg.g.nodes) <= titles
+    texts = " ".join(t.text or "" for t in root.iter("{http://www.w3.org/2000/svg}text"))
+    assert 'token "say \\"hi\\""' in texts and '"\\n<b>&amp;"' in texts  # shown escaped, literally
+    h = nx.read_graphml(cg.save_graphml(tmp_path / "x.graphml"))
+    assert h.nodes["out@3"]["token"] == "bell\ufffd" and h.nodes["emb@0"]["token"] == 'say "hi"'
