@@ -144,6 +144,8 @@ def cmd_train(args) -> None:
     cfg = TrainConfig(architecture=args.arch, width=args.width, k=args.k, tokens=args.tokens,
                       epochs=args.epochs, batch_size=args.batch_size, l1_coefficient=args.l1,
                       seed=args.seed, ckpt_every=args.ckpt_every, jacobian=args.jacobian)
+    if getattr(args, "site", None) is not None:
+        return _train_site(args, cfg)
     n_seq = -(-cfg.tokens // (cfg.n_ctx - 1))
     args.split = "train"
     precheck(args, tokens=n_seq * cfg.n_ctx, n_ctx=cfg.n_ctx)
@@ -172,6 +174,61 @@ def cmd_train(args) -> None:
           f"evaluate with `featcircuit evaluate --dicts {out}`")
 
 
+def _check_site_arg(site: str) -> str:
+    """``--site``: a named site or something shaped like a hook name (checked on the model later)."""
+    from .sites import NAMED_SITES
+
+    if site in NAMED_SITES or re.fullmatch(r"(blocks\.\d+\.)?[a-z0-9_.]*hook_[a-z0-9_]+", site):
+        return site
+    raise UserError(f"--site {site!r} is not a site: use {', '.join(NAMED_SITES)} or a hook name "
+                    "such as blocks.1.hook_resid_post")
+
+
+def _train_site(args, cfg) -> None:
+    """``train --site S --layer L``: one dictionary at one site, written as a one-dictionary folder."""
+    from dataclasses import asdict
+
+    from .data import load_tokens
+    from .models import canonical_name, load_model, model_name
+    from .site_training import SITE_FILES, TRAIN_CONFIG, train_site
+    from .sites import resolve_site
+
+    site = _check_site_arg(args.site)
+    if cfg.jacobian:
+        raise UserError(f"--jacobian {cfg.jacobian:g} needs the resid/mlp pair: drop --site or use 0")
+    n_seq = -(-cfg.tokens // (cfg.n_ctx - 1))
+    args.split = "train"
+    precheck(args, tokens=n_seq * cfg.n_ctx, n_ctx=cfg.n_ctx)
+    if cfg.tokens < cfg.batch_size:
+        raise UserError(f"--tokens {cfg.tokens:,} is less than one batch of --batch-size "
+                        f"{cfg.batch_size:,}: lower --batch-size or raise --tokens")
+    name = canonical_name(args.model)
+    tag = site if "hook_" not in site else site.replace(".", "_")
+    out = Path(args.out or f"featcircuit-out/{Path(name).name}-L{args.layer}-{tag}")
+    C.check_out_dir(out, known=SITE_FILES)
+    with C.folder_lock(out):
+        model = load_model(args.model, args.device)
+        s = resolve_site(model, args.layer, site)
+        d_sae = int(round(cfg.width * s.width))
+        if cfg.architecture != "relu" and cfg.k > d_sae:
+            raise UserError(f"--width {args.width:g} gives {d_sae} features ({s.hook} is {s.width} wide), "
+                            f"fewer than --k {cfg.k}: raise --width or lower --k")
+        try:
+            done = (C.read_json_file(out / TRAIN_CONFIG, "train config", max_bytes=1 << 20) == asdict(cfg)
+                    and C.read_json_file(out / "cfg.json", "dictionary config", max_bytes=1 << 20).get("hook_name")
+                    == s.hook and (out / "cfg.json").is_file())
+        except (UserError, AttributeError):
+            done = False
+        if done:
+            print(f"already trained: {out} holds this dictionary (same site and options); delete it to train again")
+            return
+        tokens = load_tokens(args.data, model, n_ctx=cfg.n_ctx, n_tokens=n_seq * cfg.n_ctx, split="train")
+        t0 = time.time()
+        train_site(model, s, tokens, cfg, out=out, ckpt_dir=out.parent / f".{out.name}.ckpt")
+    print(f"trained in {time.time() - t0:.0f}s; wrote the {s.name} dictionary of {model_name(model)} "
+          f"layer {s.layer} ({s.hook}) to {out}; evaluate with `featcircuit evaluate --dicts {out}`")
+
+
 def _pair_done(out: Path, cfg: dict, model: str, layer: int) -> bool:
     """Whether ``out`` already holds the pair these options train (so a rerun has nothing to do)."""
     try:
@@ -188,25 +245,107 @@ def _pair_done(out: Path, cfg: dict, model: str, layer: int) -> bool:
 def cmd_evaluate(args) -> None:
     from .data import load_tokens
     from .dictionary import load_pair
-    from .evaluation import NAN_REASONS, evaluate_pair, format_quality
+    from .evaluation import NAN_REASONS, evaluate_layers, evaluate_pair, format_layers, format_quality
     from .io import strict_json
     from .models import load_model, model_name
-    from .sites import check_layer, pair_sites
+    from .sites import check_layer, pair_sites, parse_layers
 
+    folders = list(args.dicts or [])
+    if not folders and args.layers is None:
+        raise UserError("nothing to evaluate: pass --dicts FOLDER (a pair or one-dictionary folder) "
+                        "or --layers all|0-3|1,3 (the cached default pairs)")
+    for f in folders:
+        if not Path(f).is_dir():
+            raise UserError(f"--dicts {f!r} is not a folder: expected a pair folder with resid/ and mlp/ "
+                            "or a dictionary folder with cfg.json")
+    if args.layers is not None and args.layer is not None:
+        raise UserError(f"--layer {args.layer} and --layers {args.layers!r}: pass one of them")
+    args.dicts = None  # checked above, one folder at a time
     precheck(args, tokens=args.tokens)
-    probe = load_pair(args.dicts)  # cheap, and checks the files before the model is loaded
-    layer = probe.mlp.cfg.layer if args.layer is None else args.layer
-    if layer < 0:
-        raise UserError(f"the dictionaries at {args.dicts} record no layer: pass --layer")
-    args.layer = layer
+    n = C.model_sizes(args.model)["n_layers"]
+    if args.layers is not None and n is not None:
+        parse_layers(n, args.layers)  # a bad spec fails before the model is loaded
+    from .site_training import is_site_folder
+
+    singles = [f for f in folders if is_site_folder(f)]
+    if singles:
+        if len(folders) > 1 or args.layers is not None:
+            raise UserError(f"--dicts {singles[0]!r} is a one-dictionary folder: evaluate it alone, "
+                            "without --layers or other --dicts")
+        return _evaluate_site(args, singles[0])
+    probes = {}
+    for f in folders:  # cheap, and checks the files before the model is loaded
+        layer = load_pair(f).mlp.cfg.layer
+        if layer < 0:
+            if len(folders) > 1 or args.layer is None:
+                raise UserError(f"the dictionaries at {f} record no layer: pass --layer")
+            layer = args.layer
+        if layer in probes:
+            raise UserError(f"--dicts {probes[layer]!r} and {f!r} are both for layer {layer}: pass one per layer")
+        probes[layer] = f
+    for layer in probes:
+        C.check_layer_of(args.model, layer, "--dicts layer")
+    if args.layers is None and len(probes) == 1:  # one pair: the one-layer report, as always
+        (layer,) = probes
+        if args.layer is not None and args.layer != layer:
+            raise UserError(f"--layer {args.layer} does not match the dictionaries at {probes[layer]} "
+                            f"(layer {layer})")
+        model = load_model(args.model, args.device)
+        r, m = pair_sites(model, check_layer(model, layer))
+        pair = load_pair(probes[layer], expect_model=model_name(model), expect_layer=layer,
+                         d_resid=r.width, d_mlp=m.width, device=next(model.parameters()).device)
+        tokens = load_tokens(args.data, model, n_tokens=args.tokens, split=args.split)
+        ev = evaluate_pair(model, pair, tokens, layer)
+        print(strict_json(ev, NAN_REASONS, indent=1) if args.json else format_quality(ev))
+        return
+    model = load_model(args.model, args.device)
+    layers = parse_layers(model, args.layers) if args.layers is not None else sorted(probes)
+    pairs = {}
+    device = next(model.parameters()).device
+    for layer in layers:
+        r, m = pair_sites(model, layer)
+        if layer in probes:
+            pairs[layer] = load_pair(probes[layer], expect_model=model_name(model), expect_layer=layer,
+                                     d_resid=r.width, d_mlp=m.width, device=device)
+        else:
+            from .pairs import default_pair
+
+            pairs[layer], folder = default_pair(model, layer)
+            print(f"layer {layer}: default pair {folder}", file=sys.stderr)
+    unused = sorted(set(probes) - set(layers))
+    if unused:
+        print(f"note: --dicts for layer(s) {', '.join(map(str, unused))} are outside --layers "
+              f"{args.layers} and not evaluated", file=sys.stderr)
+    tokens = load_tokens(args.data, model, n_tokens=args.tokens, split=args.split)
+    ev = evaluate_layers(model, pairs, tokens)
+    print(strict_json(ev, NAN_REASONS, indent=1) if args.json else format_layers(ev))
+
+
+def _evaluate_site(args, folder: str) -> None:
+    """``evaluate --dicts FOLDER`` for a one-dictionary folder: its site's quality."""
+    from .data import load_tokens
+    from .dictionary import Dictionary
+    from .evaluation import NAN_REASONS, evaluate_site, format_site
+    from .io import strict_json
+    from .models import load_model, model_name
+    from .site_training import check_dict_site, load_dictionaries
+    from .sites import resolve_site
+
+    ((site_name, probe),) = load_dictionaries(folder).items()
+    layer = probe.cfg.layer if args.layer is None else args.layer
+    if probe.cfg.layer >= 0 and layer != probe.cfg.layer:
+        raise UserError(f"--layer {layer} does not match the dictionary at {folder} (layer {probe.cfg.layer})")
+    if layer < 0 and site_name in ("resid", "mlp", "attn_out", "mlp_out"):
+        raise UserError(f"the dictionary at {folder} records no layer: pass --layer")
+    args.layer = layer if layer >= 0 else None
     precheck(args)
     model = load_model(args.model, args.device)
-    r, m = pair_sites(model, check_layer(model, layer))
-    pair = load_pair(args.dicts, expect_model=model_name(model), expect_layer=layer,
-                     d_resid=r.width, d_mlp=m.width, device=next(model.parameters()).device)
+    site = resolve_site(model, layer, site_name)
+    check_dict_site(probe, site, model_name(model), folder)
+    d = Dictionary.load(folder, device=next(model.parameters()).device)
     tokens = load_tokens(args.data, model, n_tokens=args.tokens, split=args.split)
-    ev = evaluate_pair(model, pair, tokens, layer)
-    print(strict_json(ev, NAN_REASONS, indent=1) if args.json else format_quality(ev))
+    ev = evaluate_site(model, d, site, tokens)
+    print(strict_json(ev, NAN_REASONS, indent=1) if args.json else format_site(ev))
 
 
 def cmd_discover(args) -> None:
@@ -318,11 +457,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint every N steps (a killed run resumes from the last one)")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", help="pair folder to write (resumable checkpoint beside it)")
+    p.add_argument("--site", help="train one dictionary at this site of --layer instead of the pair: "
+                   "attn_out | mlp_out | resid | mlp | a hook name")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="quality of a dictionary pair on held-out tokens")
+    p = sub.add_parser("evaluate", help="quality of dictionaries on held-out tokens: a pair, "
+                       "several layers (each and all spliced at once) or one dictionary at any site")
     _add_model(p)
-    p.add_argument("--dicts", required=True, help="pair folder (resid/ and mlp/)")
+    p.add_argument("--dicts", action="append",
+                   help="pair folder (resid/ and mlp/) or one-dictionary folder (cfg.json); repeat "
+                        "for several layers")
+    p.add_argument("--layers", help="all | 0-3 | 1,3: evaluate these layers' pairs, each and all spliced "
+                   "at once (pairs from --dicts, else the cached default pairs, trained when absent)")
     p.add_argument("--layer", type=NONNEG, help="default: the layer recorded in the dictionaries")
     p.add_argument("--data", default=BUILTIN_DATA)
     p.add_argument("--split", default="heldout")

@@ -231,34 +231,76 @@ def evaluate_layers(model, pairs: Mapping[int, Pair], tokens: Tensor, *, batch_s
             **common}
 
 
+def _site_lines(sites: dict) -> list[str]:
+    lines = [f"{'site':<8} {'L0':>6} {'var.expl':>8} {'cos':>6} {'dead':>6} {'dense':>6}"]
+    for k, s in sites.items():
+        lines.append(f"{k:<8} {s['l0']:>6.1f} {s['variance_explained']:>8.3f} {s['cos_sim']:>6.3f} "
+                     f"{s['dead_frac']:>6.3f} {s['dense_frac']:>6.3f}")
+    return lines
+
+
+def _down_lines(rows: dict[str, dict], width: int = 8) -> tuple[list[str], bool]:
+    """Table lines of downstream rows, and whether a recovered value was undefined (NaN)."""
+    undefined = False
+
+    def rec(x: float) -> str:
+        nonlocal undefined
+        if x == x:
+            return f"{x:>9.3f}"
+        undefined = True
+        return f"{'n/a*':>9}"
+
+    width = max([width, *map(len, rows)])
+    lines = [f"{'spliced':<{width}} {'CE':>7} {'KL':>7} {'CE zero':>8} {'CE mean':>8} {'rec(zero)':>9} {'rec(mean)':>9}"]
+    for w, r in rows.items():
+        lines.append(f"{w:<{width}} {r['ce_spliced']:>7.4f} {r['kl_spliced']:>7.4f} {r['ce_zero']:>8.4f} "
+                     f"{r['ce_mean']:>8.4f} {rec(r['recovered_vs_zero'])} {rec(r['recovered_vs_mean'])}")
+    return lines, undefined
+
+
+_NA_LINE = "* n/a: the ablation does not change the CE, so there is no gap to recover"
+
+
 def format_quality(ev: dict) -> str:
     """A plain-text table of an :func:`evaluate_pair` result."""
-    lines = [f"{'site':<6} {'L0':>6} {'var.expl':>8} {'cos':>6} {'dead':>6} {'dense':>6}"]
-    for k, s in ev["sites"].items():
-        lines.append(f"{k:<6} {s['l0']:>6.1f} {s['variance_explained']:>8.3f} {s['cos_sim']:>6.3f} "
-                     f"{s['dead_frac']:>6.3f} {s['dense_frac']:>6.3f}")
+    lines = _site_lines(ev["sites"])
     d = ev["downstream"]
     lines.append("")
     lines.append(f"CE clean {d['ce_clean']:.4f} nats/token over {d['n_tokens']:,} tokens")
-    lines.append(f"{'spliced':<8} {'CE':>7} {'KL':>7} {'CE zero':>8} {'CE mean':>8} {'rec(zero)':>9} {'rec(mean)':>9}")
-    undefined = False
-    for w in ("resid", "mlp", "both"):
-        r = d[w]
-
-        def rec(x: float) -> str:
-            nonlocal undefined
-            if x == x:
-                return f"{x:>9.3f}"
-            undefined = True
-            return f"{'n/a*':>9}"
-
-        lines.append(f"{w:<8} {r['ce_spliced']:>7.4f} {r['kl_spliced']:>7.4f} {r['ce_zero']:>8.4f} "
-                     f"{r['ce_mean']:>8.4f} {rec(r['recovered_vs_zero'])} {rec(r['recovered_vs_mean'])}")
+    rows, undefined = _down_lines({w: d[w] for w in ("resid", "mlp", "both")})
+    lines += rows
     if undefined:
-        lines.append("* n/a: the ablation does not change the CE, so there is no gap to recover")
+        lines.append(_NA_LINE)
     if ev.get("jacobian"):
         from .jacobian import format_jacobian
 
         lines.append("")
         lines.append(format_jacobian(ev["jacobian"]))
+    return "\n".join(lines)
+
+
+def format_site(ev: dict) -> str:
+    """A plain-text table of an :func:`evaluate_site` result."""
+    s = ev["site"]
+    d = ev["downstream"]
+    lines = [f"{s['name']} of layer {s['layer']} ({s['hook']})", ""] + _site_lines(ev["sites"])
+    lines += ["", f"CE clean {d['ce_clean']:.4f} nats/token over {d['n_tokens']:,} tokens"]
+    rows, undefined = _down_lines({s["name"]: d[s["name"]]})
+    lines += rows + ([_NA_LINE] if undefined else [])
+    return "\n".join(lines)
+
+
+def format_layers(ev: dict) -> str:
+    """A plain-text report of an :func:`evaluate_layers` result: each layer, then all spliced at once."""
+    lines = [f"CE clean {ev['ce_clean']:.4f} nats/token over {ev['n_tokens']:,} tokens"]
+    for row in ev["layers"]:
+        lines += ["", f"== layer {row['layer']} =="] + _site_lines(row["sites"])
+    lines += ["", "downstream (each layer's dictionaries alone, then every one of them at once)"]
+    table = {f"L{row['layer']} {w}": row["downstream"][w] for row in ev["layers"] for w in ("resid", "mlp", "both")}
+    a = ev["all"]
+    table[f"all ({len(a['sites'])})"] = a
+    rows, undefined = _down_lines(table, width=11)
+    lines += rows + ([_NA_LINE] if undefined else [])
+    lines.append(f"all = the resid and mlp dictionaries of layers {', '.join(map(str, a['layers']))} "
+                 "spliced in the same forward; baselines ablate all of those sites together")
     return "\n".join(lines)
