@@ -348,6 +348,102 @@ def _evaluate_site(args, folder: str) -> None:
     print(strict_json(ev, NAN_REASONS, indent=1) if args.json else format_site(ev))
 
 
+def cmd_steer(args) -> None:
+    from .steer import parse_feature, parse_positions
+
+    ref = parse_feature(args.feature)  # every cheap check first: spec, positions, task, files
+    positions = parse_positions(args.positions)
+    if args.task is None and args.prompt is None:
+        raise UserError("nothing to steer on: give --task NAME (`featcircuit tasks`) and/or --prompt TEXT")
+    if args.task is not None:
+        from .tasks import BUILTIN_TASKS
+
+        if args.task not in BUILTIN_TASKS:
+            raise UserError(f"--task {args.task!r} is unknown: built-in tasks are {', '.join(BUILTIN_TASKS)}")
+    if args.scale is not None and args.value is not None:
+        raise UserError(f"--scale {args.scale:g} and --value {args.value:g}: give one magnitude")
+    scale = 1.0 if args.scale is None and args.value is None else args.scale
+    if args.out is not None:
+        out = Path(args.out)
+        if out.is_dir():
+            raise UserError(f"--out {args.out!r} is a folder: expected a .json file name")
+        C._writable_parent(out, "--out")
+    args.layer = ref.layer
+    folder, dicts = args.dicts, None
+    args.dicts = None
+    if scale is not None:
+        args.split = args.split or "heldout"
+    precheck(args, tokens=args.tokens if scale is not None else None)
+    if folder is None and ref.site not in ("resid", "mlp"):
+        raise UserError(f"feature {ref} is at site {ref.site}: pass --dicts FOLDER with its dictionary "
+                        f"(train one with `featcircuit train --site {ref.site} --layer {ref.layer}`)")
+    if folder is not None:
+        from .site_training import load_dictionaries
+
+        if not Path(folder).is_dir():
+            raise UserError(f"--dicts {folder!r} is not a folder: expected a pair or one-dictionary folder")
+        dicts = load_dictionaries(folder)
+        if ref.site not in dicts:
+            raise UserError(f"--dicts {folder!r} holds the {', '.join(dicts)} dictionary, not {ref.site}: "
+                            f"feature {ref} needs a {ref.site} dictionary of layer {ref.layer}")
+        d = dicts[ref.site]
+        if d.cfg.layer >= 0 and d.cfg.layer != ref.layer:
+            raise UserError(f"--dicts {folder!r} is for layer {d.cfg.layer}, but feature {ref} is at layer {ref.layer}")
+        if ref.feature >= d.cfg.d_sae:
+            raise UserError(f"feature {ref} is out of range: the dictionary at {folder} has features "
+                            f"0..{d.cfg.d_sae - 1}")
+
+    import torch
+
+    from .data import load_tokens
+    from .io import atomic_write_json, strict_json
+    from .models import load_model, model_name
+    from .sites import resolve_site
+    from .steer import Steering, feature_activation, format_steer, steer
+
+    model = load_model(args.model, args.device)
+    device = next(model.parameters()).device
+    site = resolve_site(model, ref.layer, ref.site)
+    if dicts is not None:
+        from .site_training import check_dict_site
+
+        d = dicts[ref.site].to(device)
+        check_dict_site(d, site, model_name(model), folder)
+    else:
+        from .pairs import default_pair
+
+        pair, where = default_pair(model, ref.layer)
+        d = getattr(pair, ref.site).to(device)
+        print(f"dictionary: the default {ref.site} dictionary of layer {ref.layer} ({where})", file=sys.stderr)
+        if ref.feature >= d.cfg.d_sae:
+            raise UserError(f"feature {ref} is out of range: the default dictionary has features 0..{d.cfg.d_sae - 1}")
+    task = None
+    if args.task is not None:
+        from .tasks import builtin_task
+
+        task = builtin_task(args.task, model)
+        if args.pairs is not None and args.pairs < len(task):
+            task = task.subset(torch.arange(args.pairs))
+    typical = None
+    value = args.value
+    if scale is not None:
+        tokens = load_tokens(args.data, model, n_tokens=args.tokens, split=args.split)
+        typical = feature_activation(model, d, site, ref.feature, tokens)
+        if typical["mean_active"] <= 0:
+            raise UserError(f"feature {ref} never fires on {typical['n_tokens']:,} {args.split} tokens, so it "
+                            "has no typical activation to scale: pass an absolute --value")
+        value = scale * typical["mean_active"]
+    st = Steering(site, d, ref.feature, args.mode, float(value), positions)
+    res = steer(model, st, task=task, prompt=args.prompt, max_new_tokens=args.max_new_tokens, top=args.top)
+    if typical is not None:
+        res["scale"] = scale
+        res["typical_activation"] = typical
+    res["model"] = model_name(model)
+    print(strict_json(res, indent=1) if args.json else format_steer(res))
+    if args.out is not None:
+        print(f"wrote {atomic_write_json(args.out, res)}")
+
+
 def cmd_discover(args) -> None:
     from .discover import DiscoverConfig, discover
 
@@ -515,6 +611,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an --out folder featcircuit did not write")
     p.add_argument("--seed", type=SEED, default=d.seed)
     p.set_defaults(func=cmd_discover)
+
+    p = sub.add_parser("steer", help="add or clamp one feature's decoder direction at its site: change "
+                       "of a task's metric, of the next-token distribution, generated text before/after")
+    p.add_argument("feature", help="feature id: mlp2/123, resid1/7, attn_out1/5, mlp_out0/3")
+    _add_model(p)
+    p.add_argument("--dicts", help="pair or one-dictionary folder (default for resid/mlp: the cached default pair)")
+    p.add_argument("--mode", default="add", choices=("add", "clamp"),
+                   help="add: a + v·d_j; clamp: set the feature's code to v (error term kept)")
+    p.add_argument("--scale", type=arg_type(C.finite_float, "--scale", -1e6, 1e6),
+                   help="v in units of the feature's typical activation (mean where it fires; default 1)")
+    p.add_argument("--value", type=arg_type(C.finite_float, "--value", -1e9, 1e9), help="absolute v")
+    p.add_argument("--positions", default="all",
+                   help="all (every position after BOS, generated ones too) | last | indices such as 3,5,-1")
+    p.add_argument("--task", help="built-in task (`featcircuit tasks`): mean logit difference on its clean prompts")
+    p.add_argument("--prompt", help="text: next-token change after it and greedy continuation")
+    p.add_argument("--pairs", type=arg_type(C.positive_int, "--pairs", 10**6), help="use the first N task pairs")
+    p.add_argument("--max-new-tokens", type=arg_type(C.nonneg_int, "--max-new-tokens", 1024), default=20)
+    p.add_argument("--top", type=arg_type(C.positive_int, "--top", 1000), default=10,
+                   help="tokens listed whose probability rose / fell most")
+    p.add_argument("--data", default=BUILTIN_DATA, help="text for the typical activation (--scale)")
+    p.add_argument("--split", default="heldout")
+    p.add_argument("--tokens", type=arg_type(C.positive_int, "--tokens", 10**9), default=C.DefaultInt(8192),
+                   help="tokens the typical activation is measured on")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--out", help="write the result as JSON to this file")
+    p.set_defaults(func=cmd_steer)
 
     p = sub.add_parser("tasks", help="the built-in behaviours and the model's accuracy on each")
     _add_model(p)
