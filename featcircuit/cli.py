@@ -273,6 +273,9 @@ def cmd_evaluate(args) -> None:
             raise UserError(f"--dicts {singles[0]!r} is a one-dictionary folder: evaluate it alone, "
                             "without --layers or other --dicts")
         return _evaluate_site(args, singles[0])
+    if len(folders) > 1 and args.layer is not None:
+        raise UserError(f"--layer {args.layer} with {len(folders)} --dicts folders: each folder's layer is "
+                        "read from it (choose some with --layers)")
     probes = {}
     for f in folders:  # cheap, and checks the files before the model is loaded
         layer = load_pair(f).mlp.cfg.layer
@@ -286,13 +289,11 @@ def cmd_evaluate(args) -> None:
     for layer in probes:
         C.check_layer_of(args.model, layer, "--dicts layer")
     if args.layers is None and len(probes) == 1:  # one pair: the one-layer report, as always
-        (layer,) = probes
-        if args.layer is not None and args.layer != layer:
-            raise UserError(f"--layer {args.layer} does not match the dictionaries at {probes[layer]} "
-                            f"(layer {layer})")
+        ((recorded, folder),) = probes.items()
+        layer = recorded if args.layer is None else args.layer
         model = load_model(args.model, args.device)
         r, m = pair_sites(model, check_layer(model, layer))
-        pair = load_pair(probes[layer], expect_model=model_name(model), expect_layer=layer,
+        pair = load_pair(folder, expect_model=model_name(model), expect_layer=layer,
                          d_resid=r.width, d_mlp=m.width, device=next(model.parameters()).device)
         tokens = load_tokens(args.data, model, n_tokens=args.tokens, split=args.split)
         ev = evaluate_pair(model, pair, tokens, layer)
@@ -368,7 +369,7 @@ def cmd_steer(args) -> None:
         if out.is_dir():
             raise UserError(f"--out {args.out!r} is a folder: expected a .json file name")
         C._writable_parent(out, "--out")
-    args.layer = ref.layer
+    C.check_layer_of(args.model, ref.layer, f"feature {ref}: layer")
     folder, dicts = args.dicts, None
     args.dicts = None
     if scale is not None:

@@ -141,7 +141,32 @@ class Steering:
 
     def fwd_hooks(self) -> list[tuple[str, object]]:
         """``[(hook name, hook)]`` for ``model.run_with_hooks``."""
+        if self.site.name == "resid" and self.site.hook.endswith(".hook_resid_mid"):
+            return self._resid_mid_hooks()
         return [(self.site.hook, self.hook())]
+
+    def _resid_mid_hooks(self) -> list[tuple[str, object]]:
+        # In a TransformerBridge, a sequential block's hook_resid_mid is LN2's input: an edit there
+        # reaches the MLP but not the residual skip, so the stream after the block would keep the
+        # clean value. Steering the residual means editing what writes it: attention's output, with
+        # resid_mid = resid_pre + attn_out read from the block's own input (exact, see the tests).
+        layer = self.site.layer
+        held: dict[str, Tensor] = {}
+
+        def read(act: Tensor, hook=None) -> Tensor:
+            held["pre"] = act
+            return act
+
+        def write(attn: Tensor, hook=None) -> Tensor:
+            pos = resolve_positions(self.positions, attn.shape[1])
+            if not pos:
+                return attn
+            mid = held.pop("pre") + attn
+            out = attn.clone()
+            out[:, pos] = attn[:, pos] + self.delta(mid[:, pos])
+            return out
+
+        return [(f"blocks.{layer}.hook_resid_pre", read), (f"blocks.{layer}.hook_attn_out", write)]
 
 
 @torch.no_grad()
