@@ -145,3 +145,36 @@ def test_bad_evaluation_inputs(neox):
         evaluate_site(neox, _random_dict(7, "attn_out", 1, 0, k=2), site, _data(neox), progress=False)
     with pytest.raises(UserError, match="at least one layer"):
         evaluate_layers(neox, {}, _data(neox), progress=False)
+
+
+def test_cli_evaluate_several_layers(neox, neox_dir, tmp_path, capsys):
+    """Repeated --dicts evaluate each layer and all at once; --layers picks some; one line on bad input."""
+    import json
+
+    from featcircuit.cli import main
+    from featcircuit.dictionary import save_pair
+
+    text = tmp_path / "text"
+    text.mkdir()
+    for i in range(20):
+        (text / f"f{i}.txt").write_text(f"def f{i}(x, y):\n    return x * {i} + y\n" * 8)
+    folders = {}
+    for layer, p in _pairs(neox, [0, 2], seed=7).items():
+        for d in p:
+            d.cfg.model_name = neox.featcircuit_name
+        folders[layer] = save_pair(p.resid, p.mlp, tmp_path / f"L{layer}")
+    base = ["evaluate", "--model", str(neox_dir), "--data", str(text), "--split", "all", "--tokens", "256"]
+    assert main(base + ["--dicts", str(folders[2]), "--dicts", str(folders[0]), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert [r["layer"] for r in ev["layers"]] == [0, 2] and ev["all"]["layers"] == [0, 2]
+    assert len(ev["all"]["sites"]) == 4 and ev["all"]["kl_spliced"] > 0
+    assert main(base + ["--dicts", str(folders[2]), "--dicts", str(folders[0]), "--layers", "2"]) == 0
+    cap = capsys.readouterr()
+    assert "== layer 2 ==" in cap.out and "== layer 0 ==" not in cap.out and "all (2)" in cap.out
+    assert "outside --layers 2" in cap.err
+    assert main(base + ["--dicts", str(folders[0]), "--dicts", str(folders[0])]) == 2
+    assert "both for layer 0" in capsys.readouterr().err
+    assert main(base + ["--dicts", str(folders[0]), "--dicts", str(folders[2]), "--layer", "0"]) == 2
+    assert "each folder's layer is read from it" in capsys.readouterr().err
+    assert main(base + ["--layers", "1-0"]) == 2
+    assert "runs backwards" in capsys.readouterr().err
