@@ -295,8 +295,13 @@ def format_layers(ev: dict) -> str:
     lines = [f"CE clean {ev['ce_clean']:.4f} nats/token over {ev['n_tokens']:,} tokens"]
     for row in ev["layers"]:
         lines += ["", f"== layer {row['layer']} =="] + _site_lines(row["sites"])
+        if row.get("jacobian"):
+            from .jacobian import format_jacobian
+
+            lines.append(format_jacobian(row["jacobian"]))
     lines += ["", "downstream (each layer's dictionaries alone, then every one of them at once)"]
-    table = {f"L{row['layer']} {w}": row["downstream"][w] for row in ev["layers"] for w in ("resid", "mlp", "both")}
+    table = {f"L{row['layer']} {w}": row["downstream"][w]
+             for row in ev["layers"] for w in ("resid", "mlp", "both")}
     a = ev["all"]
     table[f"all ({len(a['sites'])})"] = a
     rows, undefined = _down_lines(table, width=11)
