@@ -131,7 +131,7 @@ def train_site(model, site: Site, data: Tensor, config: TrainConfig | None = Non
 
 
 def save_site_dict(d: Dictionary, path: str | Path, config: TrainConfig | None = None) -> Path:
-    """Write a one-dictionary folder (``cfg.json``, weights, optional ``train_config.json``), all or nothing."""
+    """Write a one-dictionary folder (cfg.json, weights, optional train_config.json), all or nothing."""
     def write(folder: Path) -> None:
         d._write_into(folder)
         if config is not None:

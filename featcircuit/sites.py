@@ -116,7 +116,8 @@ def resolve_site(model, layer: int, site: str) -> Site:
         return Site(site, layer, hook, d_model)
     hooks = set(model.hook_dict.keys())
     if site not in hooks:
-        raise UserError(f"unknown site {site!r}: use {', '.join(map(repr, NAMED_SITES))} or a hook name such as "
+        raise UserError(f"unknown site {site!r}: use {', '.join(map(repr, NAMED_SITES))} or a hook name "
+                        "such as "
                         f"'blocks.0.hook_resid_post' ({len(hooks)} hooks: `featcircuit model info`)")
     hl = hook_layer(site)
     width = d_mlp if site.endswith(("mlp.hook_post", "mlp.hook_pre")) else d_model

@@ -88,7 +88,8 @@ def resolve_positions(positions: Sequence[int] | None, length: int) -> list[int]
     for p in positions:
         q = p + length if p < 0 else p
         if not 0 <= q < length:
-            raise UserError(f"position {p} is outside a prompt of {length} tokens: use -{length}..{length - 1}")
+            raise UserError(f"position {p} is outside a prompt of {length} tokens: "
+                            f"use -{length}..{length - 1}")
         out.append(q)
     return sorted(set(out))
 
@@ -268,7 +269,8 @@ def steer(model, steering: Steering, *, task=None, prompt: str | None = None, ma
         if steering.positions is not None:
             resolve_positions(steering.positions, length)  # a bad position fails before any forward
     out: dict = {"feature": f"{steering.site.name}{steering.site.layer}/{steering.feature}",
-                 "site": {"name": steering.site.name, "layer": steering.site.layer, "hook": steering.site.hook},
+                 "site": {"name": steering.site.name, "layer": steering.site.layer,
+                          "hook": steering.site.hook},
                  "mode": steering.mode, "value": float(steering.value),
                  "positions": "all" if steering.positions is None else list(steering.positions)}
     bar = tqdm(total=(2 if task is not None else 0) + (2 if ptoks is not None else 0) + 2, desc="steer",
@@ -278,8 +280,10 @@ def steer(model, steering: Steering, *, task=None, prompt: str | None = None, ma
         bar.update(1)
         d1, lp1 = _task_rows(model, task, steering, batch_size)
         bar.update(1)
-        out["task"] = {"name": task.name, "pairs": len(task), "metric": "mean logit difference (answer - wrong)",
-                       "before": float(d0.mean()), "after": float(d1.mean()), "delta": float((d1 - d0).mean()),
+        out["task"] = {"name": task.name, "pairs": len(task),
+                       "metric": "mean logit difference (answer - wrong)",
+                       "before": float(d0.mean()), "after": float(d1.mean()),
+                       "delta": float((d1 - d0).mean()),
                        "accuracy_before": float((d0 > 0).double().mean()),
                        "accuracy_after": float((d1 > 0).double().mean())}
         out["next_token_task"] = next_token_change(model, lp0, lp1, top)
@@ -298,7 +302,8 @@ def steer(model, steering: Steering, *, task=None, prompt: str | None = None, ma
     bar.update(1)
     bar.close()
     out["generation"] = {"prompt": tok.decode(start[0, 1:].tolist()), "max_new_tokens": max_new_tokens,
-                         "before": tok.decode(gen0[0, n:].tolist()), "after": tok.decode(gen1[0, n:].tolist()),
+                         "before": tok.decode(gen0[0, n:].tolist()),
+                         "after": tok.decode(gen1[0, n:].tolist()),
                          "before_ids": gen0[0, n:].tolist(), "after_ids": gen1[0, n:].tolist()}
     return out
 

@@ -9,8 +9,15 @@ import torch
 from featcircuit import UserError
 from featcircuit.dictionary import DictConfig, Dictionary
 from featcircuit.sites import mlp_parts, resolve_site
-from featcircuit.steer import (FeatureRef, Steering, parse_feature, parse_positions, resolve_positions,
-                               run_steered, steer)
+from featcircuit.steer import (
+    FeatureRef,
+    Steering,
+    parse_feature,
+    parse_positions,
+    resolve_positions,
+    run_steered,
+    steer,
+)
 from featcircuit.tasks import TaskPrompts
 
 ATOL = 2e-5
