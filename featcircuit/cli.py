@@ -213,11 +213,12 @@ def _train_site(args, cfg) -> None:
         if cfg.architecture != "relu" and cfg.k > d_sae:
             raise UserError(f"--width {args.width:g} gives {d_sae} features ({s.hook} is {s.width} wide), "
                             f"fewer than --k {cfg.k}: raise --width or lower --k")
-        try:
-            done = (C.read_json_file(out / TRAIN_CONFIG, "train config", max_bytes=1 << 20) == asdict(cfg)
-                    and C.read_json_file(out / "cfg.json", "dictionary config", max_bytes=1 << 20).get("hook_name")
-                    == s.hook and (out / "cfg.json").is_file())
-        except (UserError, AttributeError):
+        try:  # a rerun of a finished command has nothing to do
+            saved = C.read_json_file(out / TRAIN_CONFIG, "train config", max_bytes=1 << 20)
+            dcfg = C.read_json_file(out / "cfg.json", "dictionary config", max_bytes=1 << 20)
+            done = saved == asdict(cfg) and isinstance(dcfg, dict) and dcfg.get("hook_name") == s.hook \
+                and dcfg.get("model_name") == model_name(model)
+        except UserError:
             done = False
         if done:
             print(f"already trained: {out} holds this dictionary (same site and options); delete it to train again")

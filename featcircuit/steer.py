@@ -265,6 +265,11 @@ def steer(model, steering: Steering, *, task=None, prompt: str | None = None, ma
     if task is None and prompt is None:
         raise UserError("nothing to steer on: give a task (--task NAME) or a prompt (--prompt TEXT)")
     ptoks = encode_prompt(model, prompt) if prompt is not None else None
+    limit = int(getattr(model.cfg, "n_ctx", 0) or 0)
+    start_len = ptoks.shape[1] if ptoks is not None else task.clean.shape[1]
+    if limit and start_len + max_new_tokens > limit:
+        raise UserError(f"the prompt ({start_len} tokens with BOS) plus --max-new-tokens {max_new_tokens} "
+                        f"exceeds the model's {limit} positions: shorten the prompt or generate fewer tokens")
     for length in ([ptoks.shape[1]] if ptoks is not None else []) + ([task.clean.shape[1]] if task else []):
         if steering.positions is not None:
             resolve_positions(steering.positions, length)  # a bad position fails before any forward

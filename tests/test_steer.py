@@ -266,6 +266,8 @@ def test_parsing_and_bad_values(neox):
         steer(neox, Steering(site, d, 1, "add", 1.0, (40,)), prompt="def f(x):", progress=False)
     with pytest.raises(UserError, match="nothing to steer on"):
         steer(neox, Steering(site, d, 1), progress=False)
+    with pytest.raises(UserError, match=f"plus --max-new-tokens 100000 exceeds the model's {neox.cfg.n_ctx} positions"):
+        steer(neox, Steering(site, d, 1), prompt="def f(x):", max_new_tokens=100_000, progress=False)
 
 
 # ---- the command line ------------------------------------------------------------------------
