@@ -22,6 +22,10 @@
 4. *Norms* (:func:`site_norms`, :func:`error_norms`, :func:`norm_stats`): the distribution of
    activation L2 norms per site and layer, and of a pair's reconstruction error norms.
 
+Every analysis takes any site: ``resid``, ``mlp``, ``attn_out``, ``mlp_out`` of a layer, a raw hook
+name, or a :class:`~featcircuit.sites.Site` (then ``layer`` is ignored); :func:`train_l1_sweep`
+trains pairs or, with ``site``, single dictionaries there.
+
 Every number is taken over positions ≥ 1: the BOS position is never spliced (as in
 :mod:`featcircuit.splicing`) and its activation norms are outliers no dictionary is trained on.
 CE and KL follow :func:`featcircuit.evaluation.evaluate_pair` (next-token predictions at positions
@@ -53,14 +57,19 @@ _MATCHED = 1_000_002  # generator index of the two matched-noise conditions
 
 # ---- shared ---------------------------------------------------------------------------------
 
+def as_site(model, layer: int, site: str | Site) -> Site:
+    """``site`` itself if it is a :class:`Site`, else the named site or hook of ``layer``."""
+    return site if isinstance(site, Site) else resolve_site(model, layer, site)
+
+
 def _flat(acts: Tensor, width: int) -> Tensor:
     """``[n, n_ctx, width]`` harvested activations → ``[n·(n_ctx−1), width]`` without BOS."""
     return acts[:, 1:].reshape(-1, width)
 
 
-def site_acts(model, layer: int, site: str, tokens: Tensor, *, batch_size: int = 16) -> Tensor:
+def site_acts(model, layer: int, site: str | Site, tokens: Tensor, *, batch_size: int = 16) -> Tensor:
     """Activations ``[n·(n_ctx−1), width]`` of one site on ``tokens`` (BOS positions dropped)."""
-    s = resolve_site(model, layer, site)
+    s = as_site(model, layer, site)
     return _flat(harvest(model, tokens, [s.hook], batch_size=batch_size, progress=False)[s.hook], s.width)
 
 
@@ -175,7 +184,7 @@ def reconstruction_geometry(d: Dictionary, acts: Tensor) -> dict:
             "n_tokens": int(ok.sum())}
 
 
-def perturbation_sweep(model, layer: int, site: str, tokens: Tensor,
+def perturbation_sweep(model, layer: int, site: str | Site, tokens: Tensor,
                        cos_sims: Sequence[float] = DEFAULT_COS_SIMS,
                        dictionary: Dictionary | None = None, *, norm_ratio: float | None = None,
                        seed: int = 0, batch_size: int = 16) -> list[dict]:
@@ -188,13 +197,13 @@ def perturbation_sweep(model, layer: int, site: str, tokens: Tensor,
     Each condition draws from its own generator, so a row does not depend on which others run;
     the two matched rows share theirs, so they differ only in the matching.
     """
-    s = resolve_site(model, layer, site)
+    s = as_site(model, layer, site)
     geo = None
     if dictionary is not None:
         if dictionary.cfg.d_in != s.width:
             raise UserError(f"dictionary has d_in {dictionary.cfg.d_in}, site {s.hook} has width {s.width}")
         dictionary = dictionary.to(next(model.parameters()).device).eval()
-        geo = reconstruction_geometry(dictionary, site_acts(model, layer, site, tokens,
+        geo = reconstruction_geometry(dictionary, site_acts(model, layer, s, tokens,
                                                             batch_size=batch_size))
     rho = norm_ratio if norm_ratio is not None else (geo["norm_ratio"] if geo else 1.0)
 
@@ -210,7 +219,7 @@ def perturbation_sweep(model, layer: int, site: str, tokens: Tensor,
             a, geo["cos_sim"], geo["norm_ratio"], g))}
         conds["random_per_token_matched"] = {s.hook: matched_noise(dictionary, gen(_MATCHED))}
     res = splice_eval(model, tokens, conds, batch_size=batch_size)
-    base = {"site": s.name, "layer": layer, "hook": s.hook}
+    base = {"site": s.name, "layer": s.layer, "hook": s.hook}
 
     def row(name: str, kind: str, cos_sim: float, ratio: float) -> dict:
         r = res["conditions"][name]
@@ -278,21 +287,27 @@ def masked_l0(d: Dictionary, acts: Tensor, removed: Tensor, *, batch_size: int =
 
 def train_l1_sweep(model, layer: int, tokens: Tensor, l1_coefficients: Sequence[float],
                    config: TrainConfig | None = None, *, acts: dict[str, Tensor] | None = None,
-                   progress: bool = False) -> dict[float, Pair]:
-    """A ReLU pair for each L1 coefficient, otherwise trained with ``config`` on the same rows."""
+                   site: str | Site | None = None, progress: bool = False) -> dict[float, Pair | Dictionary]:
+    """A ReLU pair (or, with ``site``, one ReLU dictionary there) per L1 coefficient, on the same rows."""
     from dataclasses import replace
 
+    from .site_training import train_site
+
     cfg = config or TrainConfig(architecture="relu")
+    s = None if site is None else as_site(model, layer, site)
+    hooks = [s.hook] if s is not None else [x.hook for x in pair_sites(model, layer)]
     if acts is None:
         n_seq = -(-cfg.tokens // (tokens.shape[1] - 1))
-        acts = harvest(model, tokens[:n_seq], [s.hook for s in pair_sites(model, layer)], progress=False)
-    return {float(l1): train_pair(model, layer, tokens,
-                                  replace(cfg, architecture="relu", l1_coefficient=float(l1)),
-                                  acts=acts, progress=progress)
-            for l1 in l1_coefficients}
+        acts = harvest(model, tokens[:n_seq], hooks, progress=False)
+    out: dict[float, Pair | Dictionary] = {}
+    for l1 in l1_coefficients:
+        c = replace(cfg, architecture="relu", l1_coefficient=float(l1))
+        out[float(l1)] = (train_pair(model, layer, tokens, c, acts=acts, progress=progress) if s is None
+                          else train_site(model, s, tokens, c, acts=acts[s.hook], progress=progress))
+    return out
 
 
-def lower_l0_comparison(model, layer: int, site: str, base: Dictionary,
+def lower_l0_comparison(model, layer: int, site: str | Site, base: Dictionary,
                         l1_dictionaries: Mapping[float, Dictionary], tokens: Tensor,
                         target_l0s: Sequence[float] = (), *, batch_size: int = 16) -> list[dict]:
     """CE recovered (vs zero ablation) at each L0, reached by frequency removal from ``base`` or by L1.
@@ -300,9 +315,9 @@ def lower_l0_comparison(model, layer: int, site: str, base: Dictionary,
     Frequency removal targets the L0 of every L1 dictionary (a matched comparison) plus
     ``target_l0s``; frequencies and L0s are measured on ``tokens``.
     """
-    s = resolve_site(model, layer, site)
+    s = as_site(model, layer, site)
     dev = next(model.parameters()).device
-    acts = site_acts(model, layer, site, tokens, batch_size=batch_size).to(dev)
+    acts = site_acts(model, layer, s, tokens, batch_size=batch_size).to(dev)
     base = base.to(dev).eval()
     freq = feature_frequencies(base, acts)
     l1_rows = []
@@ -325,7 +340,7 @@ def lower_l0_comparison(model, layer: int, site: str, base: Dictionary,
     res = splice_eval(model, tokens, conds, batch_size=batch_size)
     c = res["conditions"]
     ce_zero = c[f"zero:{s.hook}"]["ce"]
-    common = {"site": s.name, "layer": layer, "ce_clean": res["ce_clean"], "ce_zero": ce_zero,
+    common = {"site": s.name, "layer": s.layer, "ce_clean": res["ce_clean"], "ce_zero": ce_zero,
               "n_tokens": res["n_tokens"]}
     rows = [{**common, "method": "base", "l1_coefficient": base.cfg.l1_coefficient,
              "l0": float(freq.sum()), **_score(c["base"])}]
@@ -407,7 +422,7 @@ def norm_stats(norms: Tensor) -> dict:
 
 def site_norms(model, tokens: Tensor, layers: Sequence[int], sites: Sequence[str] = ("resid", "mlp"), *,
                batch_size: int = 16) -> dict[tuple[str, int], Tensor]:
-    """L2 norms ``[n·(n_ctx−1)]`` of each (site, layer)'s activations, from one harvest."""
+    """L2 norms ``[n·(n_ctx−1)]`` of each (site, layer)'s activations (any named site), from one harvest."""
     want: list[Site] = [resolve_site(model, layer, s) for s in sites for layer in layers]
     acts = harvest(model, tokens, [s.hook for s in want], batch_size=batch_size, progress=False)
     return {(s.name, s.layer): _flat(acts[s.hook], s.width).norm(dim=-1) for s in want}

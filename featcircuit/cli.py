@@ -144,6 +144,8 @@ def cmd_train(args) -> None:
     cfg = TrainConfig(architecture=args.arch, width=args.width, k=args.k, tokens=args.tokens,
                       epochs=args.epochs, batch_size=args.batch_size, l1_coefficient=args.l1,
                       seed=args.seed, ckpt_every=args.ckpt_every, jacobian=args.jacobian)
+    if getattr(args, "site", None) is not None:
+        return _train_site(args, cfg)
     n_seq = -(-cfg.tokens // (cfg.n_ctx - 1))
     args.split = "train"
     precheck(args, tokens=n_seq * cfg.n_ctx, n_ctx=cfg.n_ctx)
@@ -172,6 +174,62 @@ def cmd_train(args) -> None:
           f"evaluate with `featcircuit evaluate --dicts {out}`")
 
 
+def _check_site_arg(site: str) -> str:
+    """``--site``: a named site or something shaped like a hook name (checked on the model later)."""
+    from .sites import NAMED_SITES
+
+    if site in NAMED_SITES or re.fullmatch(r"(blocks\.\d+\.)?[a-z0-9_.]*hook_[a-z0-9_]+", site):
+        return site
+    raise UserError(f"--site {site!r} is not a site: use {', '.join(NAMED_SITES)} or a hook name "
+                    "such as blocks.1.hook_resid_post")
+
+
+def _train_site(args, cfg) -> None:
+    """``train --site S --layer L``: one dictionary at one site, written as a one-dictionary folder."""
+    from dataclasses import asdict
+
+    from .data import load_tokens
+    from .models import canonical_name, load_model, model_name
+    from .site_training import SITE_FILES, TRAIN_CONFIG, train_site
+    from .sites import resolve_site
+
+    site = _check_site_arg(args.site)
+    if cfg.jacobian:
+        raise UserError(f"--jacobian {cfg.jacobian:g} needs the resid/mlp pair: drop --site or use 0")
+    n_seq = -(-cfg.tokens // (cfg.n_ctx - 1))
+    args.split = "train"
+    precheck(args, tokens=n_seq * cfg.n_ctx, n_ctx=cfg.n_ctx)
+    if cfg.tokens < cfg.batch_size:
+        raise UserError(f"--tokens {cfg.tokens:,} is less than one batch of --batch-size "
+                        f"{cfg.batch_size:,}: lower --batch-size or raise --tokens")
+    name = canonical_name(args.model)
+    tag = site if "hook_" not in site else site.replace(".", "_")
+    out = Path(args.out or f"featcircuit-out/{Path(name).name}-L{args.layer}-{tag}")
+    C.check_out_dir(out, known=SITE_FILES)
+    with C.folder_lock(out):
+        model = load_model(args.model, args.device)
+        s = resolve_site(model, args.layer, site)
+        d_sae = int(round(cfg.width * s.width))
+        if cfg.architecture != "relu" and cfg.k > d_sae:
+            raise UserError(f"--width {args.width:g} gives {d_sae} features ({s.hook} is {s.width} wide), "
+                            f"fewer than --k {cfg.k}: raise --width or lower --k")
+        try:  # a rerun of a finished command has nothing to do
+            saved = C.read_json_file(out / TRAIN_CONFIG, "train config", max_bytes=1 << 20)
+            dcfg = C.read_json_file(out / "cfg.json", "dictionary config", max_bytes=1 << 20)
+            done = saved == asdict(cfg) and isinstance(dcfg, dict) and dcfg.get("hook_name") == s.hook \
+                and dcfg.get("model_name") == model_name(model)
+        except UserError:
+            done = False
+        if done:
+            print(f"already trained: {out} holds this dictionary (same site and options); delete it to train again")
+            return
+        tokens = load_tokens(args.data, model, n_ctx=cfg.n_ctx, n_tokens=n_seq * cfg.n_ctx, split="train")
+        t0 = time.time()
+        train_site(model, s, tokens, cfg, out=out, ckpt_dir=out.parent / f".{out.name}.ckpt")
+    print(f"trained in {time.time() - t0:.0f}s; wrote the {s.name} dictionary of {model_name(model)} "
+          f"layer {s.layer} ({s.hook}) to {out}; evaluate with `featcircuit evaluate --dicts {out}`")
+
+
 def _pair_done(out: Path, cfg: dict, model: str, layer: int) -> bool:
     """Whether ``out`` already holds the pair these options train (so a rerun has nothing to do)."""
     try:
@@ -188,25 +246,204 @@ def _pair_done(out: Path, cfg: dict, model: str, layer: int) -> bool:
 def cmd_evaluate(args) -> None:
     from .data import load_tokens
     from .dictionary import load_pair
-    from .evaluation import NAN_REASONS, evaluate_pair, format_quality
+    from .evaluation import NAN_REASONS, evaluate_layers, evaluate_pair, format_layers, format_quality
     from .io import strict_json
     from .models import load_model, model_name
-    from .sites import check_layer, pair_sites
+    from .sites import check_layer, pair_sites, parse_layers
 
+    folders = list(args.dicts or [])
+    if not folders and args.layers is None:
+        raise UserError("nothing to evaluate: pass --dicts FOLDER (a pair or one-dictionary folder) "
+                        "or --layers all|0-3|1,3 (the cached default pairs)")
+    for f in folders:
+        if not Path(f).is_dir():
+            raise UserError(f"--dicts {f!r} is not a folder: expected a pair folder with resid/ and mlp/ "
+                            "or a dictionary folder with cfg.json")
+    if args.layers is not None and args.layer is not None:
+        raise UserError(f"--layer {args.layer} and --layers {args.layers!r}: pass one of them")
+    args.dicts = None  # checked above, one folder at a time
     precheck(args, tokens=args.tokens)
-    probe = load_pair(args.dicts)  # cheap, and checks the files before the model is loaded
-    layer = probe.mlp.cfg.layer if args.layer is None else args.layer
-    if layer < 0:
-        raise UserError(f"the dictionaries at {args.dicts} record no layer: pass --layer")
-    args.layer = layer
+    n = C.model_sizes(args.model)["n_layers"]
+    if args.layers is not None and n is not None:
+        parse_layers(n, args.layers)  # a bad spec fails before the model is loaded
+    from .site_training import is_site_folder
+
+    singles = [f for f in folders if is_site_folder(f)]
+    if singles:
+        if len(folders) > 1 or args.layers is not None:
+            raise UserError(f"--dicts {singles[0]!r} is a one-dictionary folder: evaluate it alone, "
+                            "without --layers or other --dicts")
+        return _evaluate_site(args, singles[0])
+    if len(folders) > 1 and args.layer is not None:
+        raise UserError(f"--layer {args.layer} with {len(folders)} --dicts folders: each folder's layer is "
+                        "read from it (choose some with --layers)")
+    probes = {}
+    for f in folders:  # cheap, and checks the files before the model is loaded
+        layer = load_pair(f).mlp.cfg.layer
+        if layer < 0:
+            if len(folders) > 1 or args.layer is None:
+                raise UserError(f"the dictionaries at {f} record no layer: pass --layer")
+            layer = args.layer
+        if layer in probes:
+            raise UserError(f"--dicts {probes[layer]!r} and {f!r} are both for layer {layer}: pass one per layer")
+        probes[layer] = f
+    for layer in probes:
+        C.check_layer_of(args.model, layer, "--dicts layer")
+    if args.layers is None and len(probes) == 1:  # one pair: the one-layer report, as always
+        ((recorded, folder),) = probes.items()
+        layer = recorded if args.layer is None else args.layer
+        model = load_model(args.model, args.device)
+        r, m = pair_sites(model, check_layer(model, layer))
+        pair = load_pair(folder, expect_model=model_name(model), expect_layer=layer,
+                         d_resid=r.width, d_mlp=m.width, device=next(model.parameters()).device)
+        tokens = load_tokens(args.data, model, n_tokens=args.tokens, split=args.split)
+        ev = evaluate_pair(model, pair, tokens, layer)
+        print(strict_json(ev, NAN_REASONS, indent=1) if args.json else format_quality(ev))
+        return
+    model = load_model(args.model, args.device)
+    layers = parse_layers(model, args.layers) if args.layers is not None else sorted(probes)
+    pairs = {}
+    device = next(model.parameters()).device
+    for layer in layers:
+        r, m = pair_sites(model, layer)
+        if layer in probes:
+            pairs[layer] = load_pair(probes[layer], expect_model=model_name(model), expect_layer=layer,
+                                     d_resid=r.width, d_mlp=m.width, device=device)
+        else:
+            from .pairs import default_pair
+
+            pairs[layer], folder = default_pair(model, layer)
+            print(f"layer {layer}: default pair {folder}", file=sys.stderr)
+    unused = sorted(set(probes) - set(layers))
+    if unused:
+        print(f"note: --dicts for layer(s) {', '.join(map(str, unused))} are outside --layers "
+              f"{args.layers} and not evaluated", file=sys.stderr)
+    tokens = load_tokens(args.data, model, n_tokens=args.tokens, split=args.split)
+    ev = evaluate_layers(model, pairs, tokens)
+    print(strict_json(ev, NAN_REASONS, indent=1) if args.json else format_layers(ev))
+
+
+def _evaluate_site(args, folder: str) -> None:
+    """``evaluate --dicts FOLDER`` for a one-dictionary folder: its site's quality."""
+    from .data import load_tokens
+    from .dictionary import Dictionary
+    from .evaluation import NAN_REASONS, evaluate_site, format_site
+    from .io import strict_json
+    from .models import load_model, model_name
+    from .site_training import check_dict_site, load_dictionaries
+    from .sites import resolve_site
+
+    ((site_name, probe),) = load_dictionaries(folder).items()
+    layer = probe.cfg.layer if args.layer is None else args.layer
+    if probe.cfg.layer >= 0 and layer != probe.cfg.layer:
+        raise UserError(f"--layer {layer} does not match the dictionary at {folder} (layer {probe.cfg.layer})")
+    if layer < 0 and site_name in ("resid", "mlp", "attn_out", "mlp_out"):
+        raise UserError(f"the dictionary at {folder} records no layer: pass --layer")
+    args.layer = layer if layer >= 0 else None
     precheck(args)
     model = load_model(args.model, args.device)
-    r, m = pair_sites(model, check_layer(model, layer))
-    pair = load_pair(args.dicts, expect_model=model_name(model), expect_layer=layer,
-                     d_resid=r.width, d_mlp=m.width, device=next(model.parameters()).device)
+    site = resolve_site(model, layer, site_name)
+    check_dict_site(probe, site, model_name(model), folder)
+    d = Dictionary.load(folder, device=next(model.parameters()).device)
     tokens = load_tokens(args.data, model, n_tokens=args.tokens, split=args.split)
-    ev = evaluate_pair(model, pair, tokens, layer)
-    print(strict_json(ev, NAN_REASONS, indent=1) if args.json else format_quality(ev))
+    ev = evaluate_site(model, d, site, tokens)
+    print(strict_json(ev, NAN_REASONS, indent=1) if args.json else format_site(ev))
+
+
+def cmd_steer(args) -> None:
+    from .steer import parse_feature, parse_positions
+
+    ref = parse_feature(args.feature)  # every cheap check first: spec, positions, task, files
+    positions = parse_positions(args.positions)
+    if args.task is None and args.prompt is None:
+        raise UserError("nothing to steer on: give --task NAME (`featcircuit tasks`) and/or --prompt TEXT")
+    if args.task is not None:
+        from .tasks import BUILTIN_TASKS
+
+        if args.task not in BUILTIN_TASKS:
+            raise UserError(f"--task {args.task!r} is unknown: built-in tasks are {', '.join(BUILTIN_TASKS)}")
+    if args.scale is not None and args.value is not None:
+        raise UserError(f"--scale {args.scale:g} and --value {args.value:g}: give one magnitude")
+    scale = 1.0 if args.scale is None and args.value is None else args.scale
+    if args.out is not None:
+        out = Path(args.out)
+        if out.is_dir():
+            raise UserError(f"--out {args.out!r} is a folder: expected a .json file name")
+        C._writable_parent(out, "--out")
+    C.check_layer_of(args.model, ref.layer, f"feature {ref}: layer")
+    folder, dicts = args.dicts, None
+    args.dicts = None
+    if scale is not None:
+        args.split = args.split or "heldout"
+    precheck(args, tokens=args.tokens if scale is not None else None)
+    if folder is None and ref.site not in ("resid", "mlp"):
+        raise UserError(f"feature {ref} is at site {ref.site}: pass --dicts FOLDER with its dictionary "
+                        f"(train one with `featcircuit train --site {ref.site} --layer {ref.layer}`)")
+    if folder is not None:
+        from .site_training import load_dictionaries
+
+        if not Path(folder).is_dir():
+            raise UserError(f"--dicts {folder!r} is not a folder: expected a pair or one-dictionary folder")
+        dicts = load_dictionaries(folder)
+        if ref.site not in dicts:
+            raise UserError(f"--dicts {folder!r} holds the {', '.join(dicts)} dictionary, not {ref.site}: "
+                            f"feature {ref} needs a {ref.site} dictionary of layer {ref.layer}")
+        d = dicts[ref.site]
+        if d.cfg.layer >= 0 and d.cfg.layer != ref.layer:
+            raise UserError(f"--dicts {folder!r} is for layer {d.cfg.layer}, but feature {ref} is at layer {ref.layer}")
+        if ref.feature >= d.cfg.d_sae:
+            raise UserError(f"feature {ref} is out of range: the dictionary at {folder} has features "
+                            f"0..{d.cfg.d_sae - 1}")
+
+    import torch
+
+    from .data import load_tokens
+    from .io import atomic_write_json, strict_json
+    from .models import load_model, model_name
+    from .sites import resolve_site
+    from .steer import Steering, feature_activation, format_steer, steer
+
+    model = load_model(args.model, args.device)
+    device = next(model.parameters()).device
+    site = resolve_site(model, ref.layer, ref.site)
+    if dicts is not None:
+        from .site_training import check_dict_site
+
+        d = dicts[ref.site].to(device)
+        check_dict_site(d, site, model_name(model), folder)
+    else:
+        from .pairs import default_pair
+
+        pair, where = default_pair(model, ref.layer)
+        d = getattr(pair, ref.site).to(device)
+        print(f"dictionary: the default {ref.site} dictionary of layer {ref.layer} ({where})", file=sys.stderr)
+        if ref.feature >= d.cfg.d_sae:
+            raise UserError(f"feature {ref} is out of range: the default dictionary has features 0..{d.cfg.d_sae - 1}")
+    task = None
+    if args.task is not None:
+        from .tasks import builtin_task
+
+        task = builtin_task(args.task, model)
+        if args.pairs is not None and args.pairs < len(task):
+            task = task.subset(torch.arange(args.pairs))
+    typical = None
+    value = args.value
+    if scale is not None:
+        tokens = load_tokens(args.data, model, n_tokens=args.tokens, split=args.split)
+        typical = feature_activation(model, d, site, ref.feature, tokens)
+        if typical["mean_active"] <= 0:
+            raise UserError(f"feature {ref} never fires on {typical['n_tokens']:,} {args.split} tokens, so it "
+                            "has no typical activation to scale: pass an absolute --value")
+        value = scale * typical["mean_active"]
+    st = Steering(site, d, ref.feature, args.mode, float(value), positions)
+    res = steer(model, st, task=task, prompt=args.prompt, max_new_tokens=args.max_new_tokens, top=args.top)
+    if typical is not None:
+        res["scale"] = scale
+        res["typical_activation"] = typical
+    res["model"] = model_name(model)
+    print(strict_json(res, indent=1) if args.json else format_steer(res))
+    if args.out is not None:
+        print(f"wrote {atomic_write_json(args.out, res)}")
 
 
 def cmd_discover(args) -> None:
@@ -318,11 +555,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint every N steps (a killed run resumes from the last one)")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", help="pair folder to write (resumable checkpoint beside it)")
+    p.add_argument("--site", help="train one dictionary at this site of --layer instead of the pair: "
+                   "attn_out | mlp_out | resid | mlp | a hook name")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="quality of a dictionary pair on held-out tokens")
+    p = sub.add_parser("evaluate", help="quality of dictionaries on held-out tokens: a pair, "
+                       "several layers (each and all spliced at once) or one dictionary at any site")
     _add_model(p)
-    p.add_argument("--dicts", required=True, help="pair folder (resid/ and mlp/)")
+    p.add_argument("--dicts", action="append",
+                   help="pair folder (resid/ and mlp/) or one-dictionary folder (cfg.json); repeat "
+                        "for several layers")
+    p.add_argument("--layers", help="all | 0-3 | 1,3: evaluate these layers' pairs, each and all spliced "
+                   "at once (pairs from --dicts, else the cached default pairs, trained when absent)")
     p.add_argument("--layer", type=NONNEG, help="default: the layer recorded in the dictionaries")
     p.add_argument("--data", default=BUILTIN_DATA)
     p.add_argument("--split", default="heldout")
@@ -369,6 +613,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an --out folder featcircuit did not write")
     p.add_argument("--seed", type=SEED, default=d.seed)
     p.set_defaults(func=cmd_discover)
+
+    p = sub.add_parser("steer", help="add or clamp one feature's decoder direction at its site: change "
+                       "of a task's metric, of the next-token distribution, generated text before/after")
+    p.add_argument("feature", help="feature id: mlp2/123, resid1/7, attn_out1/5, mlp_out0/3")
+    _add_model(p)
+    p.add_argument("--dicts", help="pair or one-dictionary folder (default for resid/mlp: the cached default pair)")
+    p.add_argument("--mode", default="add", choices=("add", "clamp"),
+                   help="add: a + v·d_j; clamp: set the feature's code to v (error term kept)")
+    p.add_argument("--scale", type=arg_type(C.finite_float, "--scale", -1e6, 1e6),
+                   help="v in units of the feature's typical activation (mean where it fires; default 1)")
+    p.add_argument("--value", type=arg_type(C.finite_float, "--value", -1e9, 1e9), help="absolute v")
+    p.add_argument("--positions", default="all",
+                   help="all (every position after BOS, generated ones too) | last | indices such as 3,5,-1")
+    p.add_argument("--task", help="built-in task (`featcircuit tasks`): mean logit difference on its clean prompts")
+    p.add_argument("--prompt", help="text: next-token change after it and greedy continuation")
+    p.add_argument("--pairs", type=arg_type(C.positive_int, "--pairs", 10**6), help="use the first N task pairs")
+    p.add_argument("--max-new-tokens", type=arg_type(C.nonneg_int, "--max-new-tokens", 1024), default=20)
+    p.add_argument("--top", type=arg_type(C.positive_int, "--top", 1000), default=10,
+                   help="tokens listed whose probability rose / fell most")
+    p.add_argument("--data", default=BUILTIN_DATA, help="text for the typical activation (--scale)")
+    p.add_argument("--split", default="heldout")
+    p.add_argument("--tokens", type=arg_type(C.positive_int, "--tokens", 10**9), default=C.DefaultInt(8192),
+                   help="tokens the typical activation is measured on")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--out", help="write the result as JSON to this file")
+    p.set_defaults(func=cmd_steer)
 
     p = sub.add_parser("tasks", help="the built-in behaviours and the model's accuracy on each")
     _add_model(p)

@@ -5,6 +5,10 @@
 ``blocks.L.hook_resid_mid`` when they run in sequence (GPT-2, Llama). ``mlp`` of layer L is
 ``blocks.L.mlp.hook_post``, the MLP's hidden activation after the nonlinearity. Which case a
 model is in is read from its config, never from its name.
+
+Two more named sites hold a block's outputs, for dictionaries trained and evaluated there (as the
+seed work did on GPT-2 and Pythia): ``attn_out`` (``blocks.L.hook_attn_out``, what attention adds
+to the residual) and ``mlp_out`` (``blocks.L.hook_mlp_out``, what the MLP adds), both d_model wide.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from torch import Tensor
 from .errors import UserError
 
 SITES = ("resid", "mlp")
+OUT_SITES = ("attn_out", "mlp_out")
+NAMED_SITES = SITES + OUT_SITES
+_LAYERS_HELP = "use all, a range such as 0-3, or a list such as 1,3"
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -54,6 +61,36 @@ def check_layer(model, layer: int) -> int:
     return layer
 
 
+def parse_layers(model, spec: str | int, flag: str = "--layers") -> list[int]:
+    """The sorted layers a spec names: ``all``, a range ``0-3``, a list ``1,3`` (or ``0-1,3``).
+
+    ``model`` is a loaded model or its layer count. A bad spec or a layer outside the model is a
+    one-line UserError naming ``flag``, the bad value and the valid range.
+    """
+    n = model if isinstance(model, int) else n_layers(model)
+    if isinstance(spec, bool):
+        raise UserError(f"{flag} {spec!r} is not a layer spec: {_LAYERS_HELP} (layers 0..{n - 1})")
+    if isinstance(spec, int):
+        spec = str(spec)
+    text = str(spec).strip()
+    if text.lower() == "all":
+        return list(range(n))
+    out: set[int] = set()
+    for item in text.split(","):
+        m = re.fullmatch(r"\s*(\d{1,6})\s*(?:-\s*(\d{1,6})\s*)?", item)
+        if not m:
+            raise UserError(f"{flag} {text!r} is not a layer spec: {_LAYERS_HELP} (layers 0..{n - 1})")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise UserError(f"{flag} {text!r}: the range {lo}-{hi} runs backwards; write {hi}-{lo}")
+        if hi >= n:
+            raise UserError(f"{flag} {text!r}: layer {hi} is out of range: this model has layers "
+                            f"0..{n - 1}")
+        out.update(range(lo, hi + 1))
+    return sorted(out)
+
+
 def hook_layer(hook: str) -> int | None:
     """The block index a hook name lives in (``blocks.3.…`` → 3), None for embed/unembed hooks."""
     m = _BLOCK_RE.match(hook)
@@ -61,7 +98,8 @@ def hook_layer(hook: str) -> int | None:
 
 
 def resolve_site(model, layer: int, site: str) -> Site:
-    """The :class:`Site` for ``resid``/``mlp`` of ``layer``, or for a raw hook name."""
+    """The :class:`Site` for a named site (``resid``, ``mlp``, ``attn_out``, ``mlp_out``) of ``layer``,
+    or for a raw hook name."""
     d_model, d_mlp = int(model.cfg.d_model), int(model.cfg.d_mlp)
     if site == "resid":
         check_layer(model, layer)
@@ -70,9 +108,16 @@ def resolve_site(model, layer: int, site: str) -> Site:
     if site == "mlp":
         check_layer(model, layer)
         return Site("mlp", layer, f"blocks.{layer}.mlp.hook_post", d_mlp)
+    if site in OUT_SITES:
+        check_layer(model, layer)
+        hook = f"blocks.{layer}.hook_{site}"
+        if hook not in model.hook_dict:
+            raise UserError(f"site {site!r}: this model has no hook {hook!r}")
+        return Site(site, layer, hook, d_model)
     hooks = set(model.hook_dict.keys())
     if site not in hooks:
-        raise UserError(f"unknown site {site!r}: use 'resid', 'mlp' or a hook name such as "
+        raise UserError(f"unknown site {site!r}: use {', '.join(map(repr, NAMED_SITES))} or a hook name "
+                        "such as "
                         f"'blocks.0.hook_resid_post' ({len(hooks)} hooks: `featcircuit model info`)")
     hl = hook_layer(site)
     width = d_mlp if site.endswith(("mlp.hook_post", "mlp.hook_pre")) else d_model

@@ -268,3 +268,46 @@ def test_norm_stats_match_direct_computation(neox):
         recon = F.relu((acts - d.b_dec) @ d.W_enc + d.b_enc) @ d.W_dec + d.b_dec
     torch.testing.assert_close(e["error"], (acts - recon).norm(dim=-1))
     torch.testing.assert_close(e["relative"], (acts - recon).norm(dim=-1) / acts.norm(dim=-1))
+
+
+# ---- any site -------------------------------------------------------------------------------
+
+def test_analyses_at_the_output_sites(neox):
+    """attn_out / mlp_out (by name or as a Site) work in every analysis, against direct references."""
+    from featcircuit.sites import mlp_parts, resolve_site
+
+    toks = _data(neox)
+    a_site = resolve_site(neox, 1, "attn_out")
+    # perturbation: the identity dictionary is the clean run; c=1, ρ=1 too
+    rows = A.perturbation_sweep(neox, 1, a_site, toks, [1.0, 0.5], dictionary=_identity(32, site="attn_out"))
+    by = {r["kind"] if r["kind"] != "random" else r["cos_sim"]: r for r in rows}
+    assert {r["hook"] for r in rows} == {"blocks.1.hook_attn_out"} and {r["site"] for r in rows} == {"attn_out"}
+    assert by["dictionary"]["kl"] == pytest.approx(0.0, abs=1e-6) and by[1.0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert by[0.5]["kl"] > 1e-5
+    # mlp_out activations are the MLP's output computed from its hidden activation
+    out = A.site_acts(neox, 1, "mlp_out", toks)
+    hid = A.site_acts(neox, 1, "mlp", toks)
+    torch.testing.assert_close(out, mlp_parts(neox, 1).out(hid), rtol=1e-5, atol=1e-5)
+    # lower L0 at mlp_out: the identity recovers everything, removing frequent features does not
+    rows = A.lower_l0_comparison(neox, 1, "mlp_out", _identity(32, site="mlp_out"), {}, toks, target_l0s=(10.0,))
+    by = {r["method"]: r for r in rows}
+    assert by["base"]["recovered_vs_zero"] == pytest.approx(1.0, abs=1e-4) and by["base"]["site"] == "mlp_out"
+    assert by["remove_frequent"]["l0"] <= 10.0 and abs(by["remove_frequent"]["recovered_vs_zero"] - 1) > 1e-3
+    norms = A.site_norms(neox, toks, [1], sites=("attn_out", "mlp_out"))
+    torch.testing.assert_close(norms[("mlp_out", 1)], out.norm(dim=-1))
+
+
+def test_l1_sweep_at_a_single_site(neox):
+    from featcircuit.training import TrainConfig
+
+    toks = _data(neox, n=120, ctx=16)
+    cfg = TrainConfig(architecture="relu", width=2.0, tokens=1500, epochs=2, batch_size=100, warmup_steps=3)
+    got = A.train_l1_sweep(neox, 1, toks, [0.0, 3.0], cfg, site="attn_out")
+    assert set(got) == {0.0, 3.0}
+    acts = A.site_acts(neox, 1, "attn_out", toks[:20])
+    l0 = {}
+    for l1, d in got.items():
+        assert isinstance(d, Dictionary) and d.cfg.site == "attn_out" and d.cfg.l1_coefficient == l1
+        assert d.cfg.hook_name == "blocks.1.hook_attn_out" and d.cfg.d_in == 32
+        l0[l1] = float(A.feature_frequencies(d, acts).sum())
+    assert l0[3.0] < l0[0.0]  # the L1 penalty is what lowers L0

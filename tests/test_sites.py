@@ -46,3 +46,53 @@ def test_raw_hook_and_unknown_site(neox):
     assert (s.hook, s.layer, s.width) == ("blocks.1.hook_resid_post", 1, 32)
     with pytest.raises(UserError, match="unknown site 'blocks.9.nope'"):
         resolve_site(neox, 0, "blocks.9.nope")
+
+
+def test_parse_layers_specs(neox):
+    from featcircuit.sites import parse_layers
+
+    assert parse_layers(neox, "all") == [0, 1, 2]
+    assert parse_layers(neox, "ALL") == [0, 1, 2]
+    assert parse_layers(neox, "0-2") == [0, 1, 2]
+    assert parse_layers(neox, "2,0") == [0, 2]
+    assert parse_layers(neox, "1, 1,2") == [1, 2]
+    assert parse_layers(neox, "0-1,2") == [0, 1, 2]
+    assert parse_layers(neox, 1) == [1]
+    assert parse_layers(8, "5-7") == [5, 6, 7]
+
+
+@pytest.mark.parametrize("spec, msg", [
+    ("0-5", r"--layers '0-5': layer 5 is out of range: this model has layers 0\.\.2"),
+    ("3", r"--layers '3': layer 3 is out of range: this model has layers 0\.\.2"),
+    ("2-1", r"--layers '2-1': the range 2-1 runs backwards"),
+    ("-1", r"--layers '-1' is not a layer spec: use all, a range such as 0-3, or a list such as 1,3 \(layers 0\.\.2\)"),
+    ("", r"--layers '' is not a layer spec"),
+    ("1,", r"--layers '1,' is not a layer spec"),
+    ("x", r"--layers 'x' is not a layer spec"),
+    ("1.5", r"--layers '1.5' is not a layer spec"),
+])
+def test_parse_layers_rejects_with_one_line(neox, spec, msg):
+    from featcircuit.sites import parse_layers
+
+    with pytest.raises(UserError, match=msg) as e:
+        parse_layers(neox, spec)
+    assert "\n" not in str(e.value)
+
+
+def test_output_sites_are_what_the_block_adds(tiny_model):
+    """attn_out + mlp_out (+ resid_pre) rebuild the block's output residual, for both block kinds."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, tiny_model.cfg.d_vocab, (2, 12))
+    a, m = resolve_site(tiny_model, 1, "attn_out"), resolve_site(tiny_model, 1, "mlp_out")
+    assert (a.hook, a.name, a.layer, a.width) == ("blocks.1.hook_attn_out", "attn_out", 1, 32)
+    assert (m.hook, m.name, m.layer, m.width) == ("blocks.1.hook_mlp_out", "mlp_out", 1, 32)
+    hooks = [a.hook, m.hook, "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"]
+    acts = harvest(tiny_model, tokens, hooks, progress=False)
+    torch.testing.assert_close(acts[hooks[2]] + acts[a.hook] + acts[m.hook], acts[hooks[3]],
+                               rtol=1e-5, atol=1e-5)
+    # mlp_out is the MLP's own output from the mid-MLP site
+    z = harvest(tiny_model, tokens, [resolve_site(tiny_model, 1, "mlp").hook], progress=False)
+    torch.testing.assert_close(mlp_parts(tiny_model, 1).out(next(iter(z.values()))), acts[m.hook],
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="layer 5 is out of range"):
+        resolve_site(tiny_model, 5, "attn_out")
