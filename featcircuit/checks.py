@@ -599,7 +599,14 @@ def discover_out(cfg: Any) -> Path:
     """The folder ``discover`` writes: ``--out``, or featcircuit-out/MODEL-LLAYER."""
     from .models import canonical_name
 
-    return Path(cfg.out or f"featcircuit-out/{Path(canonical_name(cfg.model)).name}-L{cfg.layer}")
+    if cfg.out:
+        return Path(cfg.out)
+    name = Path(canonical_name(cfg.model)).name
+    if getattr(cfg, "prompt", None) is not None:
+        return Path(f"featcircuit-out/{name}-prompt")
+    layers = getattr(cfg, "layers", None)
+    tag = str(cfg.layer) if layers is None else "".join(c if c.isalnum() else "-" for c in str(layers))
+    return Path(f"featcircuit-out/{name}-L{tag}")
 
 
 def _check_target_range(cfg: Any) -> None:

@@ -579,6 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("discover", help="the whole job: pair, edges, search, rendered circuit")
     _add_model(p)
     p.add_argument("--layer", type=NONNEG, default=d.layer)
+    p.add_argument("--layers", default=d.layers,
+                   help="a circuit across layers: all | A-B | A,B,… (contiguous); dictionaries of each layer "
+                        "from the default cache")
+    p.add_argument("--prompt", default=d.prompt,
+                   help="one prompt's attribution graph per position (pruned by influence) for its "
+                        "next-token prediction, across --layers (default: --layer)")
     p.add_argument("--data", default=d.data)
     p.add_argument("--split", default=d.split)
     p.add_argument("--dicts", help="pair folder; default: the cached default pair (trained when absent)")

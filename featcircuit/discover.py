@@ -34,6 +34,8 @@ class DiscoverConfig:
     """Options of ``featcircuit discover`` (each is a flag of the same name)."""
 
     layer: int = 2
+    layers: str | None = None
+    prompt: str | None = None
     model: str = "stdlib-neox"
     data: str = "builtin:stdlib"
     split: str = "heldout"
@@ -122,6 +124,32 @@ def _check_options(cfg: DiscoverConfig) -> None:
 
     # device, seed, model, layer, data and token budget, --target syntax, --prompts file, --out
     check_discover_options(cfg)
+    if cfg.layers is not None or cfg.prompt is not None:
+        _check_cross_options(cfg)
+
+
+def _check_cross_options(cfg: DiscoverConfig) -> None:
+    """What ``--layers``/``--prompt`` accept, checked before the model loads."""
+    from .checks import model_sizes
+    from .sites import parse_layers
+
+    if cfg.prompt is not None:
+        if cfg.task is not None or cfg.prompts is not None:
+            raise UserError("--prompt explains one prompt's prediction: drop --task/--prompts (or drop --prompt)")
+        if not cfg.prompt.strip():
+            raise UserError("--prompt is empty: give the text whose next-token prediction to explain")
+    if cfg.dicts is not None or cfg.target is not None:
+        raise UserError("--dicts and --target take one layer's pair: use --layer L without --layers/--prompt")
+    if cfg.errors != "kept":
+        raise UserError("--errors ablated is not supported with --layers: error nodes stay clean across layers")
+    if cfg.ablation == "mean":
+        raise UserError("--ablation mean is not supported with --layers: use auto, patch (tasks) or zero")
+    n = model_sizes(cfg.model)["n_layers"]
+    if cfg.layers is not None:
+        ls = parse_layers(n if n is not None else 10**6, cfg.layers)
+        if ls != list(range(ls[0], ls[-1] + 1)):
+            raise UserError(f"--layers {cfg.layers} names layers {ls} that are not contiguous: cross-layer "
+                            f"edges join adjacent layers, e.g. --layers {ls[0]}-{ls[-1]}")
 
 
 def target_decomposition(model, pair, layer: int, tokens: torch.Tensor, j: int) -> dict:
@@ -232,6 +260,10 @@ def discover(cfg: DiscoverConfig) -> dict:
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     _check_options(cfg)
+    if cfg.layers is not None or cfg.prompt is not None:
+        from .crossdiscover import discover_layers
+
+        return discover_layers(cfg)
     sweep = _parse_sweep(cfg.tau_sweep)
     model = load_model(cfg.model, cfg.device)
     layer = check_layer(model, cfg.layer)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .ablation import _run_tail
 from .crossablation import CrossContext
-from .edges import ERR, EMB, edges_into, edges_into_out
+from .edges import EMB, ERR, edges_into, edges_into_out
 from .search import EdgeRanking
 
 
@@ -46,7 +46,8 @@ def code_grads(cx: CrossContext) -> dict[int, Tensor]:
                 new = torch.relu(code.index_add(0, E.row, E.J * dc))
             else:
                 L = site[1]
-                x = tr.acts[("resid", L)][n, t].index_add(0, E.row, dc[:, None] * rep.decoder(("resid", L))[E.src])
+                D = rep.decoder(("resid", L))
+                x = tr.acts[("resid", L)][n, t].index_add(0, E.row, dc[:, None] * D[E.src])
                 M = rep.dictionary(site)
                 z = rep.parts[L].hidden(x)
                 if hasattr(M, "pre_acts") and hasattr(M, "W_enc"):

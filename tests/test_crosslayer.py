@@ -337,3 +337,91 @@ def test_splicing_the_mid_residual_reaches_the_next_block(gpt2):
         "blocks.0.hook_resid_mid", lambda a, hook=None: torch.cat([a[:, :1], a[:, 1:] + v], 1)))
     torch.testing.assert_close(spliced, keep_bos)  # run_spliced leaves BOS clean
     assert (logits - gpt2(tokens)).abs().max() > 1e-3  # the splice moved the output
+
+
+# ---- gradients, ranking and influence ----------------------------------------------------------
+
+
+def test_code_gradients_match_finite_differences_through_the_model(model64):
+    """∂m/∂code at a resid(1) and an mlp(0) row: a nudge of the code in the replacement model
+    run through the model's own modules (frozen attention, spliced sites, masks held)."""
+    from featcircuit.influence import code_grads
+
+    rep = _rep(model64, [0, 1])
+    task = _task(model64)
+    cx = CrossContext(rep, None, "zero", task=task)
+    grads = code_grads(cx)
+    tr = cx.tr
+    masks = {s: tr.codes[s] != 0 for s in rep.sites}
+    frozen = _freeze(model64, tr, rep.attn_layers())
+
+    def metric_with(site, row, eps):
+        n, t, k = (int(x[row]) for x in cx.rows[cx.si[site]])
+
+        def splice(s):
+            d = rep.dictionary(s)
+
+            def hook(act, hook=None):
+                codes = torch.relu(d.pre_acts(act)) * masks[s]
+                codes[:, 0] = 0
+                if s == site:
+                    codes = codes.clone()
+                    codes[n, t, k] += eps
+                nn_, c, m = codes.shape
+                return d.decode(codes.reshape(nn_ * c, m)).view(nn_, c, -1) + tr.errors[s]
+            return hook
+        hooks = frozen + [h for s in rep.sites for h in site_hooks(rep.hooks[s], splice(s))]
+        return float(task.metric(model64.run_with_hooks(tr.tokens, fwd_hooks=hooks)))
+
+    base = metric_with(("resid", 1), 0, 0.0)
+    assert base == pytest.approx(cx.m_full, abs=1e-9)
+    for site in (("resid", 1), ("mlp", 0)):
+        g = grads[cx.si[site]]
+        row = int(torch.argmax(g.abs()))
+        eps = 1e-5
+        fd = (metric_with(site, row, eps) - metric_with(site, row, -eps)) / (2 * eps)
+        assert abs(g[row]) > 1e-6
+        assert float(g[row]) == pytest.approx(fd, rel=1e-5, abs=1e-9)
+
+
+def test_one_layer_ranking_equals_the_one_layer_estimates(neox):
+    from featcircuit.influence import rank_cross_edges
+    from featcircuit.search import rank_edges
+
+    pair = random_pair(neox, 1, k=5)
+    task = _task(neox)
+    cx = CrossContext(Replacement(neox, {1: pair}, [1]), None, "patch", task=task)
+    ax = AblationContext(neox, pair, 1, None, "patch", task=task)
+    a, c = rank_edges(ax), rank_cross_edges(cx)
+    off = cx.offset[1]
+    ours = {(i, j - off): (x, y) for (i, j), x, y in zip(c.edges, c.abs.tolist(), c.net.tolist())}
+    ref = {e: (x, y) for e, x, y in zip(a.edges, a.abs.tolist(), a.net.tolist()) if e[0] >= 0}
+    assert set(ours) == set(ref)
+    for e, (x, y) in ref.items():
+        assert ours[e][0] == pytest.approx(x, rel=1e-4, abs=1e-7)
+        assert ours[e][1] == pytest.approx(y, rel=1e-4, abs=1e-7)
+
+
+def test_influence_flows_back_from_the_metric(neox):
+    """Every feature's influence is what its edges pass on (to targets and to the metric), each
+    target passes on at most its own influence, and the normalisation is by all incoming |e|."""
+    from featcircuit.influence import influence, prune_by_influence
+
+    rep = Replacement(neox, {L: random_pair(neox, L, k=5, seed=L) for L in (0, 1)}, [0, 1])
+    cx = CrossContext(rep, None, "patch", task=_task(neox))
+    inf = influence(cx)
+    passed: dict = {}
+    received: dict = {}
+    for k, (s, d) in enumerate(zip(cx.edge_src.tolist(), cx.edge_dst.tolist())):
+        passed[s] = passed.get(s, 0.0) + float(inf.edge[k])
+        received[d] = received.get(d, 0.0) + float(inf.edge[k])
+    for g, v in inf.node.items():
+        assert v == pytest.approx(passed.get(g, 0.0) + inf.out_edges.get(g, 0.0), rel=1e-9, abs=1e-12)
+    for d, r in received.items():
+        assert r <= inf.node.get(d, 0.0) * (1 + 1e-9) + 1e-12
+    assert 0 < sum(inf.out_edges.values()) <= 1 + 1e-9
+    keep, mask = prune_by_influence(cx, inf, node_share=0.5, edge_share=0.9)
+    assert 0 < len(keep) < len(inf.node)
+    kept_infl = float(inf.edge[mask].sum())
+    assert kept_infl >= 0.9 * float((inf.edge * torch.tensor(
+        [s in keep and d in keep for s, d in zip(cx.edge_src.tolist(), cx.edge_dst.tolist())])).sum()) - 1e-12
