@@ -8,7 +8,6 @@ with a hook on the MLP's hidden activation (no restart after the layer).
 
 import pytest
 import torch
-from test_attribution import random_pair
 
 from featcircuit import load_model
 from featcircuit.ablation import ERR, AblationContext, Config
@@ -16,6 +15,7 @@ from featcircuit.faithfulness import _areas, curves, end_points
 from featcircuit.search import rank_edges, search_circuit
 from featcircuit.sites import pair_sites
 from featcircuit.tasks import TaskPrompts
+from helpers import random_pair
 
 LAYER = 1
 

@@ -8,27 +8,29 @@ import torch
 
 from featcircuit import load_model
 from featcircuit.dictionary import DictConfig, Dictionary, Pair, save_pair
-from featcircuit.features import (FeatureIndex, analyze_features, collect_stats, feature_card,
-                                  feature_directions, feature_index, format_card, labels_for,
-                                  lens_mask, token_label, token_removal, unembed)
+from featcircuit.features import (
+    FeatureIndex,
+    analyze_features,
+    collect_stats,
+    feature_card,
+    feature_directions,
+    feature_index,
+    format_card,
+    labels_for,
+    lens_mask,
+    token_label,
+    token_removal,
+    unembed,
+)
 from featcircuit.models import model_name
 from featcircuit.sites import mlp_parts, pair_sites
-
-from conftest import TEXT
+from helpers import TEXT, autograd_edges, random_pair, text_tokens
 
 
 @pytest.fixture(scope="module")
 def own_neox(neox_dir):
     """A private copy of the tiny NeoX whose unembedding the tests below rewrite."""
     return load_model(str(neox_dir), device="cpu")
-
-
-def _tokens(model, n_ctx=32):
-    ids = model.tokenizer(TEXT)["input_ids"]
-    body = n_ctx - 1
-    n = len(ids) // body
-    t = torch.tensor(ids[: n * body]).view(n, body)
-    return torch.cat([torch.full((n, 1), model.tokenizer.bos_token_id), t], 1)
 
 
 def _detector_pair(model, target: int, layer: int = 0, d_sae: int = 4, seed: int = 0) -> Pair:
@@ -73,7 +75,7 @@ def _target(model, tokens):
 def lens_setup(own_neox):
     """The detector pair plus an unembedding with known top/bottom tokens and two decoys."""
     model = own_neox
-    tokens = _tokens(model)
+    tokens = text_tokens(model)
     target = _target(model, tokens)
     pair = _detector_pair(model, target)
     counts = torch.bincount(tokens[:, 1:].flatten(), minlength=model.cfg.d_vocab)
@@ -151,7 +153,7 @@ def test_labels_for_and_collect_stats_agree_with_card(lens_setup, tmp_path):
 
 def test_unembed_matches_the_model_logits(neox):
     """unembed(x)/σ(x) plus the bias terms is exactly the model's logits (LayerNorm final norm)."""
-    tokens = _tokens(neox)[:2]
+    tokens = text_tokens(neox)[:2]
     logits, cache = neox.run_with_cache(tokens)
     x = cache[f"blocks.{neox.cfg.n_layers - 1}.hook_resid_post"].flatten(0, 1)
     ln = neox.original_model.gpt_neox.final_layer_norm
@@ -162,8 +164,6 @@ def test_unembed_matches_the_model_logits(neox):
 
 
 def test_mlp_direction_goes_through_w_out(neox):
-    from test_attribution import random_pair
-
     pair = random_pair(neox, 1)
     d = feature_directions(neox, pair, 1, "mlp", [3, 5])
     torch.testing.assert_close(d, pair.mlp.W_dec[[3, 5]] @ mlp_parts(neox, 1).W_out)
@@ -223,11 +223,9 @@ def test_bins_cover_the_range_and_histogram_counts():
 
 
 def test_index_is_cached_per_dictionary(neox, tmp_path, monkeypatch):
-    from test_attribution import random_pair
-
     import featcircuit.stats as F
 
-    tokens = _tokens(neox)[:6]
+    tokens = text_tokens(neox)[:6]
     pair = random_pair(neox, 1)
     a = feature_index(neox, pair, tokens, 1, "mlp", cache_dir=tmp_path)
     files = list(tmp_path.glob("*.pt"))
@@ -251,12 +249,10 @@ def test_index_is_cached_per_dictionary(neox, tmp_path, monkeypatch):
 
 
 def test_unknown_feature_and_site_are_user_errors(neox, tmp_path):
-    from test_attribution import random_pair
-
     from featcircuit.errors import UserError
 
     pair = random_pair(neox, 1)
-    tokens = _tokens(neox)[:2]
+    tokens = text_tokens(neox)[:2]
     with pytest.raises(UserError, match="unknown feature mlp:9999"):
         analyze_features(neox, pair, tokens, 1, "mlp", [9999], cache_dir=tmp_path)
     with pytest.raises(UserError, match="unknown site"):
@@ -380,13 +376,11 @@ def test_drop_dense_and_candidate_edges():
 
 
 def test_edge_evidence_matches_the_table_and_autograd(neox):
-    from test_attribution import autograd_edges, random_pair
-
     from featcircuit import harvest
     from featcircuit.attribution import attribute_edges
     from featcircuit.evidence import edge_evidence
 
-    tokens = _tokens(neox)[:6]
+    tokens = text_tokens(neox)[:6]
     pair = random_pair(neox, 1)
     table = attribute_edges(neox, pair, tokens, layer=1, progress=False)
     top = table.top(4, features_only=False)

@@ -17,8 +17,15 @@ import torch
 
 from featcircuit import graph as graph_mod
 from featcircuit.errors import UserError
-from featcircuit.graph import (NEG_COLOR, POS_COLOR, CircuitGraph, _dot_text, format_table,
-                               node_id, parse_node_id)
+from featcircuit.graph import (
+    NEG_COLOR,
+    POS_COLOR,
+    CircuitGraph,
+    _dot_text,
+    format_table,
+    node_id,
+    parse_node_id,
+)
 
 TRICKY = {
     "resid3/0": 'say "hi" <b>&amp;</b> \\',       # quotes, HTML-looking, entity, trailing backslash

@@ -15,6 +15,7 @@ import torch
 from featcircuit.errors import UserError
 from featcircuit.labels import atom_text, f1_distribution, fit_labels, label_text, rule_firing, token_contexts
 from featcircuit.stats import FeatureIndex
+from helpers import text_tokens
 
 VOCAB = ["<bos>", "def", " f", "(", "x", ",", "y", ")", ":", "\n", "    ", "return", " x", "print", "#", " c",
          "=", " y", "'", "s", "[", "]", " g"]
@@ -220,9 +221,7 @@ def test_same_seed_retrain_gives_the_same_weights_and_labels(neox, tmp_path):
     from featcircuit.labels import label_pair
     from featcircuit.training import TrainConfig, train_pair
 
-    from test_features import _tokens
-
-    tokens = _tokens(neox)
+    tokens = text_tokens(neox)
     cfg = TrainConfig(width=2.0, k=4, tokens=600, epochs=1, batch_size=100, warmup_steps=2, dead_tokens=200,
                       n_ctx=tokens.shape[1])
     a = train_pair(neox, 1, tokens, cfg, progress=False)
