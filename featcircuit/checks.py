@@ -4,9 +4,9 @@
    digits only (``１２`` and ``²`` are not numbers here), bounded size, finite floats; each
    failure is a :class:`~featcircuit.errors.UserError` naming the value and what is accepted;
    ``arg_type`` turns a validator into an argparse ``type=`` so the parser reports it;
-2. files that come from outside the process are read with bounds: ``read_json_file`` checks
-   that the path is a regular file, caps its size, its nesting depth and its integers' digits,
-   and rejects NaN/Infinity, before ``json.loads`` builds anything;
+2. files that come from outside the process are read with bounds (:mod:`featcircuit.readers`):
+   ``read_json_file`` checks that the path is a regular file, caps its size, its nesting depth and
+   its integers' digits, and rejects NaN/Infinity, before ``json.loads`` builds anything;
 3. output folders (``check_out_dir``, ``staged_output``): a non-empty folder that featcircuit
    did not write is refused unless ``force``; a run writes into a fresh hidden sibling folder
    and swaps it in only when complete; an old output is deleted only when every file in it was
@@ -28,7 +28,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .readers import parse_json_text, read_json_file, read_text_file
 
 MAX_SEED = 2**63 - 1
 MARKER = ".featcircuit-out.json"
@@ -43,7 +43,6 @@ STAGING = ".featcircuit-staging"
 _INT_RE = re.compile(r"[+-]?[0-9]{1,30}")
 _FLOAT_RE = re.compile(r"[+-]?([0-9]{1,30}(\.[0-9]{0,30})?|\.[0-9]{1,30})([eE][+-]?[0-9]{1,4})?")
 _DEVICE_RE = re.compile(r"(auto|cpu|cuda)(:[0-9]{1,3})?")
-_JSON_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
 def _show(value: Any, limit: int = 40) -> str:
@@ -155,78 +154,6 @@ def arg_type(check: Callable[..., Any], *args: Any, **kw: Any) -> Callable[[str]
 
     parse.__name__ = getattr(check, "__name__", "value")
     return parse
-
-
-# ---- 2. bounded JSON -------------------------------------------------------------------------
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _bounded_int(max_digits: int) -> Callable[[str], int]:
-    def parse(s: str) -> int:
-        if len(s.lstrip("-")) > max_digits:
-            raise ValueError(f"an integer of {len(s.lstrip('-'))} digits (at most {max_digits} accepted)")
-        return int(s)
-    return parse
-
-
-def parse_json_text(text: str, what: str, max_depth: int = 64, max_digits: int = 30) -> Any:
-    """``json.loads`` with a nesting-depth cap, integer-size cap and no NaN/Infinity; UserError naming ``what``."""
-    depth = deepest = 0
-    for m in _JSON_TOKEN_RE.finditer(text):
-        c = m.group()
-        if c in "[{":
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > max_depth:
-                    raise UserError(f"{what} is nested more than {max_depth} levels deep: "
-                                    "not a featcircuit file")
-        elif c in "]}":
-            depth -= 1
-    try:
-        return json.loads(text, parse_constant=_reject_constant, parse_int=_bounded_int(max_digits))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{what} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except (ValueError, RecursionError) as e:
-        raise UserError(f"{what} is not accepted: {str(e).splitlines()[0][:120]}") from None
-
-
-def read_text_file(path: str | Path, what: str, max_bytes: int) -> str:
-    """The UTF-8 text of a regular file of at most ``max_bytes``; UserError naming ``what`` otherwise."""
-    p = Path(path)
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise UserError(f"{what} {p} not found") from None
-    except OSError as e:
-        raise UserError(f"cannot read {what} {p}: {e.strerror}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise UserError(f"{what} {p} is a folder: expected a file")
-    if not stat.S_ISREG(st.st_mode):
-        raise UserError(f"{what} {p} is not a regular file (a device or pipe)")
-    if st.st_size > max_bytes:
-        raise UserError(f"{what} {p} is {st.st_size:,} bytes: at most {max_bytes:,} accepted")
-    try:
-        with open(p, "rb") as fh:
-            data = fh.read(max_bytes + 1)
-    except OSError as e:
-        raise UserError(f"cannot read {what} {p}: {e.strerror}") from None
-    if len(data) > max_bytes:
-        raise UserError(f"{what} {p} is over {max_bytes:,} bytes")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{what} {p} is not UTF-8 text (byte {e.start}): is it a binary file?") from None
-
-
-def read_json_file(path: str | Path, what: str, max_bytes: int = 256 << 20, max_depth: int = 64,
-                   max_digits: int = 30) -> Any:
-    """A JSON file read with the bounds of :func:`read_text_file` and :func:`parse_json_text`."""
-    return parse_json_text(read_text_file(path, what, max_bytes), f"{what} {path}",
-                           max_depth, max_digits)
 
 
 def check_prompts_file(path: str | Path, max_bytes: int = 16 << 20) -> list[tuple[int, dict[str, str]]]:

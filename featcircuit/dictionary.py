@@ -294,7 +294,7 @@ class Dictionary(torch.nn.Module):
             if not p.is_file():
                 raise _one_line(f"dictionary at {path} has no {p.name}: expected a folder with "
                                 f"{CFG_FILE} and {WEIGHTS_FILE}")
-        from featcircuit.checks import read_json_file
+        from featcircuit.readers import read_json_file
 
         try:  # bounded: size, nesting depth and integer digits are capped before parsing
             raw = read_json_file(cfg_path, "dictionary config", max_bytes=1 << 20, max_depth=16,
