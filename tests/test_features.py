@@ -262,7 +262,7 @@ def test_unknown_feature_and_site_are_user_errors(neox, tmp_path):
 def test_cli_prints_a_card(lens_setup, tmp_path, capsys, monkeypatch):
     import argparse
 
-    from featcircuit.features import add_features_parser
+    from featcircuit.cli import add_features_parser
 
     s = lens_setup
     model = s["model"]
