@@ -27,8 +27,18 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .contexts import (distinct_top, doc_ids, dominant, example, example_text, quantile_examples, short,
-                       show_token, tok_str, token_set_text)
+from .contexts import (
+    distinct_top,
+    doc_ids,
+    dominant,
+    example,
+    example_text,
+    quantile_examples,
+    short,
+    show_token,
+    tok_str,
+    token_set_text,
+)
 from .errors import UserError
 from .lens import LENS_RULE, feature_directions, lens_mask, unembed
 from .stats import DENSE_FREQ, LABEL_K, FeatureIndex, _site_dict, feature_index

@@ -143,7 +143,7 @@ def is_default(value: Any) -> bool:
 
 
 def arg_type(check: Callable[..., Any], *args: Any, **kw: Any) -> Callable[[str], Any]:
-    """An argparse ``type=`` running ``check(text, *args, **kw)``; its UserError becomes the parser's message."""
+    """An argparse ``type=`` running ``check(text, *args, **kw)``; its UserError is the parser's message."""
     import argparse
 
     def parse(text: str) -> Any:
@@ -157,7 +157,7 @@ def arg_type(check: Callable[..., Any], *args: Any, **kw: Any) -> Callable[[str]
 
 
 def check_prompts_file(path: str | Path, max_bytes: int = 16 << 20) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) of a ``--prompts`` jsonl whose lines are objects with string clean/corrupt/answer/wrong."""
+    """(line number, row) of a ``--prompts`` jsonl of objects with string clean/corrupt/answer/wrong."""
     text = read_text_file(path, "prompts file", max_bytes)
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
@@ -178,7 +178,7 @@ def check_prompts_file(path: str | Path, max_bytes: int = 16 << 20) -> list[tupl
 
 
 def check_prompt_lengths(rows: list[tuple[int, dict[str, str]]], path: str | Path, model: str) -> None:
-    """UserError when a prompt (plus BOS) is longer than the model's positions; only the tokenizer is loaded."""
+    """UserError when a prompt (plus BOS) is longer than the model's positions; loads only the tokenizer."""
     limit = model_context(model)
     if limit is None:
         return
@@ -255,7 +255,7 @@ def is_featcircuit_output(folder: Path, known: Known = frozenset()) -> bool:
 
 def check_out_dir(out: str | Path, force: bool = False, flag: str = "--out",
                   known: Known = frozenset(), force_flag: str | None = "--force") -> Path:
-    """``out`` if a run may write it: not a file, in a writable place, and empty, featcircuit's or ``force``."""
+    """``out`` if a run may write it: not a file, in a writable place; empty, featcircuit's or ``force``."""
     p = Path(out)
     if str(out) == "" or "\x00" in str(out):
         raise UserError(f"{flag} {_show(str(out))} is not a usable path")
@@ -303,7 +303,7 @@ def _clean_stale(out: Path) -> None:
 
 @contextlib.contextmanager
 def folder_lock(target: str | Path, wait: bool = True) -> Iterator[Path]:
-    """Hold an exclusive ``flock`` on ``.NAME.lock`` beside ``target`` (waiting, or UserError when not ``wait``)."""
+    """An exclusive ``flock`` on ``.NAME.lock`` beside ``target`` (waiting; UserError if not ``wait``)."""
     import fcntl
 
     target = Path(target)
@@ -544,11 +544,12 @@ def _check_target_range(cfg: Any) -> None:
         d_model = model_sizes(cfg.model)["d_model"]
         d_sae = None if d_model is None else int(round(TrainConfig().width * d_model))
     if isinstance(d_sae, int) and not 0 <= j < d_sae:
-        raise UserError(f"unknown target feature {cfg.target}: the MLP dictionary has features 0..{d_sae - 1}")
+        raise UserError(f"unknown target feature {cfg.target}: the MLP dictionary has features "
+                        f"0..{d_sae - 1}")
 
 
 def check_discover_options(cfg: Any) -> None:
-    """The shared checks of ``discover``'s options (device, seed, model, layer, data, target, prompts, out)."""
+    """The shared checks of ``discover``'s options: device, seed, model, layer, data, target, prompts, out."""
     from .models import resolve_model_path
 
     device(cfg.device)

@@ -140,7 +140,8 @@ def cmd_model_train(args: ModelTrainConfig) -> None:
     prov = train_lm(out, cfg, force=args.force)
     h = prov["heldout"]
     print(f"held-out CE {h['ce']:.3f} nats/token, top-1 {h['top1']:.3f} "
-          f"(bigram {prov['baselines']['bigram']['ce']:.3f}, unigram {prov['baselines']['unigram']['ce']:.3f})")
+          f"(bigram {prov['baselines']['bigram']['ce']:.3f}, "
+          f"unigram {prov['baselines']['unigram']['ce']:.3f})")
     print(f"wrote {out}")
 
 
@@ -318,9 +319,9 @@ def cmd_tasks(args: TasksConfig) -> None:
     print(f"{'task':<12} {'pairs':>5} {'held-out':>8} {'ctx':>4} {'accuracy':>8} {'LD clean':>8} "
           f"{'LD corrupt':>10}  performs  what")
     for r in rows:
-        print(f"{r['task']:<12} {r['pairs']:>5} {r['heldout_pairs']:>8} {r['n_ctx']:>4} {r['accuracy']:>8.3f} "
-              f"{r['logit_diff_clean']:>+8.2f} {r['logit_diff_corrupt']:>+10.2f}  {'yes' if r['performs'] else 'NO ':<8}  "
-              f"{r['what']}")
+        print(f"{r['task']:<12} {r['pairs']:>5} {r['heldout_pairs']:>8} {r['n_ctx']:>4} "
+              f"{r['accuracy']:>8.3f} {r['logit_diff_clean']:>+8.2f} {r['logit_diff_corrupt']:>+10.2f}  "
+              f"{'yes' if r['performs'] else 'NO ':<8}  {r['what']}")
 
 
 @dataclass(kw_only=True)
@@ -459,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "feature to feature by exact attribution and ablation search.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    model = sub.add_parser("model", help="inspect or train models").add_subparsers(dest="model_cmd", required=True)
+    model = sub.add_parser("model", help="inspect or train models")
+    model = model.add_subparsers(dest="model_cmd", required=True)
     add_command(model, "info", ModelInfoConfig, cmd_model_info)
     add_command(model, "train", ModelTrainConfig, cmd_model_train)
     add_command(sub, "harvest", HarvestConfig, cmd_harvest)

@@ -99,7 +99,8 @@ def plot_curves(res: dict, path, circuit: dict | None = None, title: str = "") -
         lab = f"{name} (CPR {o['cpr']:.2f}, CMD {o['cmd']:.2f})" if o["cpr"] is not None else name
         axes[0].plot([p["size"] for p in pts], [p["faithfulness"] for p in pts], marker="o", ms=3, label=lab)
         axes[1].plot([p["size"] for p in pts], [p["completeness"] for p in pts], marker="o", ms=3, label=name)
-    for ax, t in zip(axes, ("faithfulness F(C) (∅ = whole scope ablated)", "completeness F(S∖C) (lower is better)")):
+    titles = ("faithfulness F(C) (∅ = whole scope ablated)", "completeness F(S∖C) (lower is better)")
+    for ax, t in zip(axes, titles):
         ax.set_xscale("log")
         ax.set_xlabel(f"edges kept (scope |S| = {res['scope_size']:,})")
         ax.set_title(t, fontsize=10)

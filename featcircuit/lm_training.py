@@ -27,8 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import corpus
-from .data import pack
 from .checks import check_out_dir, staged_output
+from .data import pack
 from .errors import UserError
 from .io import atomic_save_state, atomic_write_text, load_state
 

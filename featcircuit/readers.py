@@ -35,7 +35,7 @@ def _bounded_int(max_digits: int) -> Callable[[str], int]:
 
 
 def parse_json_text(text: str, what: str, max_depth: int = 64, max_digits: int = 30) -> Any:
-    """``json.loads`` with a nesting-depth cap, integer-size cap and no NaN/Infinity; UserError naming ``what``."""
+    """``json.loads`` capping nesting depth and integer size, no NaN/Infinity; UserError naming ``what``."""
     depth = deepest = 0
     for m in _JSON_TOKEN_RE.finditer(text):
         c = m.group()

@@ -97,7 +97,8 @@ def test_splice_keeps_logits_and_effects_match_finite_differences(neox64):
                 f = f + delta_f.view_as(f)
             return torch.cat([act[:, :1], pair.mlp.decode(f) + errs["m"]], 1)
         with torch.no_grad():
-            return float(default_metric(neox64.run_with_hooks(tokens, fwd_hooks=[(r_hook, rh), (m_hook, mh)]), tokens))
+            logits = neox64.run_with_hooks(tokens, fwd_hooks=[(r_hook, rh), (m_hook, mh)])
+            return float(default_metric(logits, tokens))
 
     assert eff["metric"] == pytest.approx(metric_with(), rel=1e-12)
     f = eff["f"]

@@ -56,7 +56,8 @@ def _parser() -> tuple[argparse.ArgumentParser, list]:
 def test_fields_become_flags_and_the_command_gets_the_dataclass():
     parser, ran = _parser()
     args = parser.parse_args(["demo", "in.json", "-o", "o.png", "--mode", "fast", "--ids", "3", "4",
-                              "--limit", "9", "--ratio", "0.25", "--verbose", "--no-cache", "--device", "cpu"])
+                              "--limit", "9", "--ratio", "0.25", "--verbose", "--no-cache",
+                              "--device", "cpu"])
     args.func(args)
     assert ran == [Demo(path="in.json", out="o.png", mode="fast", ids=[3, 4], limit=9, ratio=0.25,
                         verbose=True, cache=False, device="cpu")]

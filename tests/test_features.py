@@ -144,7 +144,8 @@ def test_labels_for_and_collect_stats_agree_with_card(lens_setup, tmp_path):
     old = labels_for([("resid", 0)], stats, tokens, model.tokenizer, 0, lens=True)["resid0/0"]
     assert old == f"{card['label']} → {model.tokenizer.decode([s['promote']])!r}"
     scored = {"resid": {0: {"text": "'x'", "f1": 0.5}}}
-    assert labels_for([("resid", 0)], stats, tokens, model.tokenizer, 0, scored=scored) == {"resid0/0": "'x' [F1 0.50]"}
+    got = labels_for([("resid", 0)], stats, tokens, model.tokenizer, 0, scored=scored)
+    assert got == {"resid0/0": "'x' [F1 0.50]"}
     assert labels["mlp0/1"].startswith("(never active)")
     want = repr(model.tokenizer.decode([s["target"]]))
     assert token_label(stats["resid"], tokens, model.tokenizer, 0) == want
@@ -274,7 +275,8 @@ def test_cli_prints_a_card(lens_setup, tmp_path, capsys, monkeypatch):
     add_features_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["features", "--model", model_name(model), "--device", "cpu", "--layer", "0",
                               "--site", "resid", "--feature", "0", "--dicts", str(tmp_path / "pair"),
-                              "--data", str(txt), "--split", "all", "--tokens", "512", "--label-tokens", "512"])
+                              "--data", str(txt), "--split", "all", "--tokens", "512",
+                              "--label-tokens", "512"])
     monkeypatch.setattr("featcircuit.models.load_model", lambda *a, **k: model)  # keep the rewritten W_U
     args.func(args)
     out = capsys.readouterr().out
@@ -314,7 +316,8 @@ def test_distinct_top_one_per_document_and_no_near_duplicates():
     # 5.0 (doc 0); 4.0 repeats its window "1 2 3 9"; 3.0 repeats it too (doc 1); 2.0 "9 7 9" in doc 1;
     # then the relaxed pass fills up from doc 0: 1.0
     assert [float(val[i]) for i in picks] == [5.0, 2.0, 1.0]
-    assert [float(val[i]) for i in distinct_top(pos, val, tokens, docs, 3, window=3, relax=False)] == [5.0, 2.0]
+    strict = distinct_top(pos, val, tokens, docs, 3, window=3, relax=False)
+    assert [float(val[i]) for i in strict] == [5.0, 2.0]
     # a narrow window (the token alone) makes every activation a near duplicate of the first
     assert [float(val[i]) for i in distinct_top(pos, val, tokens, docs, 3, window=0)] == [5.0]
 
@@ -368,9 +371,10 @@ def test_drop_dense_and_candidate_edges():
     # resid 0 and mlp 1 are dense: their edges go, the error's edge into mlp 0 stays
     assert set(zip(kept.src.tolist(), kept.dst.tolist())) == {(1, 0), (-1, 0), (2, 0)}
     top = candidate_edges(table, 2, stats=stats, exclude_dense=True)
-    assert list(zip(top.src.tolist(), top.dst.tolist())) == [(1, 0), (2, 0)]  # error sources left out by top()
-    assert list(zip(*[t.tolist() for t in (candidate_edges(table, 2).src, candidate_edges(table, 2).dst)])) == \
-        [(0, 0), (1, 0)]
+    # error sources are left out by top()
+    assert list(zip(top.src.tolist(), top.dst.tolist())) == [(1, 0), (2, 0)]
+    plain = candidate_edges(table, 2)
+    assert list(zip(plain.src.tolist(), plain.dst.tolist())) == [(0, 0), (1, 0)]
     with pytest.raises(UserError, match="exclude_dense needs the feature stats"):
         candidate_edges(table, 2, exclude_dense=True)
 
@@ -398,7 +402,8 @@ def test_edge_evidence_matches_the_table_and_autograd(neox):
         assert sum(t["sum"] for t in x["top_tokens"]) == pytest.approx(x["sum"], rel=1e-6)
         assert sum(t["count"] for t in x["top_tokens"]) == x["count"]
         sign = 1 if x["sum"] >= 0 else -1
-        assert [sign * t["edge"] for t in x["top"]] == sorted((sign * t["edge"] for t in x["top"]), reverse=True)
+        signed = [sign * t["edge"] for t in x["top"]]
+        assert signed == sorted(signed, reverse=True)
         # each shown e_ij(t) is the autograd edge at that token
         for t in x["top"][:2]:
             xt = x_all[t["seq"], t["pos"]][None]

@@ -44,7 +44,8 @@ def _line(rng: random.Random) -> list[tuple[str, dict]]:
     elif kind == "C":  # print(x) or print('s', x), then maybe ", y" (after the parentheses close)
         arg = [(X(), {"in_paren": True})] if rng.random() < 0.5 else \
             [("'", {}), ("s", {}), ("'", {}), (",", {}), (X(), {"in_paren": True})]
-        toks = [("print", {}), ("(", {})] + arg + [(")", {})] + ([(",", {}), (X(), {})] if rng.random() < 0.5 else [])
+        tail = [(",", {}), (X(), {})] if rng.random() < 0.5 else []
+        toks = [("print", {}), ("(", {})] + arg + [(")", {})] + tail
     elif kind == "D":  # # c x   (a comment)
         toks = [("#", {}), (" c", {"comment": True}), (X(), {"comment": True})]
     elif kind == "E":  # x = y, or f = y (" f" not after "def")
@@ -104,7 +105,8 @@ def _index(tokens: torch.Tensor, acts: torch.Tensor) -> FeatureIndex:
 def planted():
     tr_tokens, tr_facts = _corpus(0)
     ho_tokens, ho_facts = _corpus(1)
-    tr, ho = _index(tr_tokens, _planted(tr_tokens, tr_facts, 0)), _index(ho_tokens, _planted(ho_tokens, ho_facts, 1))
+    tr = _index(tr_tokens, _planted(tr_tokens, tr_facts, 0))
+    ho = _index(ho_tokens, _planted(ho_tokens, ho_facts, 1))
     return tr, ho, ho_facts
 
 

@@ -128,8 +128,8 @@ def test_exports_neuronpedia_and_attribution_graph(report):
 
 def test_cards_show_scored_labels_dense_flags_and_edge_evidence(report):
     text, g, out = report["path"].read_text(), report["graph"], report["out"]
-    sections = {m.group(1): m.group(0) for m in re.finditer(r'<section class="card" data-node="([^"]+)">.*?</section>',
-                                                            text, re.S)}
+    card_re = r'<section class="card" data-node="([^"]+)">.*?</section>'
+    sections = {m.group(1): m.group(0) for m in re.finditer(card_re, text, re.S)}
     n_dense = 0
     for n in g.sorted_nodes():
         d = g.g.nodes[n]
