@@ -429,9 +429,9 @@ def data_bytes(source: str, split: str) -> tuple[int, int] | None:
         return sum(f.path.stat().st_size for f in files), len(files)
     p = Path(source).expanduser()
     if p.is_dir():
-        files = [f for f in p.rglob("*") if f.is_file() and f.suffix in _TEXT_SUFFIXES
+        paths = [f for f in p.rglob("*") if f.is_file() and f.suffix in _TEXT_SUFFIXES
                  and (split == "all" or _split_of(f.relative_to(p).as_posix()) == split)]
-        return sum(f.stat().st_size for f in files), len(files)
+        return sum(f.stat().st_size for f in paths), len(paths)
     if p.is_file():
         size = p.stat().st_size
         return size, max(1, size // 2) if p.suffix == ".jsonl" else 1

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 from . import checks as C
 from .checks import arg_type
@@ -37,7 +37,7 @@ _CACHE_RE = re.compile(r"manifest\.json|chunk_[0-9]{5}\.safetensors|\.chunk_[0-9
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line on stderr and exit code 2 (no usage block)."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         msg = " ".join(message.split())
         # "argument --epochs: --epochs -1 is ..." -> "--epochs -1 is ..."
         msg = re.sub(r"^argument (\S+?)(/\S+)?: (?:\1|value|seed|device) ", r"\1 ", msg)
@@ -460,8 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "feature to feature by exact attribution and ablation search.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    model = sub.add_parser("model", help="inspect or train models")
-    model = model.add_subparsers(dest="model_cmd", required=True)
+    model = sub.add_parser("model", help="inspect or train models").add_subparsers(
+        dest="model_cmd", required=True)
     add_command(model, "info", ModelInfoConfig, cmd_model_info)
     add_command(model, "train", ModelTrainConfig, cmd_model_train)
     add_command(sub, "harvest", HarvestConfig, cmd_harvest)

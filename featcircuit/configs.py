@@ -98,8 +98,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, exclude: Collec
         text = meta.get("help") or docs.get(f.name)
         kw: dict[str, Any] = {}
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = None if required else (f.default if f.default is not dataclasses.MISSING
-                                          else f.default_factory())  # type: ignore[misc]
+        if required:
+            default = None
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = f.default
         if tp is bool:
             if default is True:  # a switch that turns a default-on behaviour off
                 flag = "--no-" + flag.removeprefix("--")

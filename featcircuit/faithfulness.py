@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 
 from .ablation import AblationContext, Config, Edge
 
@@ -46,7 +47,7 @@ def _areas(fracs: list[float], fs: list[float | None]) -> tuple[float | None, fl
     return cpr, cmd
 
 
-def curves(ctx: AblationContext, orders: dict[str, list[Edge]], extra_sizes: list[int] = (),
+def curves(ctx: AblationContext, orders: dict[str, list[Edge]], extra_sizes: Sequence[int] = (),
            fractions: tuple[float, ...] = FRACTIONS) -> dict:
     """Faithfulness and completeness of each order's top-s edges, with CPR and CMD per order.
 

@@ -37,6 +37,7 @@ from functools import cache
 from html import escape as e
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from .card_html import card_html, edges_html, plain_card
 from .cards import analyze_features
@@ -101,7 +102,7 @@ def render_svg(graph, rankdir: str | None = "auto") -> str | None:
 @cache
 def _asset(name: str) -> str:
     """A file of ``featcircuit/report_assets`` (package data, so it ships in the wheel)."""
-    return files("featcircuit").joinpath("report_assets", name).read_text(encoding="utf-8")
+    return files("featcircuit").joinpath("report_assets").joinpath(name).read_text(encoding="utf-8")
 
 
 def _quality_html(quality: Mapping | None) -> str:
@@ -211,7 +212,7 @@ def report_html(*, graph, cards: Mapping[str, dict], quality: Mapping | None, se
         "<p class='note'>graphviz <code>dot</code> was not found, so the circuit is not drawn here: "
         "install graphviz (e.g. <code>apt-get install graphviz</code>) and re-run, or open a node "
         "from the node table below.</p>")
-    st = {"resid": None, "mlp": None} | dict(stats or {})
+    st: dict[str, Any] = {"resid": None, "mlp": None} | dict(stats or {})
     rows, attrs = [], []
     for n in nodes:
         d = graph.g.nodes[n]
