@@ -57,7 +57,8 @@ def main() -> None:
     t = time.perf_counter()
     table = attribute_edges(model, pair, toks, layer=args.layer, progress=False)
     t_full = time.perf_counter() - t
-    print(f"pair {path}: resid {tuple(pair.resid.W_dec.shape)}, mlp {tuple(pair.mlp.W_dec.shape)}, k={pair.mlp.cfg.k}")
+    print(f"pair {path}: resid {tuple(pair.resid.W_dec.shape)}, mlp {tuple(pair.mlp.W_dec.shape)}, "
+          f"k={pair.mlp.cfg.k}")
     print(f"same {len(x)} tokens: naive autograd {t_naive:.2f}s ({len(x) / t_naive:,.0f} tok/s), "
           f"closed form {t_closed_same * 1e3:.1f} ms ({len(x) / t_closed_same:,.0f} tok/s)")
     print(f"Σ|e| agree: naive {ref:.6g} vs closed {got:.6g} (rel diff {abs(ref - got) / ref:.1e})")

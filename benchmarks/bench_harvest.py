@@ -14,7 +14,6 @@ import featcircuit.activations as A
 from featcircuit import harvest, load_model, load_tokens, pair_sites
 
 
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="stdlib-neox")
@@ -34,7 +33,8 @@ def main() -> None:
     finally:
         A.stop_layer = real_stop
     print(f"model {args.model}, layer {args.layer} of {model.cfg.n_layers}, {n:,} tokens, "
-          f"batch {args.batch_size}, {torch.get_num_threads()} threads, device {next(model.parameters()).device}")
+          f"batch {args.batch_size}, {torch.get_num_threads()} threads, "
+          f"device {next(model.parameters()).device}")
     print(f"early stop : {n / early:>10,.0f} tokens/s")
     print(f"full fwd   : {n / full:>10,.0f} tokens/s")
     print(f"speed-up   : {full / early:.2f}x")

@@ -52,8 +52,9 @@ def main() -> None:
         res = search_circuit(ctx, cands, tau=tau, stat=stat, batch=batch, progress=False)
         rows.append((name, time.perf_counter() - t, res))
     base_t = rows[0][1]
-    print(f"task {args.task}: {len(task)} search pairs × {task.clean.shape[1]} tokens, {len(cands)} candidates, "
-          f"τ = {tau:.3g} ({args.tau} × |m(M) − m(∅)|), {torch.get_num_threads()} threads")
+    print(f"task {args.task}: {len(task)} search pairs × {task.clean.shape[1]} tokens, "
+          f"{len(cands)} candidates, τ = {tau:.3g} ({args.tau} × |m(M) − m(∅)|), "
+          f"{torch.get_num_threads()} threads")
     print(f"{'search':<16} {'seconds':>8} {'passes':>7} {'kept':>5} {'× time of one-per-pass':>24}")
     for name, t, res in rows:
         print(f"{name:<16} {t:>8.2f} {res.passes:>7} {len(res.kept):>5} {t / base_t:>24.2f}"

@@ -20,7 +20,6 @@ from featcircuit.dictionary import DictConfig, Dictionary
 from featcircuit.training import TrainConfig, _loss
 
 
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=4096)

@@ -54,7 +54,8 @@ def table(rows: list[dict]) -> str:
         a = r["above"]
         lines.append(
             f"| {r['lambda']:g} | {r['fve_resid']:.3f} | {r['fve_mlp']:.3f} | "
-            f"{r['ce_rec_zero']:.3f} / {r['ce_rec_mean']:.3f} | {r['dead_resid']:.3f} / {r['dead_mlp']:.3f} | "
+            f"{r['ce_rec_zero']:.3f} / {r['ce_rec_mean']:.3f} | "
+            f"{r['dead_resid']:.3f} / {r['dead_mlp']:.3f} | "
             f"{a['0.005']:.0f} | {a['0.01']:.0f} | {a['0.02']:.0f} | {a['0.04']:.0f} | "
             f"{base['above']['0.01'] / max(a['0.01'], 1e-9):.1f}× | {r['top10_share']:.2f} | "
             f"{r['train_s']:.0f} / {r['train_cpu_s']:.0f} | {r['train_s'] / base['train_s']:.2f} / "
@@ -138,8 +139,9 @@ def main() -> None:
     (out / "sweep.md").write_text(table(rows) + "\n")
     plot(rows, out / "sweep.png", meta)
     print(table(rows))
-    print(f"{meta['train_tokens']:,} tokens × {meta['epochs']} epoch(s) = {steps} steps of {cfg0.batch_size}; "
-          f"penalty on {cfg0.jacobian_tokens} rows per batch; eval on {meta['eval_tokens']:,} held-out tokens")
+    print(f"{meta['train_tokens']:,} tokens × {meta['epochs']} epoch(s) = {steps} steps of "
+          f"{cfg0.batch_size}; penalty on {cfg0.jacobian_tokens} rows per batch; "
+          f"eval on {meta['eval_tokens']:,} held-out tokens")
     print(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'sweep.png'}")
 
 

@@ -43,8 +43,8 @@ import torch  # noqa: E402
 
 import featcircuit.analyses as A  # noqa: E402
 from featcircuit import harvest, load_model, load_tokens, pair_sites  # noqa: E402
-from featcircuit.pairs import default_pair  # noqa: E402
 from featcircuit.dictionary import DictConfig, Dictionary  # noqa: E402
+from featcircuit.pairs import default_pair  # noqa: E402
 from featcircuit.sites import n_layers  # noqa: E402
 from featcircuit.training import TrainConfig, train_pair  # noqa: E402
 
@@ -132,8 +132,10 @@ def run_perturbation(model, layer, pair, tokens, cos_sims, out: Path, label: str
     ax.set_xlabel("cosine similarity of the replacement to the activation")
     ax.set_ylabel("KL(clean ‖ perturbed), nats/token")
     ax.set_title("Random perturbations at a fixed cos-sim vs dictionary reconstructions\n"
-                 "(random: x' = ρ‖x‖(c·x̂ + √(1−c²)·n̂), n̂ orthogonal to x̂; red: ρ = the dictionary's mean norm ratio;\n"
-                 "×: every token at the mean (c, ρ); —: each token at its own c and ‖x̂‖, so ‖x'−x‖ = its error norm)",
+                 "(random: x' = ρ‖x‖(c·x̂ + √(1−c²)·n̂), n̂ orthogonal to x̂; "
+                 "red: ρ = the dictionary's mean norm ratio;\n"
+                 "×: every token at the mean (c, ρ); —: each token at its own c and ‖x̂‖, "
+                 "so ‖x'−x‖ = its error norm)",
                  fontsize=8)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6, ncol=2, loc="lower left")
@@ -163,14 +165,15 @@ def run_perturbation(model, layer, pair, tokens, cos_sims, out: Path, label: str
 
 
 def print_perturbation(a: dict, layer: int) -> None:
-    print(f"(a) random perturbation vs the {a['dictionary']} dictionary at layer {layer}; KL(dict) / KL(random "
-          "noise matched to its error) = excess over random:")
+    print(f"(a) random perturbation vs the {a['dictionary']} dictionary at layer {layer}; "
+          "KL(dict) / KL(random noise matched to its error) = excess over random:")
     for site, h in a["dictionary_vs_random"].items():
         ex = h["excess_over_random"]
         print(f"    {site:5s}: mean cos {h['cos_sim']:.3f}, mean ρ {h['norm_ratio']:.3f}: KL dict "
               f"{_fmt(h['kl_dictionary'])} vs random mean-matched {_fmt(h['kl_random_mean_matched'])} "
               f"(×{_fmt(ex['mean_matched'])}; read off the sweep ×{_fmt(ex['mean_matched_interpolated'])}), "
-              f"per-token-matched {_fmt(h['kl_random_per_token_matched'])} (×{_fmt(ex['per_token_matched'])})")
+              f"per-token-matched {_fmt(h['kl_random_per_token_matched'])} "
+              f"(×{_fmt(ex['per_token_matched'])})")
     frag = a["kl_at_cos_0.9_rho_1"]
     print("    KL at cos 0.9 (ρ=1), most fragile first: "
           + ", ".join(f"{k} {_fmt(frag[k])}" for k in a["most_fragile_first"]))
@@ -183,7 +186,7 @@ def train_common(args) -> dict:
 
 
 def perturbation_only(args) -> None:
-    """``--only perturbation``: (a) alone, on the widest TopK pair (trained as in the full run) or the default pair."""
+    """``--only perturbation``: (a) alone, on the widest TopK pair (as in the full run) or the default."""
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

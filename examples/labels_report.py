@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def main() -> None:
           f"in {time.time() - t0:.0f}s")
 
     if args.report:
-        from featcircuit.report import screenshot_report, write_report
+        from featcircuit.report import write_report
 
         used = sorted({("resid", i) for i, _ in edges} | {("mlp", j) for _, j in edges})
         node_stats = {f"{s}{layer}/{f}": {**stats[s].node_stats(f), "label_f1": labels[s][f]["f1"]}
@@ -156,6 +157,9 @@ def main() -> None:
         graph.save_json(Path(args.report) / "graph.json")
         print(f"wrote {html}")
         if args.screenshot:
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+            from helpers import screenshot_report  # the tests' headless-Chromium helper
+
             node = args.node or evidence[0]["target"]
             log = screenshot_report(html, args.screenshot, node=node, width=1600, height=1400)
             print(f"wrote {args.screenshot} (card of {node}; {len(log)} browser log lines)")

@@ -1,23 +1,23 @@
 """featcircuit: paired sparse dictionaries on the residual stream and the MLP of one layer,
 linked feature to feature by exact activation×gradient attribution and ablation search."""
 
+from .ablation import AblationContext, Config
 from .activations import harvest
 from .attribution import EdgeTable, attribute_edges, node_effects
+from .data import load_tokens
 from .dictionary import DictConfig, Dictionary, Pair, load_pair, save_pair
 from .discover import DiscoverConfig, discover
+from .errors import UserError
 from .evaluation import evaluate_pair
-from .graph import CircuitGraph
-from .pairs import default_pair
-from .ablation import AblationContext, Config
 from .faithfulness import curves, end_points
+from .graph import CircuitGraph
+from .models import BUILTIN_NAME, load_model, model_info
+from .pairs import default_pair
 from .search import SearchResult, rank_edges, search_circuit
+from .sites import MLPParts, Site, mlp_parts, pair_sites, resolve_site
 from .tasks import TaskPrompts, builtin_task, load_prompts
 from .training import TrainConfig, train_pair
 from .weights import sufficiency, virtual_weights
-from .data import load_tokens
-from .errors import UserError
-from .models import BUILTIN_NAME, load_model, model_info
-from .sites import MLPParts, Site, mlp_parts, pair_sites, resolve_site
 
 __version__ = "0.1.0"
 

@@ -106,7 +106,7 @@ MANIFEST_KEYS = ("version", "model", "hooks", "n_seq", "n_ctx", "tokens", "chunk
 
 def read_manifest(cache: str | Path) -> dict | None:
     """The manifest of an activation cache folder, None when there is none; UserError if malformed."""
-    from .checks import read_json_file
+    from .readers import read_json_file
 
     cache = Path(cache)
     man_path = cache / "manifest.json"

@@ -18,6 +18,9 @@ from .dictionary import Dictionary, Pair
 class ModuleDictionary(torch.nn.Module):
     """Wraps ``module`` (with ``encode(x) -> codes`` and ``decode(codes) -> x``) for attribution."""
 
+    W_dec: Tensor  # buffers (register_buffer below), declared for the type checker
+    b_dec: Tensor
+
     def __init__(self, module, d_in: int):
         super().__init__()
         self.module = module
@@ -42,7 +45,7 @@ class ModuleDictionary(torch.nn.Module):
     def enc_cols(self, z: Tensor, idx: Tensor) -> Tensor:
         """``∂f_j/∂z`` for the features ``idx [T, k]`` of each row: ``[T, k, d_in]``."""
         with torch.enable_grad():
-            _, vjp = torch.func.vjp(self.module.encode, z.detach())
+            vjp = torch.func.vjp(self.module.encode, z.detach())[1]
             cols = []
             for s in range(idx.shape[1]):
                 cot = torch.zeros(z.shape[0], self.W_dec.shape[0], device=z.device, dtype=z.dtype)

@@ -35,7 +35,6 @@ CE and KL follow :func:`featcircuit.evaluation.evaluate_pair` (next-token predic
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np

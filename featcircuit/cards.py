@@ -22,13 +22,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .contexts import (distinct_top, doc_ids, dominant, example, example_text, quantile_examples, short,
-                       show_token, tok_str, token_set_text)
+from .contexts import (
+    distinct_top,
+    doc_ids,
+    dominant,
+    example,
+    example_text,
+    quantile_examples,
+    short,
+    show_token,
+    tok_str,
+    token_set_text,
+)
 from .errors import UserError
 from .lens import LENS_RULE, feature_directions, lens_mask, unembed
 from .stats import DENSE_FREQ, LABEL_K, FeatureIndex, _site_dict, feature_index
@@ -173,7 +184,7 @@ def feature_card(model, pair, index: FeatureIndex, f: int, *, n_top: int = 10, n
 def analyze_features(model, pair, tokens: Tensor, layer: int, site: str, features: Sequence[int], *,
                      n_top: int = 10, n_bins: int = 8, n_hist: int = 20, n_lens: int = 10,
                      removal: bool = True, removal_window: int = 32, seed: int = 0,
-                     cache_dir: str | Path | bool | None = None, progress: bool = False,
+                     cache_dir: str | Path | Literal[False] | None = None, progress: bool = False,
                      labels: Mapping[int, Mapping] | None = None, per_doc: int = 1,
                      n_quantiles: int = 5, dense_limit: float = DENSE_FREQ) -> list[dict]:
     """Cards of ``features`` of the ``site`` dictionary, from one (cached) pass over ``tokens``.

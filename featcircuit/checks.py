@@ -4,9 +4,9 @@
    digits only (``１２`` and ``²`` are not numbers here), bounded size, finite floats; each
    failure is a :class:`~featcircuit.errors.UserError` naming the value and what is accepted;
    ``arg_type`` turns a validator into an argparse ``type=`` so the parser reports it;
-2. files that come from outside the process are read with bounds: ``read_json_file`` checks
-   that the path is a regular file, caps its size, its nesting depth and its integers' digits,
-   and rejects NaN/Infinity, before ``json.loads`` builds anything;
+2. files that come from outside the process are read with bounds (:mod:`featcircuit.readers`):
+   ``read_json_file`` checks that the path is a regular file, caps its size, its nesting depth and
+   its integers' digits, and rejects NaN/Infinity, before ``json.loads`` builds anything;
 3. output folders (``check_out_dir``, ``staged_output``): a non-empty folder that featcircuit
    did not write is refused unless ``force``; a run writes into a fresh hidden sibling folder
    and swaps it in only when complete; an old output is deleted only when every file in it was
@@ -28,7 +28,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .readers import parse_json_text, read_json_file, read_text_file
 
 MAX_SEED = 2**63 - 1
 MARKER = ".featcircuit-out.json"
@@ -43,7 +43,6 @@ STAGING = ".featcircuit-staging"
 _INT_RE = re.compile(r"[+-]?[0-9]{1,30}")
 _FLOAT_RE = re.compile(r"[+-]?([0-9]{1,30}(\.[0-9]{0,30})?|\.[0-9]{1,30})([eE][+-]?[0-9]{1,4})?")
 _DEVICE_RE = re.compile(r"(auto|cpu|cuda)(:[0-9]{1,3})?")
-_JSON_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
 def _show(value: Any, limit: int = 40) -> str:
@@ -144,7 +143,7 @@ def is_default(value: Any) -> bool:
 
 
 def arg_type(check: Callable[..., Any], *args: Any, **kw: Any) -> Callable[[str], Any]:
-    """An argparse ``type=`` running ``check(text, *args, **kw)``; its UserError becomes the parser's message."""
+    """An argparse ``type=`` running ``check(text, *args, **kw)``; its UserError is the parser's message."""
     import argparse
 
     def parse(text: str) -> Any:
@@ -157,80 +156,8 @@ def arg_type(check: Callable[..., Any], *args: Any, **kw: Any) -> Callable[[str]
     return parse
 
 
-# ---- 2. bounded JSON -------------------------------------------------------------------------
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _bounded_int(max_digits: int) -> Callable[[str], int]:
-    def parse(s: str) -> int:
-        if len(s.lstrip("-")) > max_digits:
-            raise ValueError(f"an integer of {len(s.lstrip('-'))} digits (at most {max_digits} accepted)")
-        return int(s)
-    return parse
-
-
-def parse_json_text(text: str, what: str, max_depth: int = 64, max_digits: int = 30) -> Any:
-    """``json.loads`` with a nesting-depth cap, integer-size cap and no NaN/Infinity; UserError naming ``what``."""
-    depth = deepest = 0
-    for m in _JSON_TOKEN_RE.finditer(text):
-        c = m.group()
-        if c in "[{":
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > max_depth:
-                    raise UserError(f"{what} is nested more than {max_depth} levels deep: "
-                                    "not a featcircuit file")
-        elif c in "]}":
-            depth -= 1
-    try:
-        return json.loads(text, parse_constant=_reject_constant, parse_int=_bounded_int(max_digits))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{what} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except (ValueError, RecursionError) as e:
-        raise UserError(f"{what} is not accepted: {str(e).splitlines()[0][:120]}") from None
-
-
-def read_text_file(path: str | Path, what: str, max_bytes: int) -> str:
-    """The UTF-8 text of a regular file of at most ``max_bytes``; UserError naming ``what`` otherwise."""
-    p = Path(path)
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise UserError(f"{what} {p} not found") from None
-    except OSError as e:
-        raise UserError(f"cannot read {what} {p}: {e.strerror}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise UserError(f"{what} {p} is a folder: expected a file")
-    if not stat.S_ISREG(st.st_mode):
-        raise UserError(f"{what} {p} is not a regular file (a device or pipe)")
-    if st.st_size > max_bytes:
-        raise UserError(f"{what} {p} is {st.st_size:,} bytes: at most {max_bytes:,} accepted")
-    try:
-        with open(p, "rb") as fh:
-            data = fh.read(max_bytes + 1)
-    except OSError as e:
-        raise UserError(f"cannot read {what} {p}: {e.strerror}") from None
-    if len(data) > max_bytes:
-        raise UserError(f"{what} {p} is over {max_bytes:,} bytes")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{what} {p} is not UTF-8 text (byte {e.start}): is it a binary file?") from None
-
-
-def read_json_file(path: str | Path, what: str, max_bytes: int = 256 << 20, max_depth: int = 64,
-                   max_digits: int = 30) -> Any:
-    """A JSON file read with the bounds of :func:`read_text_file` and :func:`parse_json_text`."""
-    return parse_json_text(read_text_file(path, what, max_bytes), f"{what} {path}",
-                           max_depth, max_digits)
-
-
 def check_prompts_file(path: str | Path, max_bytes: int = 16 << 20) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) of a ``--prompts`` jsonl whose lines are objects with string clean/corrupt/answer/wrong."""
+    """(line number, row) of a ``--prompts`` jsonl of objects with string clean/corrupt/answer/wrong."""
     text = read_text_file(path, "prompts file", max_bytes)
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
@@ -251,7 +178,7 @@ def check_prompts_file(path: str | Path, max_bytes: int = 16 << 20) -> list[tupl
 
 
 def check_prompt_lengths(rows: list[tuple[int, dict[str, str]]], path: str | Path, model: str) -> None:
-    """UserError when a prompt (plus BOS) is longer than the model's positions; only the tokenizer is loaded."""
+    """UserError when a prompt (plus BOS) is longer than the model's positions; loads only the tokenizer."""
     limit = model_context(model)
     if limit is None:
         return
@@ -328,7 +255,7 @@ def is_featcircuit_output(folder: Path, known: Known = frozenset()) -> bool:
 
 def check_out_dir(out: str | Path, force: bool = False, flag: str = "--out",
                   known: Known = frozenset(), force_flag: str | None = "--force") -> Path:
-    """``out`` if a run may write it: not a file, in a writable place, and empty, featcircuit's or ``force``."""
+    """``out`` if a run may write it: not a file, in a writable place; empty, featcircuit's or ``force``."""
     p = Path(out)
     if str(out) == "" or "\x00" in str(out):
         raise UserError(f"{flag} {_show(str(out))} is not a usable path")
@@ -376,7 +303,7 @@ def _clean_stale(out: Path) -> None:
 
 @contextlib.contextmanager
 def folder_lock(target: str | Path, wait: bool = True) -> Iterator[Path]:
-    """Hold an exclusive ``flock`` on ``.NAME.lock`` beside ``target`` (waiting, or UserError when not ``wait``)."""
+    """An exclusive ``flock`` on ``.NAME.lock`` beside ``target`` (waiting; UserError if not ``wait``)."""
     import fcntl
 
     target = Path(target)
@@ -502,9 +429,9 @@ def data_bytes(source: str, split: str) -> tuple[int, int] | None:
         return sum(f.path.stat().st_size for f in files), len(files)
     p = Path(source).expanduser()
     if p.is_dir():
-        files = [f for f in p.rglob("*") if f.is_file() and f.suffix in _TEXT_SUFFIXES
+        paths = [f for f in p.rglob("*") if f.is_file() and f.suffix in _TEXT_SUFFIXES
                  and (split == "all" or _split_of(f.relative_to(p).as_posix()) == split)]
-        return sum(f.stat().st_size for f in files), len(files)
+        return sum(f.stat().st_size for f in paths), len(paths)
     if p.is_file():
         size = p.stat().st_size
         return size, max(1, size // 2) if p.suffix == ".jsonl" else 1
@@ -624,11 +551,12 @@ def _check_target_range(cfg: Any) -> None:
         d_model = model_sizes(cfg.model)["d_model"]
         d_sae = None if d_model is None else int(round(TrainConfig().width * d_model))
     if isinstance(d_sae, int) and not 0 <= j < d_sae:
-        raise UserError(f"unknown target feature {cfg.target}: the MLP dictionary has features 0..{d_sae - 1}")
+        raise UserError(f"unknown target feature {cfg.target}: the MLP dictionary has features "
+                        f"0..{d_sae - 1}")
 
 
 def check_discover_options(cfg: Any) -> None:
-    """The shared checks of ``discover``'s options (device, seed, model, layer, data, target, prompts, out)."""
+    """The shared checks of ``discover``'s options: device, seed, model, layer, data, target, prompts, out."""
     from .models import resolve_model_path
 
     device(cfg.device)

@@ -1,7 +1,9 @@
 """The ``featcircuit`` command line: one sub-command per job, thin wrappers over the API.
 
-Bad input raises :class:`~featcircuit.errors.UserError` anywhere below; ``main`` prints it as
-one line and exits with code 2.
+Each command's options are one dataclass (``HarvestConfig``…) whose fields, types and
+docstrings are its flags, choices and ``--help`` (:mod:`featcircuit.configs`). Bad input raises
+:class:`~featcircuit.errors.UserError` anywhere below; ``main`` prints it as one line and exits
+with code 2.
 """
 
 from __future__ import annotations
@@ -11,11 +13,16 @@ import json
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, NoReturn
 
 from . import checks as C
 from .checks import arg_type
+from .configs import add_arguments, add_command, option
+from .data import BUILTIN_DATA
 from .errors import UserError
+from .models import BUILTIN_NAME
 
 POS = arg_type(C.positive_int, "value")
 NONNEG = arg_type(C.nonneg_int, "value")
@@ -30,7 +37,7 @@ _CACHE_RE = re.compile(r"manifest\.json|chunk_[0-9]{5}\.safetensors|\.chunk_[0-9
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line on stderr and exit code 2 (no usage block)."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         msg = " ".join(message.split())
         # "argument --epochs: --epochs -1 is ..." -> "--epochs -1 is ..."
         msg = re.sub(r"^argument (\S+?)(/\S+)?: (?:\1|value|seed|device) ", r"\1 ", msg)
@@ -44,12 +51,18 @@ def _width(text: str) -> float:
                           lo_open=True)
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
-    from .models import BUILTIN_NAME
+@dataclass(kw_only=True)
+class ModelOptions:
+    """Which model, on which device: the options of every command that loads the model."""
 
-    p.add_argument("--model", default=BUILTIN_NAME,
-                   help=f"built-in name ({BUILTIN_NAME}), HuggingFace name or local HF folder")
-    p.add_argument("--device", default="auto", type=DEVICE, help="auto | cpu | cuda | cuda:N")
+    model: str = BUILTIN_NAME
+    """built-in name, HuggingFace name or local HF folder"""
+    device: str = option("auto", check=C.device)
+    """auto | cpu | cuda | cuda:N"""
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    add_arguments(p, ModelOptions)
 
 
 def precheck(args, *, tokens: int | None = None, n_ctx: int = 128) -> None:
@@ -75,7 +88,16 @@ def precheck(args, *, tokens: int | None = None, n_ctx: int = 128) -> None:
         raise UserError(f"--dicts {dicts!r} is not a folder: expected a pair folder with resid/ and mlp/")
 
 
-def cmd_model_info(args) -> None:
+@dataclass(kw_only=True)
+class ModelInfoConfig(ModelOptions):
+    """Architecture, parameter count and sites per layer."""
+
+    json: bool = False
+    """print JSON"""
+
+
+def cmd_model_info(args: ModelInfoConfig) -> None:
+    """``featcircuit model info``: print the model's architecture and its sites."""
     from .models import load_model, model_info
     from .sites import site_table
 
@@ -93,7 +115,22 @@ def cmd_model_info(args) -> None:
         print(f"{r['layer']:>5}  {r['resid']:<28} {r['d_resid']:>5}  {r['mlp']:<26} {r['d_mlp']:>5}")
 
 
-def cmd_model_train(args) -> None:
+@dataclass(kw_only=True)
+class ModelTrainConfig:
+    """Train the built-in model on the stdlib source."""
+
+    out: str | None = None
+    """output folder (default: the package's built-in model folder)"""
+    steps: int = option(3000, check=C.positive_int, limits=(10**7,))
+    """optimizer steps"""
+    seed: int = option(0, check=C.seed)
+    """random seed (initialisation and batch order)"""
+    force: bool = False
+    """replace an --out folder holding other files (they are moved aside, not deleted)"""
+
+
+def cmd_model_train(args: ModelTrainConfig) -> None:
+    """``featcircuit model train``: train the built-in model and print its held-out loss."""
     from .lm_training import MODEL_FILES, LMConfig, train_lm
     from .models import BUILTIN_DIR
 
@@ -103,11 +140,35 @@ def cmd_model_train(args) -> None:
     prov = train_lm(out, cfg, force=args.force)
     h = prov["heldout"]
     print(f"held-out CE {h['ce']:.3f} nats/token, top-1 {h['top1']:.3f} "
-          f"(bigram {prov['baselines']['bigram']['ce']:.3f}, unigram {prov['baselines']['unigram']['ce']:.3f})")
+          f"(bigram {prov['baselines']['bigram']['ce']:.3f}, "
+          f"unigram {prov['baselines']['unigram']['ce']:.3f})")
     print(f"wrote {out}")
 
 
-def cmd_harvest(args) -> None:
+@dataclass(kw_only=True)
+class HarvestConfig(ModelOptions):
+    """Cache the resid and mlp activations of one layer."""
+
+    layer: int = option(2, check=C.nonneg_int)
+    """the layer whose resid and mlp are cached"""
+    data: str = BUILTIN_DATA
+    """builtin:stdlib, a .txt or .jsonl file, a folder of text files, or a HuggingFace dataset"""
+    split: str = "heldout"
+    """train | heldout | all"""
+    tokens: int = option(C.DefaultInt(32768), check=C.positive_int, limits=(10**10,))
+    """token budget"""
+    n_ctx: int = option(128, check=C.strict_int, limits=(2, 1 << 20))
+    """tokens per context"""
+    batch_size: int = option(16, check=C.positive_int, limits=(1 << 16,))
+    """sequences per forward pass"""
+    chunk_size: int = option(64, check=C.positive_int, limits=(1 << 20,))
+    """sequences per cache file (the unit a killed harvest resumes from)"""
+    out: str | None = None
+    """cache folder (resumable)"""
+
+
+def cmd_harvest(args: HarvestConfig) -> None:
+    """``featcircuit harvest``: cache a layer's activations on disk and print their norms."""
     from .activations import harvest, read_manifest
     from .data import load_tokens
     from .models import canonical_name, load_model, model_name
@@ -243,7 +304,8 @@ def _pair_done(out: Path, cfg: dict, model: str, layer: int) -> bool:
     return saved == cfg
 
 
-def cmd_evaluate(args) -> None:
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """``featcircuit evaluate``: reconstruction and downstream quality of a pair."""
     from .data import load_tokens
     from .dictionary import load_pair
     from .evaluation import NAN_REASONS, evaluate_layers, evaluate_pair, format_layers, format_quality
@@ -453,7 +515,16 @@ def cmd_discover(args) -> None:
     discover(cfg)
 
 
-def cmd_tasks(args) -> None:
+@dataclass(kw_only=True)
+class TasksConfig(ModelOptions):
+    """The built-in behaviours and the model's accuracy on each."""
+
+    json: bool = False
+    """print JSON"""
+
+
+def cmd_tasks(args: TasksConfig) -> None:
+    """``featcircuit tasks``: the built-in tasks and how the model does on them."""
     from .discover import print_json, tasks_table
     from .models import load_model
     from .tasks import TASK_VERSION
@@ -467,12 +538,29 @@ def cmd_tasks(args) -> None:
     print(f"{'task':<12} {'pairs':>5} {'held-out':>8} {'ctx':>4} {'accuracy':>8} {'LD clean':>8} "
           f"{'LD corrupt':>10}  performs  what")
     for r in rows:
-        print(f"{r['task']:<12} {r['pairs']:>5} {r['heldout_pairs']:>8} {r['n_ctx']:>4} {r['accuracy']:>8.3f} "
-              f"{r['logit_diff_clean']:>+8.2f} {r['logit_diff_corrupt']:>+10.2f}  {'yes' if r['performs'] else 'NO ':<8}  "
-              f"{r['what']}")
+        print(f"{r['task']:<12} {r['pairs']:>5} {r['heldout_pairs']:>8} {r['n_ctx']:>4} "
+              f"{r['accuracy']:>8.3f} {r['logit_diff_clean']:>+8.2f} {r['logit_diff_corrupt']:>+10.2f}  "
+              f"{'yes' if r['performs'] else 'NO ':<8}  {r['what']}")
 
 
-def cmd_render(args) -> None:
+@dataclass(kw_only=True)
+class RenderConfig:
+    """Re-render a saved graph.json with other thresholds."""
+
+    graph: str = option(positional=True)
+    """a graph.json written by discover"""
+    output: str = option("circuit.svg", short="-o")
+    """.svg, .png, .pdf or .dot"""
+    top_edges: int | None = option(None, check=C.nonneg_int)
+    """keep the N edges of largest |weight| left by the thresholds (default: all)"""
+    node_threshold: float = option(0.0, check=C.finite_float, limits=(0.0,))
+    """drop feature nodes whose |effect| is below this"""
+    edge_threshold: float = option(0.0, check=C.finite_float, limits=(0.0,))
+    """drop edges whose |weight| is below this"""
+
+
+def cmd_render(args: RenderConfig) -> None:
+    """``featcircuit render``: prune a saved graph and write it as SVG, PNG, PDF or DOT."""
     from .graph import RENDER_FORMATS, CircuitGraph
 
     out = Path(args.output)
@@ -499,41 +587,103 @@ def cmd_render(args) -> None:
           f"render it with `dot -T{out.suffix[1:]} {out.with_suffix('.dot')} -o {out}`")
 
 
+@dataclass(kw_only=True)
+class FeaturesConfig(ModelOptions):
+    """Feature cards: top examples, activation bins, logit lens, token removal, density.
+
+    For example, `featcircuit features --layer 2 --site mlp --feature 45` prints the card of MLP
+    feature 45 of layer 2's pair (--json: the card as JSON).
+    """
+
+    layer: int = option(2, check=C.nonneg_int)
+    """the layer whose pair holds the features"""
+    site: Literal["mlp", "resid"] = "mlp"
+    """which dictionary"""
+    feature: list[int] = option(check=C.nonneg_int, limits=(1 << 30,))
+    """feature index(es)"""
+    dicts: str | None = None
+    """pair folder; default: the cached default pair (trained when absent)"""
+    data: str = BUILTIN_DATA
+    """builtin:stdlib, a .txt or .jsonl file, a folder of text files, or a HuggingFace dataset"""
+    split: str = "heldout"
+    """train | heldout | all"""
+    tokens: int = option(C.DefaultInt(32768), check=C.positive_int, limits=(10**10,))
+    """token budget of the analysis pass"""
+    top: int = option(10, check=C.positive_int, limits=(10**4,))
+    """top-activating examples shown"""
+    bins: int = option(8, check=C.positive_int, limits=(10**4,))
+    """activation bins sampled"""
+    removal_window: int = option(32, check=C.positive_int, limits=(10**5,))
+    """earlier tokens dropped in turn"""
+    removal: bool = option(True, help="skip the token-removal reruns")
+    """rerun the top example with each earlier token dropped in turn (--no-removal skips it)"""
+    label_tokens: int = option(0, check=C.nonneg_int, limits=(10**10,))
+    """fit a rule label on this many tokens of the training split and score it on the analysed
+    tokens (0: an unscored token label)"""
+    json: bool = False
+    """print the cards as JSON"""
+
+
+def add_features_parser(subparsers) -> None:
+    """Add ``featcircuit features`` to the CLI's sub-parsers."""
+    add_command(subparsers, "features", FeaturesConfig, cmd_features)
+
+
+def cmd_features(args: FeaturesConfig) -> None:
+    """``featcircuit features``: print the cards of the given features."""
+    from .cards import analyze_features, format_card
+    from .data import load_tokens
+    from .dictionary import load_pair
+    from .models import load_model, model_name
+    from .pairs import default_pair
+    from .sites import check_layer, pair_sites
+
+    precheck(args, tokens=args.tokens)
+    model = load_model(args.model, args.device)
+    layer = check_layer(model, args.layer)
+    r, m = pair_sites(model, layer)
+    if args.dicts:
+        pair = load_pair(args.dicts, expect_model=model_name(model), expect_layer=layer, d_resid=r.width,
+                         d_mlp=m.width, device=next(model.parameters()).device)
+    else:
+        pair, _ = default_pair(model, layer)
+    d_sae = getattr(pair, args.site).cfg.d_sae
+    bad = [f for f in args.feature if f >= d_sae]
+    if bad:  # before any analysis pass
+        raise UserError(f"--feature {bad[0]} is out of range: the {args.site} dictionary has "
+                        f"features 0..{d_sae - 1}")
+    tokens = load_tokens(args.data, model, n_tokens=args.tokens, split=args.split)
+    labels = None
+    if args.label_tokens:
+        from .labels import label_pair
+
+        train = load_tokens(args.data, model, n_tokens=args.label_tokens, split="train")
+        labels = label_pair(model, pair, layer, train, tokens, features={args.site: args.feature},
+                            progress=True)[args.site]
+    cards = analyze_features(model, pair, tokens, layer, args.site, args.feature, n_top=args.top,
+                             n_bins=args.bins, removal=args.removal,
+                             removal_window=args.removal_window, progress=True, labels=labels)
+    if args.json:
+        from .io import strict_json
+
+        print(strict_json(cards, indent=1))  # NaN/inf become null + reason: strict readers parse it
+    else:
+        print("\n\n".join(format_card(c) for c in cards))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every sub-command."""
-    from .data import BUILTIN_DATA
-
     parser = _Parser(
         prog="featcircuit",
         description="Paired sparse dictionaries on a model's residual stream and MLP, linked "
                     "feature to feature by exact attribution and ablation search.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    model = sub.add_parser("model", help="inspect or train models").add_subparsers(dest="model_cmd", required=True)
-    p = model.add_parser("info", help="architecture, parameter count and sites per layer")
-    _add_model(p)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_model_info)
-    p = model.add_parser("train", help="train the built-in model on the stdlib source")
-    p.add_argument("--out", help="output folder (default: the package's built-in model folder)")
-    p.add_argument("--steps", type=arg_type(C.positive_int, "--steps", 10**7), default=3000)
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--force", action="store_true",
-                   help="replace an --out folder holding other files (they are moved aside, not deleted)")
-    p.set_defaults(func=cmd_model_train)
-
-    p = sub.add_parser("harvest", help="cache the resid and mlp activations of one layer")
-    _add_model(p)
-    p.add_argument("--layer", type=NONNEG, default=2)
-    p.add_argument("--data", default=BUILTIN_DATA)
-    p.add_argument("--split", default="heldout")
-    p.add_argument("--tokens", type=arg_type(C.positive_int, "--tokens", 10**10), default=C.DefaultInt(32768))
-    p.add_argument("--n-ctx", type=arg_type(C.strict_int, "--n-ctx", 2, 1 << 20), default=128)
-    p.add_argument("--batch-size", type=arg_type(C.positive_int, "--batch-size", 1 << 16), default=16)
-    p.add_argument("--chunk-size", type=arg_type(C.positive_int, "--chunk-size", 1 << 20), default=64,
-                   help="sequences per cache file (the unit a killed harvest resumes from)")
-    p.add_argument("--out", help="cache folder (resumable)")
-    p.set_defaults(func=cmd_harvest)
+    model = sub.add_parser("model", help="inspect or train models").add_subparsers(
+        dest="model_cmd", required=True)
+    add_command(model, "info", ModelInfoConfig, cmd_model_info)
+    add_command(model, "train", ModelTrainConfig, cmd_model_train)
+    add_command(sub, "harvest", HarvestConfig, cmd_harvest)
 
     p = sub.add_parser("train", help="train the paired resid + mlp dictionaries of one layer")
     _add_model(p)
@@ -646,20 +796,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the result as JSON to this file")
     p.set_defaults(func=cmd_steer)
 
-    p = sub.add_parser("tasks", help="the built-in behaviours and the model's accuracy on each")
-    _add_model(p)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_tasks)
-
-    p = sub.add_parser("render", help="re-render a saved graph.json with other thresholds")
-    p.add_argument("graph")
-    p.add_argument("-o", "--output", default="circuit.svg", help=".svg, .png, .pdf or .dot")
-    p.add_argument("--top-edges", type=NONNEG)
-    p.add_argument("--node-threshold", type=NONNEG_FLOAT, default=0.0)
-    p.add_argument("--edge-threshold", type=NONNEG_FLOAT, default=0.0)
-    p.set_defaults(func=cmd_render)
-
-    from .features import add_features_parser
+    add_command(sub, "tasks", TasksConfig, cmd_tasks)
+    add_command(sub, "render", RenderConfig, cmd_render)
     add_features_parser(sub)
     return parser
 

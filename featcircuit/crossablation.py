@@ -45,6 +45,7 @@ class _Entries:
     def __init__(self, row, src_si, src, s, J, c, n):
         self.row, self.src_si, self.src, self.s, self.J, self.c, self.n = row, src_si, src, s, J, c, n
         self.edge = torch.empty(0, dtype=torch.long)
+        self.row_ptr = self.src_key = self.by_src = self.src_sorted = self.edge
 
 
 class CrossContext:
@@ -154,12 +155,19 @@ class CrossContext:
             dts = {"J": tr.acts[site].dtype, "c": tr.acts[site].dtype}
             cat = {key: torch.cat(v) if v else torch.zeros(0, dtype=dts.get(key, torch.long))
                    for key, v in parts.items()}
+            order = torch.argsort(cat["row"], stable=True)  # entries grouped by target row
+            cat = {key: v[order] for key, v in cat.items()}
             E = _Entries(cat["row"], cat["src_si"], cat["src"], cat["s"], cat["J"], cat["c"], n[cat["row"]])
+            E.row_ptr = torch.searchsorted(E.row, torch.arange(len(n) + 1))
+            E.src_key = self._src_key(E.src_si, E.n, E.s, E.src)
+            E.by_src = torch.argsort(E.src_key, stable=True)
+            E.src_sorted = E.src_key[E.by_src]
             self.entries[si] = E
             src_gid = torch.tensor(self.offset, dtype=torch.long)[E.src_si] + E.src
             dst_gid = self.offset[si] + k[E.row]
             keys_all.append(dst_gid * self.n_features + src_gid)
-            self.empty_vals[si] = self._site_values(si, torch.zeros(len(E.row), dtype=torch.bool), E.c)
+            all_rows = torch.arange(len(n))
+            self.empty_vals[si] = self._rows_values(si, all_rows, torch.zeros(0, dtype=torch.bool), {})
         keys = torch.cat(keys_all) if keys_all else torch.zeros(0, dtype=torch.long)
         self.edge_keys, inv = torch.unique(keys, return_inverse=True)  # sorted by (dst, src)
         self.edge_count = torch.bincount(inv, minlength=len(self.edge_keys))
@@ -170,6 +178,17 @@ class CrossContext:
             o += len(E.row)
         self.edge_dst = self.edge_keys // self.n_features
         self.edge_src = self.edge_keys % self.n_features
+        # rows of each target feature: rows are sorted by (n, t, k); group them by k
+        self.rows_by_feat = {}
+        for si, (n, t, k) in self.rows.items():
+            perm = torch.argsort(k, stable=True)
+            bounds = torch.arange(self.rep.width(self.sites[si]) + 1)
+            self.rows_by_feat[si] = (perm, torch.searchsorted(k[perm], bounds))
+
+    def _src_key(self, psi: Tensor, n: Tensor, s: Tensor, u: Tensor) -> Tensor:
+        ctx = self.tokens.shape[1]
+        m = max(self.rep.width(x) for x in self.sites)
+        return ((psi * len(self.tokens) + n) * ctx + s) * m + u
 
     def scope(self) -> list[Edge]:
         """Every edge (src gid, dst gid) of the scope, in (dst, src) order."""
@@ -203,80 +222,105 @@ class CrossContext:
         pos = torch.searchsorted(self.edge_keys, keys).clamp_max(len(self.edge_keys) - 1)
         return pos[self.edge_keys[pos] == keys]
 
-    def _site_values(self, si: int, kept_e: Tensor, cur: Tensor) -> Tensor:
-        """Codes of the site's active rows when entries ``kept_e`` carry ``cur`` (others carry b)."""
+    @staticmethod
+    def _ranges(lo: Tensor, hi: Tensor) -> Tensor:
+        """The concatenated index ranges ``[lo_i, hi_i)``."""
+        cnt = (hi - lo).clamp_min(0)
+        if int(cnt.sum()) == 0:
+            return torch.zeros(0, dtype=torch.long)
+        start = torch.repeat_interleave(lo, cnt)
+        first = torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
+        return start + torch.arange(int(cnt.sum())) - first
+
+    def _rows_values(self, si: int, rows: Tensor, kept: Tensor, dcode: dict[int, Tensor]) -> Tensor:
+        """Codes of the site's active ``rows`` when kept scope edges carry their source's current
+        value (``c + Δcode`` of the parents in ``dcode``) and ablated ones carry ``b``."""
         rep, site = self.rep, self.sites[si]
         n, t, k = self.rows[si]
         E = self.entries[si]
-        code = self.tr.codes[site][n, t, k]
-        w = torch.where(kept_e, cur, torch.zeros_like(cur)) - E.c  # kept: c' − c; ablated: −c
+        rows = rows.sort().values
+        idx = self._ranges(E.row_ptr[rows], E.row_ptr[rows + 1])  # entries of these rows
+        remap = torch.full((len(n),), -1, dtype=torch.long)
+        remap[rows] = torch.arange(len(rows))
+        r_loc = remap[E.row[idx]]
+        c = E.c[idx]
+        cur = c.clone()
+        for psi, dc in dcode.items():
+            sel = E.src_si[idx] == psi
+            if sel.any():
+                ii = idx[sel]
+                cur[sel] += dc[E.n[ii], E.s[ii], E.src[ii]]
+        kept_e = kept[E.edge[idx]] if len(kept) else torch.zeros(len(idx), dtype=torch.bool)
+        w = torch.where(kept_e, cur, torch.zeros_like(cur)) - c  # kept: c' − c; ablated: −c
+        code = self.tr.codes[site][n[rows], t[rows], k[rows]]
         if site[0] == "resid":
-            pre = code.index_add(0, E.row, E.J * w)
-            return torch.relu(pre)
-        # mlp(L): rows with no kept entry read x_∅ (cached), rows whose entries are all kept and
-        # unchanged read x; only the others are recomputed
+            return torch.relu(code.index_add(0, r_loc, E.J[idx] * w))
         L = site[1]
         D = rep.decoder(("resid", L))
-        R = len(n)
-        kept_f = kept_e.to(E.c.dtype)
-        n_kept = torch.zeros(R, dtype=E.c.dtype).index_add_(0, E.row, kept_f)
-        n_all = torch.zeros(R, dtype=E.c.dtype).index_add_(0, E.row, torch.ones_like(kept_f))
-        moved = torch.zeros(R, dtype=E.c.dtype).index_add_(0, E.row, ((cur != E.c) & kept_e).to(E.c.dtype))
-        out = code.clone()
-        empty = self.empty_vals.get(si)
-        none = (n_kept == 0) & (n_all > 0)
-        if empty is not None:
-            out[none] = empty[none]
-            redo = (n_all > 0) & ~none & ((n_kept < n_all) | (moved > 0))
-        else:
-            redo = (n_all > 0) & ((n_kept < n_all) | (moved > 0))
-        r = torch.nonzero(redo).flatten()
-        if len(r) == 0:
-            return out
-        sel = redo[E.row]
-        remap = torch.full((R,), -1, dtype=torch.long)
-        remap[r] = torch.arange(len(r))
-        x = self.tr.acts[("resid", L)][n[r], t[r]].clone()
-        x.index_add_(0, remap[E.row[sel]], w[sel, None] * D[E.src[sel]])
+        x = self.tr.acts[("resid", L)][n[rows], t[rows]].index_add(0, r_loc, w[:, None] * D[E.src[idx]])
         M = rep.dictionary(site)
-        z = rep.parts[L].hidden(x)
-        if hasattr(M, "pre_acts") and hasattr(M, "W_enc"):
-            kk = k[r]
-            pre = torch.relu(((z - M.b_dec) * M.W_enc.T[kk]).sum(-1) + M.b_enc[kk])
-        else:
-            pre = M.encode(z).gather(1, k[r][:, None])[:, 0]
-        out[r] = pre
-        return out
+        kk = k[rows]
+        out = torch.empty(len(rows), dtype=x.dtype)
+        for s0 in range(0, len(rows), 8192):  # bounded memory: [chunk, d_mlp]
+            z = rep.parts[L].hidden(x[s0:s0 + 8192])
+            kc = kk[s0:s0 + 8192]
+            if hasattr(M, "pre_acts") and hasattr(M, "W_enc"):
+                out[s0:s0 + 8192] = torch.relu(((z - M.b_dec) * M.W_enc.T[kc]).sum(-1) + M.b_enc[kc])
+            else:
+                out[s0:s0 + 8192] = M.encode(z).gather(1, kc[:, None])[:, 0]
+        # rows none of whose entries moved keep their exact clean value (no float drift downstream)
+        still = torch.ones(len(rows), dtype=torch.bool)
+        still.index_fill_(0, r_loc[w != 0], False)
+        return torch.where(still, code, out)
 
     def _x_out(self, cfg: Config) -> Tensor:
-        """The change of the residual after the last chosen layer under ``cfg``."""
+        """The change of the residual after the last chosen layer under ``cfg``.
+
+        Only the rows a configuration can move are recomputed: rows of listed targets, and (when
+        unlisted targets keep their edges) rows reading a source whose value changed upstream;
+        with ``empty`` as default every unlisted target reads ablated sources (its ∅ value).
+        """
         rep, tr = self.rep, self.tr
-        kept = self._kept(cfg)
+        kept = self._kept(cfg) if cfg.targets or cfg.default == "full" else torch.zeros(0, dtype=torch.bool)
+        listed: dict[int, list[int]] = {}
+        for j, _, _ in cfg.targets:
+            (site, f) = self.node(j)
+            listed.setdefault(self.si[site], []).append(f)
         dcode: dict[int, Tensor] = {}
         for si in range(1, len(self.sites)):
             site = self.sites[si]
-            E = self.entries[si]
-            cur = E.c.clone()
-            for psi, dc in dcode.items():
-                sel = E.src_si == psi
-                if sel.any():
-                    cur[sel] += dc[E.n[sel], E.s[sel], E.src[sel]]
-            kept_e = kept[E.edge] if len(E.edge) else torch.zeros(0, dtype=torch.bool)
-            if cfg.default == "empty" and not cfg.targets:
-                vals = self.empty_vals[si]
-            else:
-                vals = self._site_values(si, kept_e, cur)
             n, t, k = self.rows[si]
+            E = self.entries[si]
+            parts = []
+            if si in listed:
+                perm, ptr = self.rows_by_feat[si]
+                fs = torch.tensor(listed[si])
+                parts.append(perm[self._ranges(ptr[fs], ptr[fs + 1])])
+            if cfg.default == "full":
+                for psi, dc in dcode.items():
+                    nz = torch.nonzero(dc, as_tuple=True)
+                    if len(nz[0]) == 0:
+                        continue
+                    keys = self._src_key(torch.full_like(nz[0], psi), *nz)
+                    lo = torch.searchsorted(E.src_sorted, keys)
+                    hi = torch.searchsorted(E.src_sorted, keys, right=True)
+                    parts.append(E.row[E.by_src[self._ranges(lo, hi)]])
+            rows = torch.unique(torch.cat(parts)) if parts else torch.zeros(0, dtype=torch.long)
+            base = None if cfg.default == "full" else self.empty_vals[si]
+            if len(rows) == 0 and base is None:
+                continue
+            vals = base.clone() if base is not None else tr.codes[site][n, t, k].clone()
+            if len(rows):
+                vals[rows] = self._rows_values(si, rows, kept, dcode)
             diff = vals - tr.codes[site][n, t, k]
             if diff.any():
                 d = torch.zeros_like(tr.codes[site])
                 d[n, t, k] = diff
                 dcode[si] = d
         L = self.layer
-        dres = [dcode.get(self.si[("resid", L)]), dcode.get(self.si[("mlp", L)])]
-        zero = torch.zeros_like(tr.acts[("resid", L)])
-        dx = zero if dres[0] is None else dres[0] @ rep.decoder(("resid", L))
-        dzo = None if dres[1] is None else dres[1] @ rep.decoder(("mlp", L)) @ rep.parts[L].W_out
+        ri, mi = self.si[("resid", L)], self.si[("mlp", L)]
+        dx = dcode[ri] @ rep.decoder(("resid", L)) if ri in dcode else torch.zeros_like(tr.acts[("resid", L)])
+        dzo = dcode[mi] @ rep.decoder(("mlp", L)) @ rep.parts[L].W_out if mi in dcode else None
         return rep.step(L, tr, dx, dzo)
 
     def _logits(self, d_outs: list[Tensor]) -> list[Tensor]:

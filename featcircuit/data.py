@@ -76,13 +76,13 @@ def iter_texts(source: str, split: str = "train") -> Iterator[str]:
         return
     p = Path(source).expanduser()
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _TEXT_SUFFIXES)
-        if not files:
+        paths = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _TEXT_SUFFIXES)
+        if not paths:
             raise UserError(f"data folder {source!r} holds no text files "
                             f"({', '.join(sorted(_TEXT_SUFFIXES))})")
-        for f in files:
-            if _keep(f.relative_to(p).as_posix(), split):
-                yield _read(f)
+        for path in paths:
+            if _keep(path.relative_to(p).as_posix(), split):
+                yield _read(path)
         return
     if p.is_file():
         if p.suffix == ".jsonl":

@@ -137,6 +137,8 @@ class Pair(NamedTuple):
 class Dictionary(torch.nn.Module):
     """A sparse autoencoder with TopK, ReLU or BatchTopK codes."""
 
+    threshold: Tensor  # a buffer (register_buffer below), declared for the type checker
+
     def __init__(self, cfg: DictConfig, *, device: str | torch.device | None = None,
                  seed: int | None = None) -> None:
         super().__init__()
@@ -238,7 +240,7 @@ class Dictionary(torch.nn.Module):
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
         """Rescale every row of W_dec to unit L2 norm."""
-        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder_directions(self) -> None:
@@ -258,9 +260,9 @@ class Dictionary(torch.nn.Module):
         # encode_trained(x*s)/s = f((x - b_dec/s) @ W_enc + b_enc/s) for f in relu/topk/
         # threshold (all commute with positive scaling), and decode_raw(c/s) = decode_trained(c)/s.
         # So only the biases and threshold shrink; the codes come out 1/s as large.
-        self.b_enc /= scale
-        self.b_dec /= scale
-        self.threshold /= scale
+        self.b_enc.div_(scale)
+        self.b_dec.div_(scale)
+        self.threshold.div_(scale)
 
     # ---- files ----------------------------------------------------------------------------
 
@@ -294,7 +296,7 @@ class Dictionary(torch.nn.Module):
             if not p.is_file():
                 raise _one_line(f"dictionary at {path} has no {p.name}: expected a folder with "
                                 f"{CFG_FILE} and {WEIGHTS_FILE}")
-        from featcircuit.checks import read_json_file
+        from featcircuit.readers import read_json_file
 
         try:  # bounded: size, nesting depth and integer digits are capped before parsing
             raw = read_json_file(cfg_path, "dictionary config", max_bytes=1 << 20, max_depth=16,

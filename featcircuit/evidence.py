@@ -17,7 +17,7 @@ the tokens it comes from.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -99,10 +99,10 @@ def edge_evidence(model, pair, tokens: Tensor, layer: int, edges: Iterable[tuple
         vals_at = dict(zip(p.tolist(), e.tolist()))
         top = []
         for r in distinct_top(p, sign * e, tokens, docs, k, per_doc=per_doc):
-            x = example(tokens, vals_at, int(p[r]), tok, left, right)
-            x.update(act=float(e[r]), edge=float(e[r]), a=None if a[r].isnan() else float(a[r]),
-                     f=float(f[r]))
-            top.append(x)
+            ex = example(tokens, vals_at, int(p[r]), tok, left, right)
+            ex.update(act=float(e[r]), edge=float(e[r]), a=None if a[r].isnan() else float(a[r]),
+                      f=float(f[r]))
+            top.append(ex)
         ids = flat_tokens[p]
         per_tok: dict[int, list[float]] = {}
         for t_id, val in zip(ids.tolist(), e.tolist()):
@@ -136,7 +136,7 @@ def evidence_by_edge(evidence: Sequence[dict]) -> dict[tuple[str, str], dict]:
     return {(x["source"], x["target"]): x for x in evidence}
 
 
-def save_evidence(evidence: Sequence[dict], path: str | Path) -> Path:
+def save_evidence(evidence: Sequence[Mapping], path: str | Path) -> Path:
     """Write the evidence list as JSON atomically."""
     import json
 

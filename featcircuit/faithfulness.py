@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 
 from .ablation import AblationContext, Config, Edge
 
@@ -46,7 +47,7 @@ def _areas(fracs: list[float], fs: list[float | None]) -> tuple[float | None, fl
     return cpr, cmd
 
 
-def curves(ctx: AblationContext, orders: dict[str, list[Edge]], extra_sizes: list[int] = (),
+def curves(ctx: AblationContext, orders: dict[str, list[Edge]], extra_sizes: Sequence[int] = (),
            fractions: tuple[float, ...] = FRACTIONS) -> dict:
     """Faithfulness and completeness of each order's top-s edges, with CPR and CMD per order.
 
@@ -99,7 +100,8 @@ def plot_curves(res: dict, path, circuit: dict | None = None, title: str = "") -
         lab = f"{name} (CPR {o['cpr']:.2f}, CMD {o['cmd']:.2f})" if o["cpr"] is not None else name
         axes[0].plot([p["size"] for p in pts], [p["faithfulness"] for p in pts], marker="o", ms=3, label=lab)
         axes[1].plot([p["size"] for p in pts], [p["completeness"] for p in pts], marker="o", ms=3, label=name)
-    for ax, t in zip(axes, ("faithfulness F(C) (∅ = whole scope ablated)", "completeness F(S∖C) (lower is better)")):
+    titles = ("faithfulness F(C) (∅ = whole scope ablated)", "completeness F(S∖C) (lower is better)")
+    for ax, t in zip(axes, titles):
         ax.set_xscale("log")
         ax.set_xlabel(f"edges kept (scope |S| = {res['scope_size']:,})")
         ax.set_title(t, fontsize=10)

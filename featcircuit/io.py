@@ -43,7 +43,10 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically."""
-    return _atomic(path, lambda t: Path(t).write_text(text))
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text)
+
+    return _atomic(path, write)
 
 
 def atomic_save_torch(obj: Any, path: str | Path) -> Path:

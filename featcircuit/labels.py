@@ -36,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from torch import Tensor
@@ -171,7 +172,7 @@ def token_contexts(tokens: Tensor, tokenizer, bos: int | None = None) -> TokenCo
     ids = sorted(set(tokens.flatten().tolist()))
     text = {t: tok_str(tokenizer, t) if tokenizer is not None else "" for t in ids}
     shape = {t: token_shape(text[t]) for t in ids}
-    cat = {k: [] for k in ("tok", "prev", "shape", "bracket", "indent", "lex", "col")}
+    cat: dict[str, list] = {k: [] for k in ("tok", "prev", "shape", "bracket", "indent", "lex", "col")}
     ptr, vals = [0], []
     for row in tokens.tolist():
         body = row[1:]
@@ -448,7 +449,7 @@ def fit_labels(train: FeatureIndex, heldout: FeatureIndex, tokenizer, features: 
 
 def label_pair(model, pair, layer: int, train_tokens: Tensor, heldout_tokens: Tensor, *,
                features: Mapping[str, Iterable[int]] | None = None, threshold_frac: float = 0.0,
-               cache_dir: str | Path | bool | None = None, progress: bool = False,
+               cache_dir: str | Path | Literal[False] | None = None, progress: bool = False,
                **fit_kw) -> dict[str, dict[int, dict]]:
     """``{"resid": {f: label}, "mlp": {f: label}}``: labels of a pair's features (all, or ``features``).
 
@@ -502,7 +503,7 @@ def node_f1_distribution(labels: Mapping[str, Mapping[int, Mapping]], nodes: Ite
     picked = {}
     for nid in nodes:
         site, _, f = parse_node_id(nid)
-        if site in ("resid", "mlp") and f != "err":
+        if site in ("resid", "mlp") and isinstance(f, int):  # not an error node
             if f not in labels.get(site, {}):
                 raise UserError(f"no label for node {nid}: fit it first (label_pair)")
             picked[nid] = labels[site][f]

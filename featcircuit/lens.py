@@ -16,7 +16,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .stats import _site_dict
+from .errors import UserError
+from .sites import SITES, check_layer, mlp_parts
 
 LENS_MAD = 6.0
 LENS_RULE = ("hidden from the logit lens: special tokens, vocabulary rows past the tokenizer, tokens "
@@ -26,9 +27,10 @@ LENS_RULE = ("hidden from the logit lens: special tokens, vocabulary rows past t
 
 def feature_directions(model, pair, layer: int, site: str, features: Sequence[int] | None = None) -> Tensor:
     """Residual directions ``[n, d_model]`` of features: ``W_dec`` (resid) or ``W_dec @ W_out`` (mlp)."""
-    from .sites import mlp_parts
-
-    d, _ = _site_dict(model, pair, layer, site)
+    if site not in SITES:
+        raise UserError(f"unknown site {site!r}: use resid or mlp")
+    check_layer(model, layer)
+    d = pair.resid if site == "resid" else pair.mlp
     W = d.W_dec.detach() if features is None else d.W_dec.detach()[torch.as_tensor(list(features),
                                                                                      dtype=torch.long)]
     W = W.float()

@@ -27,8 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import corpus
-from .data import pack
 from .checks import check_out_dir, staged_output
+from .data import pack
 from .errors import UserError
 from .io import atomic_save_state, atomic_write_text, load_state
 
@@ -87,7 +87,9 @@ def build_model(cfg: LMConfig, bos_id: int):
     hf_cfg = GPTNeoXConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, intermediate_size=cfg.d_mlp,
-        max_position_embeddings=4 * cfg.n_ctx, rotary_pct=cfg.rotary_pct,
+        # rotary_pct is the spelling every transformers >= 4.40 accepts (5.x maps it onto
+        # rope_parameters); 5.x's typed signature no longer lists it
+        max_position_embeddings=4 * cfg.n_ctx, rotary_pct=cfg.rotary_pct,  # type: ignore[call-arg]
         use_parallel_residual=True, hidden_act="gelu", bos_token_id=bos_id, eos_token_id=bos_id,
         pad_token_id=bos_id, tie_word_embeddings=False, attention_dropout=0.0, hidden_dropout=0.0)
     return GPTNeoXForCausalLM(hf_cfg)

@@ -29,7 +29,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {str(device)!r} asked for but CUDA is not available; use --device cpu or auto")
+        raise UserError(f"device {str(device)!r} asked for but CUDA is not available; "
+                        "use --device cpu or auto")
     if dev.type not in ("cpu", "cuda"):
         raise UserError(f"device {str(device)!r} is not supported; use auto, cpu or cuda")
     return dev
@@ -101,7 +102,6 @@ def load_model(name_or_path: str = BUILTIN_NAME, device: str | torch.device = "a
                dtype: torch.dtype = torch.float32):
     """A ``TransformerBridge`` (HF numerics, eval mode, frozen weights) for a name or folder."""
     from transformer_lens.model_bridge import TransformerBridge
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a 1-second "Loading weights" bar is noise on every command

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
+from .checks import folder_lock
 from .data import BUILTIN_DATA, load_tokens
 from .dictionary import Pair, load_pair
 from .models import model_name
 from .sites import check_layer, pair_sites
-from .checks import folder_lock
 from .training import CKPT_FILE, TrainConfig, config_key, train_pair
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -212,7 +213,8 @@ def build_index(model, dictionary, hook: str, tokens: Tensor, *, site: str = "",
 
 
 def feature_index(model, pair, tokens: Tensor, layer: int, site: str, *,
-                  cache_dir: str | Path | bool | None = None, progress: bool = False) -> FeatureIndex:
+                  cache_dir: str | Path | Literal[False] | None = None,
+                  progress: bool = False) -> FeatureIndex:
     """The :class:`FeatureIndex` of ``pair``'s ``site`` dictionary: from the cache, or one pass (then cached).
 
     ``cache_dir``: None for :func:`default_cache_dir`, a folder, or False for no cache.

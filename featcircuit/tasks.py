@@ -297,7 +297,8 @@ def load_prompts(path: str, model, name: str | None = None) -> TaskPrompts:
     """Read and tokenize a JSONL prompts file; a UserError names the bad line."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"prompts file {path!r} not found: expected a .jsonl with clean, corrupt, answer, wrong")
+        raise UserError(f"prompts file {path!r} not found: expected a .jsonl with clean, corrupt, "
+                        "answer, wrong")
     tok = model.tokenizer
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     rows = []
@@ -328,7 +329,8 @@ def load_prompts(path: str, model, name: str | None = None) -> TaskPrompts:
         raise UserError(f"prompts file {path!r} holds no prompts: expected one JSON object per line")
     lengths = {len(r[0]) for r in rows}
     if len(lengths) != 1:
-        raise UserError(f"prompts in {path!r} have different token lengths {sorted(lengths)}; use one length per file")
+        raise UserError(f"prompts in {path!r} have different token lengths {sorted(lengths)}; "
+                        "use one length per file")
     n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
     if n_ctx and lengths.pop() > n_ctx:
         raise UserError(f"prompts in {path!r} are longer than the model's context of {n_ctx} tokens")

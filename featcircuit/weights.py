@@ -57,7 +57,8 @@ def mean_slope_weights(parts: MLPParts, pair, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def sufficiency(parts: MLPParts, pair, a_max: Tensor, x_mean: Tensor, features: Tensor | None = None) -> Tensor:
+def sufficiency(parts: MLPParts, pair, a_max: Tensor, x_mean: Tensor,
+                features: Tensor | None = None) -> Tensor:
     """MLP codes ``[n, d_M]`` when the residual is ``a_i^max·r_i + x̄`` for each resid feature i."""
     R, M = pair.resid, pair.mlp
     idx = torch.arange(R.W_dec.shape[0]) if features is None else features
@@ -65,7 +66,8 @@ def sufficiency(parts: MLPParts, pair, a_max: Tensor, x_mean: Tensor, features: 
     return M.encode(parts.hidden(x))
 
 
-def compare(table: EdgeTable, vw: Tensor, suff: Tensor, top: int = 20, vw_slope: Tensor | None = None) -> dict:
+def compare(table: EdgeTable, vw: Tensor, suff: Tensor, top: int = 20,
+            vw_slope: Tensor | None = None) -> dict:
     """Where the weight-based view agrees with the data-based edges.
 
     Data weights are summed over tokens (``Σ_t a_i ∂f_j/∂a_i``); virtual weights are per unit of

@@ -35,7 +35,8 @@ SWEEP = "0.005,0.05,0.1"
 def run(args: list[str], threads: int | None = None) -> str:
     cmd = [sys.executable, "-m", "featcircuit", *args]
     print("$ featcircuit " + " ".join(args), flush=True)
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
+    pin = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
+    env = dict(os.environ, **pin)
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         sys.exit(f"regenerate: `featcircuit {' '.join(args)}` failed:\n{r.stderr[-3000:]}")
@@ -61,7 +62,8 @@ def task_table(tasks: list[dict]) -> str:
 
 
 def circuit_table(runs: dict[str, dict]) -> str:
-    rows = ["| behaviour | ablation | \\|S\\| | m(M) | m(∅) | edges | F | completeness | CPR | CMD | F, errors ablated | rank (Spearman) | verdict |",
+    rows = ["| behaviour | ablation | \\|S\\| | m(M) | m(∅) | edges | F | completeness | CPR | CMD "
+            "| F, errors ablated | rank (Spearman) | verdict |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in runs.items():
         c = s["circuit"]
@@ -90,12 +92,14 @@ def baseline_table(runs: dict[str, dict]) -> str:
     rows.append("|---|" + "---|" * len(orders))
     for name, s in runs.items():
         a = s["circuit"]["areas"]
-        rows.append(f"| {name} | " + " | ".join(f"{f2(a[o]['cpr'])} / {f2(a[o]['cmd'])}" for o in orders) + " |")
+        cells = [f"{f2(a[o]['cpr'])} / {f2(a[o]['cmd'])}" for o in orders]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
 def replace_block(text: str, name: str, body: str) -> str:
-    pat = re.compile(rf"(<!-- results:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /results:{re.escape(name)} -->)", re.S)
+    tag = re.escape(name)
+    pat = re.compile(rf"(<!-- results:{tag} -->\n)(?:.*?\n)?(<!-- /results:{tag} -->)", re.S)
     if not pat.search(text):
         raise SystemExit(f"regenerate: README has no block <!-- results:{name} -->")
     return pat.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
@@ -117,8 +121,8 @@ def main() -> None:
         names = [n for n in names if n in args.tasks.split(",")]
     runs: dict[str, dict] = {}
     L = str(args.layer)
-    jobs = {f"task-{n}": ["discover", "--layer", L, "--task", n, "--tau-sweep", SWEEP, "--out", str(OUT / f"task-{n}"),
-                          "--force"] for n in names}
+    jobs = {f"task-{n}": ["discover", "--layer", L, "--task", n, "--tau-sweep", SWEEP,
+                          "--out", str(OUT / f"task-{n}"), "--force"] for n in names}
     jobs["corpus"] = ["discover", "--layer", L, "--out", str(OUT / "corpus"), "--force"]
     def one(item: tuple[str, list[str]]) -> str:
         name, a = item
@@ -148,9 +152,11 @@ def main() -> None:
         first = OUT / f"task-{names[0]}"
         shutil.copyfile(first / "faithfulness.png", DOCS / "faithfulness.png")
         for ext in ("svg", "png"):
-            run(["render", str(first / "graph.json"), "-o", str(DOCS / f"circuit.{ext}"), "--top-edges", "15"])
+            run(["render", str(first / "graph.json"), "-o", str(DOCS / f"circuit.{ext}"),
+                 "--top-edges", "15"])
     bench = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_search.py"),
-                            "--task", names[0] if names else "bracket"], cwd=ROOT, capture_output=True, text=True)
+                            "--task", names[0] if names else "bracket"],
+                           cwd=ROOT, capture_output=True, text=True)
     if bench.returncode != 0:
         sys.exit(f"regenerate: bench_search failed:\n{bench.stderr[-2000:]}")
     res = {"layer": args.layer, "tasks": tasks, "runs": runs, "seconds": round(time.time() - t0, 1),
@@ -163,7 +169,8 @@ def main() -> None:
     text = readme.read_text()
     if names:
         out_txt = printed[names[0]].replace(str(Path.home()), "~").replace(str(ROOT) + "/", "")
-        text = replace_block(text, "discover-output", f"`featcircuit discover --layer {L} --task {names[0]}`:\n\n"
+        text = replace_block(text, "discover-output",
+                             f"`featcircuit discover --layer {L} --task {names[0]}`:\n\n"
                              f"```\n{out_txt.strip()}\n```")
     text = replace_block(text, "bench-search", f"```\n$ .venv/bin/python benchmarks/bench_search.py\n"
                          f"{bench.stdout.strip()}\n```")
@@ -171,7 +178,8 @@ def main() -> None:
     text = replace_block(text, "circuits", circuit_table(runs))
     text = replace_block(text, "baselines", baseline_table(runs))
     times = ", ".join(f"{k}: {v:.0f} s" for k, v in res["discover_seconds"].items())
-    text = replace_block(text, "timing", f"`discover` wall times on this machine (pair cached; {args.jobs} runs at "
+    text = replace_block(text, "timing",
+                         f"`discover` wall times on this machine (pair cached; {args.jobs} runs at "
                          f"once, each on {'one thread' if args.jobs > 1 else 'both cores'}): {times}.")
     sweep_rows = ["| behaviour | τ (relative) | edges | F | completeness |", "|---|---|---|---|---|"]
     for name, s in runs.items():

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Sets everything up, then runs the whole test suite.
+# Sets everything up, then lints, type-checks and runs the whole test suite.
 #  - headless Chromium and its driver from Debian for the report's browser test (root + apt-get;
 #    idempotent: skipped when /usr/bin/chromium and /usr/bin/chromedriver are there; without them
 #    that one test is skipped with the reason);
-#  - selenium, which drives it (normally already installed from the package's test extras).
+#  - selenium, which drives it (normally already installed from the package's test extras);
+#  - ruff (E, F, I) and mypy, configured in pyproject.toml and installed from the test extras:
+#    either failing stops the run before pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -22,4 +24,8 @@ if [ -x /usr/bin/chromium ] && ! .venv/bin/python -c "import selenium" 2>/dev/nu
   echo "test: installing selenium into .venv"
   .venv/bin/python -m pip install -q --disable-pip-version-check "selenium>=4.10"
 fi
+echo "test: ruff check"
+.venv/bin/python -m ruff check .
+echo "test: mypy"
+.venv/bin/python -m mypy
 exec .venv/bin/python -m pytest -q "$@"

@@ -10,12 +10,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 torch.set_num_threads(2)
 
-TEXT = ("def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n"
-        "        self.x = x\n        self.y = y\n") * 20
-
-
 def _tokenizer():
     from featcircuit.lm_training import train_tokenizer
+    from helpers import TEXT
 
     return train_tokenizer([TEXT], vocab_size=300)
 

@@ -8,7 +8,6 @@ with a hook on the MLP's hidden activation (no restart after the layer).
 
 import pytest
 import torch
-from test_attribution import random_pair
 
 from featcircuit import load_model
 from featcircuit.ablation import ERR, AblationContext, Config
@@ -16,6 +15,7 @@ from featcircuit.faithfulness import _areas, curves, end_points
 from featcircuit.search import rank_edges, search_circuit
 from featcircuit.sites import pair_sites
 from featcircuit.tasks import TaskPrompts
+from helpers import random_pair
 
 LAYER = 1
 
@@ -109,14 +109,15 @@ def test_values_equal_independent_reference(setup, ablation, errors):
     assert abs(ctx.m_empty - ctx.m_full) > 1e-5  # far above the 1e-9 agreement
     # the complement of C equals the reference with S∖C kept
     (comp,) = ctx.values([Config.removing(some)])
-    assert comp == pytest.approx(reference_metric(model, pair, task, set(scope) - set(some), ablation, errors),
-                                 abs=1e-9)
+    ref = reference_metric(model, pair, task, set(scope) - set(some), ablation, errors)
+    assert comp == pytest.approx(ref, abs=1e-9)
 
 
 def test_ablation_values_differ(setup):
     """Zero, mean and patch are different interventions (a mean that ignores the mean fails)."""
     model, pair, task = setup
-    ms = [AblationContext(model, pair, LAYER, task.clean, a, task=task).m_empty for a in ("zero", "mean", "patch")]
+    ms = [AblationContext(model, pair, LAYER, task.clean, a, task=task).m_empty
+          for a in ("zero", "mean", "patch")]
     assert min(abs(ms[0] - ms[1]), abs(ms[0] - ms[2]), abs(ms[1] - ms[2])) > 1e-4
 
 
@@ -136,7 +137,7 @@ def test_config_algebra():
 
 
 def test_planted_circuit_faithfulness_and_search(neox_dir):
-    """A hand-set mechanism: only two edges reach the output; ∅, full and the planted circuit score 0, 1, 1."""
+    """A hand-set mechanism: only two edges reach the output; ∅, full and planted circuit score 0, 1, 1."""
     model = load_model(str(neox_dir), device="cpu", dtype=torch.float64)
     pair = random_pair(model, LAYER, dtype=torch.float64, k=6, width=4)
     R, M = pair
@@ -167,7 +168,8 @@ def test_planted_circuit_faithfulness_and_search(neox_dir):
     rk = rank_edges(ctx)
     top2 = set(rk.order("abs")[:2])
     assert top2 == set(planted_edges)
-    res = search_circuit(ctx, rk.order("abs")[:10], tau=1e-6 * abs(ctx.gap), stat=rk.stat("abs"), progress=False)
+    res = search_circuit(ctx, rk.order("abs")[:10], tau=1e-6 * abs(ctx.gap), stat=rk.stat("abs"),
+                         progress=False)
     assert set(res.kept) == set(planted_edges)
 
 
@@ -182,7 +184,10 @@ def test_batched_search_equals_sequential(setup, batch):
     tau = float(torch.tensor([abs(v["delta"]) for v in probe.visited]).median())
     ref = search_circuit(ctx, cands, tau=tau, stat=stat, batch=1, progress=False)
     got = search_circuit(ctx, cands, tau=tau, stat=stat, batch=batch, progress=False)
-    assert [(v["src"], v["dst"], v["kept"]) for v in got.visited] == [(v["src"], v["dst"], v["kept"]) for v in ref.visited]
+    def steps(res):
+        return [(v["src"], v["dst"], v["kept"]) for v in res.visited]
+
+    assert steps(got) == steps(ref)
     assert 0 < len(ref.kept) < len(cands)
     # every decision is the measured Δ against the current circuit: recompute them one by one
     H = Config.keeping(cands)

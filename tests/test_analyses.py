@@ -129,7 +129,8 @@ def test_matched_noise_in_two_dimensions_is_the_reconstruction_or_its_mirror_ima
 
 def test_perturb_to_edge_cases_and_bad_targets():
     x = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 0.0]])
-    out = A.perturb_to(x, torch.tensor([1.0, 0.3]), torch.tensor([10.0, 2.0]), torch.Generator().manual_seed(0))
+    out = A.perturb_to(x, torch.tensor([1.0, 0.3]), torch.tensor([10.0, 2.0]),
+                       torch.Generator().manual_seed(0))
     torch.testing.assert_close(out[0], torch.tensor([6.0, 8.0, 0.0]))  # c = 1: x's direction, the target norm
     assert float(out[1].norm()) == pytest.approx(2.0, rel=1e-6)  # a zero row keeps the target norm
     with pytest.raises(A.UserError, match="1.5"):

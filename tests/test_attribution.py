@@ -5,56 +5,8 @@ import torch
 
 from featcircuit import load_model
 from featcircuit.attribution import attribute_edges, batch_edges, node_effects
-from featcircuit.dictionary import DictConfig, Dictionary, Pair
 from featcircuit.sites import mlp_parts, pair_sites
-from featcircuit import harvest
-
-
-def random_pair(model, layer, arch="topk", k=6, width=3, seed=0, dtype=torch.float32):
-    r, m = pair_sites(model, layer)
-    out = []
-    for i, s in enumerate((r, m)):
-        d = Dictionary(DictConfig(d_in=s.width, d_sae=width * r.width, architecture=arch, k=k),
-                       seed=seed + i).to(dtype)
-        g = torch.Generator().manual_seed(100 + seed + i)  # independent of the global RNG state
-        with torch.no_grad():
-            d.W_enc.copy_(torch.randn(d.W_enc.shape, generator=g) / s.width**0.5)
-            d.b_enc.copy_(torch.randn(d.b_enc.shape, generator=g) * 0.1)
-            d.b_dec.copy_(torch.randn(d.b_dec.shape, generator=g) * 0.1)
-        out.append(d.eval())
-    return Pair(*out)
-
-
-def _x(model, layer, n=2, ctx=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, model.cfg.d_vocab, (n, ctx), generator=g)
-    hook = pair_sites(model, layer)[0].hook
-    return tokens, harvest(model, tokens, [hook], progress=False)[hook][:, 1:].reshape(-1, model.cfg.d_model)
-
-
-def _ln_frozen(parts, x):
-    xc = x - x.mean(-1, keepdim=True)
-    inv = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + parts.ln_eps).detach()
-    return xc * inv * parts.ln_weight + parts.ln_bias
-
-
-def autograd_edges(parts, R, M, x, frozen=False):
-    """Reference: one backward per active target per token; dense [T, d_M, d_R + 1]."""
-    T, d_r, d_m = len(x), R.W_dec.shape[0], M.W_dec.shape[0]
-    out = torch.zeros(T, d_m, d_r + 1, dtype=torch.float64)
-    for t in range(T):
-        xt = x[t:t + 1].clone().requires_grad_(True)
-        u = _ln_frozen(parts, xt) if frozen else parts.ln(xt)
-        f = M.encode(parts.act(u @ parts.W_in + parts.b_in))[0]
-        a = R.encode(x[t:t + 1])[0].detach()
-        err = (x[t] - R.decode(a[None])[0]).detach()
-        for j in torch.nonzero(f).flatten().tolist():
-            (g,) = torch.autograd.grad(f[j], xt, retain_graph=True)
-            g = g[0]
-            for i in torch.nonzero(a).flatten().tolist():
-                out[t, j, i] = float(a[i] * (g @ R.W_dec[i]).detach())
-            out[t, j, d_r] = float(g @ err)
-    return out
+from helpers import autograd_edges, random_pair, random_resid
 
 
 def closed_dense(parts, R, M, x, ln):
@@ -79,7 +31,7 @@ def test_closed_form_equals_autograd(tiny_model, arch, ln):
     layer = 1
     parts = mlp_parts(tiny_model, layer)
     pair = random_pair(tiny_model, layer, arch)
-    _, x = _x(tiny_model, layer)
+    _, x = random_resid(tiny_model, layer)
     ref = autograd_edges(parts, pair.resid, pair.mlp, x, frozen=(ln == "frozen"))
     got = closed_dense(parts, pair.resid, pair.mlp, x, ln)
     assert (ref != 0).sum() > 20  # a real test: many edges
@@ -96,7 +48,7 @@ def test_aggregated_table_equals_autograd_sum(neox, dense):
     layer = 1
     parts = mlp_parts(neox, layer)
     pair = random_pair(neox, layer)
-    tokens, x = _x(neox, layer, n=3)
+    tokens, x = random_resid(neox, layer, n=3)
     ref = autograd_edges(parts, pair.resid, pair.mlp, x)
     table = attribute_edges(neox, pair, tokens, layer=layer, batch_size=2, dense=dense, progress=False)
     w = table.to_dense("weight")
@@ -145,7 +97,8 @@ def test_splice_keeps_logits_and_effects_match_finite_differences(neox64):
                 f = f + delta_f.view_as(f)
             return torch.cat([act[:, :1], pair.mlp.decode(f) + errs["m"]], 1)
         with torch.no_grad():
-            return float(default_metric(neox64.run_with_hooks(tokens, fwd_hooks=[(r_hook, rh), (m_hook, mh)]), tokens))
+            logits = neox64.run_with_hooks(tokens, fwd_hooks=[(r_hook, rh), (m_hook, mh)])
+            return float(default_metric(logits, tokens))
 
     assert eff["metric"] == pytest.approx(metric_with(), rel=1e-12)
     f = eff["f"]
@@ -183,7 +136,7 @@ class _Foreign(torch.nn.Module):
 def test_any_module_with_encode_decode(neox):
     layer = 1
     pair = random_pair(neox, layer, arch="topk")
-    tokens, _ = _x(neox, layer, n=2)
+    tokens, _ = random_resid(neox, layer, n=2)
     ours = attribute_edges(neox, pair, tokens, layer=layer, progress=False)
     theirs = attribute_edges(neox, (_Foreign(pair.resid), _Foreign(pair.mlp)), tokens, layer=layer,
                              progress=False)

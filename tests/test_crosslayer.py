@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_attribution import random_pair
 
 from featcircuit import load_model
 from featcircuit.ablation import AblationContext, Config
@@ -19,6 +18,7 @@ from featcircuit.edges import EMB, ERR, OUT, coefficients, edges_into, edges_int
 from featcircuit.replacement import Replacement
 from featcircuit.splicing import site_hooks
 from featcircuit.tasks import TaskPrompts
+from helpers import random_pair
 
 REL = 1e-5
 

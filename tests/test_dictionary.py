@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 
 from featcircuit import dictionary as dmod
-from featcircuit.dictionary import (DictConfig, Dictionary, Pair, load_pair, save_pair)
+from featcircuit.dictionary import DictConfig, Dictionary, Pair, load_pair, save_pair
 from featcircuit.errors import UserError
 
 D_IN, D_SAE, K = 16, 64, 4

@@ -16,7 +16,8 @@ def setup(neox, neox_dir, tmp_path_factory):
     data = root / "data"
     data.mkdir()
     for i in range(40):
-        (data / f"f{i}.txt").write_text(f"def add{i}(a, b):\n    return a + b * {i}\n\nclass P{i}:\n    pass\n" * 6)
+        (data / f"f{i}.txt").write_text(
+            f"def add{i}(a, b):\n    return a + b * {i}\n\nclass P{i}:\n    pass\n" * 6)
     from featcircuit import load_tokens
     toks = load_tokens(str(data), neox, n_ctx=32, split="all")
     cfg = TrainConfig(width=2.0, k=4, tokens=2000, epochs=2, batch_size=200, warmup_steps=2, n_ctx=32)
@@ -27,7 +28,8 @@ def setup(neox, neox_dir, tmp_path_factory):
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "featcircuit", *map(str, args)], capture_output=True,
-                          text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+                          text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
 
 
 def base_args(setup, layer=1, **kw):
@@ -70,7 +72,8 @@ def test_discover_end_to_end(setup):
 
 def test_target_and_prompts(setup):
     root, _, model = setup
-    edges = json.loads((root / "out" / "edges.json").read_text()) if (root / "out" / "edges.json").exists() else None
+    edges_file = root / "out" / "edges.json"
+    edges = json.loads(edges_file.read_text()) if edges_file.exists() else None
     j = edges["dst"][0] if edges else 0
     r = run(*base_args(setup, target=f"mlp:{j}", search="none"))
     assert r.returncode == 0, r.stderr[-2000:]

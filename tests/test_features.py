@@ -8,27 +8,29 @@ import torch
 
 from featcircuit import load_model
 from featcircuit.dictionary import DictConfig, Dictionary, Pair, save_pair
-from featcircuit.features import (FeatureIndex, analyze_features, collect_stats, feature_card,
-                                  feature_directions, feature_index, format_card, labels_for,
-                                  lens_mask, token_label, token_removal, unembed)
+from featcircuit.features import (
+    FeatureIndex,
+    analyze_features,
+    collect_stats,
+    feature_card,
+    feature_directions,
+    feature_index,
+    format_card,
+    labels_for,
+    lens_mask,
+    token_label,
+    token_removal,
+    unembed,
+)
 from featcircuit.models import model_name
 from featcircuit.sites import mlp_parts, pair_sites
-
-from conftest import TEXT
+from helpers import TEXT, autograd_edges, random_pair, text_tokens
 
 
 @pytest.fixture(scope="module")
 def own_neox(neox_dir):
     """A private copy of the tiny NeoX whose unembedding the tests below rewrite."""
     return load_model(str(neox_dir), device="cpu")
-
-
-def _tokens(model, n_ctx=32):
-    ids = model.tokenizer(TEXT)["input_ids"]
-    body = n_ctx - 1
-    n = len(ids) // body
-    t = torch.tensor(ids[: n * body]).view(n, body)
-    return torch.cat([torch.full((n, 1), model.tokenizer.bos_token_id), t], 1)
 
 
 def _detector_pair(model, target: int, layer: int = 0, d_sae: int = 4, seed: int = 0) -> Pair:
@@ -73,7 +75,7 @@ def _target(model, tokens):
 def lens_setup(own_neox):
     """The detector pair plus an unembedding with known top/bottom tokens and two decoys."""
     model = own_neox
-    tokens = _tokens(model)
+    tokens = text_tokens(model)
     target = _target(model, tokens)
     pair = _detector_pair(model, target)
     counts = torch.bincount(tokens[:, 1:].flatten(), minlength=model.cfg.d_vocab)
@@ -142,7 +144,8 @@ def test_labels_for_and_collect_stats_agree_with_card(lens_setup, tmp_path):
     old = labels_for([("resid", 0)], stats, tokens, model.tokenizer, 0, lens=True)["resid0/0"]
     assert old == f"{card['label']} → {model.tokenizer.decode([s['promote']])!r}"
     scored = {"resid": {0: {"text": "'x'", "f1": 0.5}}}
-    assert labels_for([("resid", 0)], stats, tokens, model.tokenizer, 0, scored=scored) == {"resid0/0": "'x' [F1 0.50]"}
+    got = labels_for([("resid", 0)], stats, tokens, model.tokenizer, 0, scored=scored)
+    assert got == {"resid0/0": "'x' [F1 0.50]"}
     assert labels["mlp0/1"].startswith("(never active)")
     want = repr(model.tokenizer.decode([s["target"]]))
     assert token_label(stats["resid"], tokens, model.tokenizer, 0) == want
@@ -151,7 +154,7 @@ def test_labels_for_and_collect_stats_agree_with_card(lens_setup, tmp_path):
 
 def test_unembed_matches_the_model_logits(neox):
     """unembed(x)/σ(x) plus the bias terms is exactly the model's logits (LayerNorm final norm)."""
-    tokens = _tokens(neox)[:2]
+    tokens = text_tokens(neox)[:2]
     logits, cache = neox.run_with_cache(tokens)
     x = cache[f"blocks.{neox.cfg.n_layers - 1}.hook_resid_post"].flatten(0, 1)
     ln = neox.original_model.gpt_neox.final_layer_norm
@@ -162,8 +165,6 @@ def test_unembed_matches_the_model_logits(neox):
 
 
 def test_mlp_direction_goes_through_w_out(neox):
-    from test_attribution import random_pair
-
     pair = random_pair(neox, 1)
     d = feature_directions(neox, pair, 1, "mlp", [3, 5])
     torch.testing.assert_close(d, pair.mlp.W_dec[[3, 5]] @ mlp_parts(neox, 1).W_out)
@@ -223,11 +224,9 @@ def test_bins_cover_the_range_and_histogram_counts():
 
 
 def test_index_is_cached_per_dictionary(neox, tmp_path, monkeypatch):
-    from test_attribution import random_pair
-
     import featcircuit.stats as F
 
-    tokens = _tokens(neox)[:6]
+    tokens = text_tokens(neox)[:6]
     pair = random_pair(neox, 1)
     a = feature_index(neox, pair, tokens, 1, "mlp", cache_dir=tmp_path)
     files = list(tmp_path.glob("*.pt"))
@@ -251,12 +250,10 @@ def test_index_is_cached_per_dictionary(neox, tmp_path, monkeypatch):
 
 
 def test_unknown_feature_and_site_are_user_errors(neox, tmp_path):
-    from test_attribution import random_pair
-
     from featcircuit.errors import UserError
 
     pair = random_pair(neox, 1)
-    tokens = _tokens(neox)[:2]
+    tokens = text_tokens(neox)[:2]
     with pytest.raises(UserError, match="unknown feature mlp:9999"):
         analyze_features(neox, pair, tokens, 1, "mlp", [9999], cache_dir=tmp_path)
     with pytest.raises(UserError, match="unknown site"):
@@ -266,7 +263,7 @@ def test_unknown_feature_and_site_are_user_errors(neox, tmp_path):
 def test_cli_prints_a_card(lens_setup, tmp_path, capsys, monkeypatch):
     import argparse
 
-    from featcircuit.features import add_features_parser
+    from featcircuit.cli import add_features_parser
 
     s = lens_setup
     model = s["model"]
@@ -278,7 +275,8 @@ def test_cli_prints_a_card(lens_setup, tmp_path, capsys, monkeypatch):
     add_features_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["features", "--model", model_name(model), "--device", "cpu", "--layer", "0",
                               "--site", "resid", "--feature", "0", "--dicts", str(tmp_path / "pair"),
-                              "--data", str(txt), "--split", "all", "--tokens", "512", "--label-tokens", "512"])
+                              "--data", str(txt), "--split", "all", "--tokens", "512",
+                              "--label-tokens", "512"])
     monkeypatch.setattr("featcircuit.models.load_model", lambda *a, **k: model)  # keep the rewritten W_U
     args.func(args)
     out = capsys.readouterr().out
@@ -318,7 +316,8 @@ def test_distinct_top_one_per_document_and_no_near_duplicates():
     # 5.0 (doc 0); 4.0 repeats its window "1 2 3 9"; 3.0 repeats it too (doc 1); 2.0 "9 7 9" in doc 1;
     # then the relaxed pass fills up from doc 0: 1.0
     assert [float(val[i]) for i in picks] == [5.0, 2.0, 1.0]
-    assert [float(val[i]) for i in distinct_top(pos, val, tokens, docs, 3, window=3, relax=False)] == [5.0, 2.0]
+    strict = distinct_top(pos, val, tokens, docs, 3, window=3, relax=False)
+    assert [float(val[i]) for i in strict] == [5.0, 2.0]
     # a narrow window (the token alone) makes every activation a near duplicate of the first
     assert [float(val[i]) for i in distinct_top(pos, val, tokens, docs, 3, window=0)] == [5.0]
 
@@ -372,21 +371,20 @@ def test_drop_dense_and_candidate_edges():
     # resid 0 and mlp 1 are dense: their edges go, the error's edge into mlp 0 stays
     assert set(zip(kept.src.tolist(), kept.dst.tolist())) == {(1, 0), (-1, 0), (2, 0)}
     top = candidate_edges(table, 2, stats=stats, exclude_dense=True)
-    assert list(zip(top.src.tolist(), top.dst.tolist())) == [(1, 0), (2, 0)]  # error sources left out by top()
-    assert list(zip(*[t.tolist() for t in (candidate_edges(table, 2).src, candidate_edges(table, 2).dst)])) == \
-        [(0, 0), (1, 0)]
+    # error sources are left out by top()
+    assert list(zip(top.src.tolist(), top.dst.tolist())) == [(1, 0), (2, 0)]
+    plain = candidate_edges(table, 2)
+    assert list(zip(plain.src.tolist(), plain.dst.tolist())) == [(0, 0), (1, 0)]
     with pytest.raises(UserError, match="exclude_dense needs the feature stats"):
         candidate_edges(table, 2, exclude_dense=True)
 
 
 def test_edge_evidence_matches_the_table_and_autograd(neox):
-    from test_attribution import autograd_edges, random_pair
-
     from featcircuit import harvest
     from featcircuit.attribution import attribute_edges
     from featcircuit.evidence import edge_evidence
 
-    tokens = _tokens(neox)[:6]
+    tokens = text_tokens(neox)[:6]
     pair = random_pair(neox, 1)
     table = attribute_edges(neox, pair, tokens, layer=1, progress=False)
     top = table.top(4, features_only=False)
@@ -404,7 +402,8 @@ def test_edge_evidence_matches_the_table_and_autograd(neox):
         assert sum(t["sum"] for t in x["top_tokens"]) == pytest.approx(x["sum"], rel=1e-6)
         assert sum(t["count"] for t in x["top_tokens"]) == x["count"]
         sign = 1 if x["sum"] >= 0 else -1
-        assert [sign * t["edge"] for t in x["top"]] == sorted((sign * t["edge"] for t in x["top"]), reverse=True)
+        signed = [sign * t["edge"] for t in x["top"]]
+        assert signed == sorted(signed, reverse=True)
         # each shown e_ij(t) is the autograd edge at that token
         for t in x["top"][:2]:
             xt = x_all[t["seq"], t["pos"]][None]

@@ -28,7 +28,8 @@ def _resid(model, layer, n=4, seed=3):
     from featcircuit.activations import harvest
 
     hook = pair_sites(model, layer)[0].hook
-    return harvest(model, _data(model, n, seed=seed), [hook], progress=False)[hook][:, 1:].reshape(-1, model.cfg.d_model)
+    acts = harvest(model, _data(model, n, seed=seed), [hook], progress=False)[hook]
+    return acts[:, 1:].reshape(-1, model.cfg.d_model)
 
 
 def _model_hidden(model, layer):
@@ -220,9 +221,11 @@ def test_cache_key_unchanged_for_plain_pairs(neox, monkeypatch, tmp_path):
     monkeypatch.setenv("FEATCIRCUIT_CACHE", str(tmp_path))
     cfg = T.TrainConfig()
     old = {k: v for k, v in asdict(cfg).items() if k not in ("jacobian", "jacobian_tokens")}
-    h = hashlib.sha256(json.dumps({"cfg": old, "data": "builtin:stdlib"}, sort_keys=True).encode()).hexdigest()[:10]
+    key = json.dumps({"cfg": old, "data": "builtin:stdlib"}, sort_keys=True)
+    h = hashlib.sha256(key.encode()).hexdigest()[:10]
     assert pair_dir(neox, 1, cfg, "builtin:stdlib").name.endswith(h)
-    assert pair_dir(neox, 1, T.TrainConfig(jacobian=0.0, jacobian_tokens=7), "builtin:stdlib").name.endswith(h)
+    plain = T.TrainConfig(jacobian=0.0, jacobian_tokens=7)
+    assert pair_dir(neox, 1, plain, "builtin:stdlib").name.endswith(h)
     assert not pair_dir(neox, 1, T.TrainConfig(jacobian=0.1), "builtin:stdlib").name.endswith(h)
 
 

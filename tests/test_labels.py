@@ -15,6 +15,7 @@ import torch
 from featcircuit.errors import UserError
 from featcircuit.labels import atom_text, f1_distribution, fit_labels, label_text, rule_firing, token_contexts
 from featcircuit.stats import FeatureIndex
+from helpers import text_tokens
 
 VOCAB = ["<bos>", "def", " f", "(", "x", ",", "y", ")", ":", "\n", "    ", "return", " x", "print", "#", " c",
          "=", " y", "'", "s", "[", "]", " g"]
@@ -43,7 +44,8 @@ def _line(rng: random.Random) -> list[tuple[str, dict]]:
     elif kind == "C":  # print(x) or print('s', x), then maybe ", y" (after the parentheses close)
         arg = [(X(), {"in_paren": True})] if rng.random() < 0.5 else \
             [("'", {}), ("s", {}), ("'", {}), (",", {}), (X(), {"in_paren": True})]
-        toks = [("print", {}), ("(", {})] + arg + [(")", {})] + ([(",", {}), (X(), {})] if rng.random() < 0.5 else [])
+        tail = [(",", {}), (X(), {})] if rng.random() < 0.5 else []
+        toks = [("print", {}), ("(", {})] + arg + [(")", {})] + tail
     elif kind == "D":  # # c x   (a comment)
         toks = [("#", {}), (" c", {"comment": True}), (X(), {"comment": True})]
     elif kind == "E":  # x = y, or f = y (" f" not after "def")
@@ -103,7 +105,8 @@ def _index(tokens: torch.Tensor, acts: torch.Tensor) -> FeatureIndex:
 def planted():
     tr_tokens, tr_facts = _corpus(0)
     ho_tokens, ho_facts = _corpus(1)
-    tr, ho = _index(tr_tokens, _planted(tr_tokens, tr_facts, 0)), _index(ho_tokens, _planted(ho_tokens, ho_facts, 1))
+    tr = _index(tr_tokens, _planted(tr_tokens, tr_facts, 0))
+    ho = _index(ho_tokens, _planted(ho_tokens, ho_facts, 1))
     return tr, ho, ho_facts
 
 
@@ -220,9 +223,7 @@ def test_same_seed_retrain_gives_the_same_weights_and_labels(neox, tmp_path):
     from featcircuit.labels import label_pair
     from featcircuit.training import TrainConfig, train_pair
 
-    from test_features import _tokens
-
-    tokens = _tokens(neox)
+    tokens = text_tokens(neox)
     cfg = TrainConfig(width=2.0, k=4, tokens=600, epochs=1, batch_size=100, warmup_steps=2, dead_tokens=200,
                       n_ctx=tokens.shape[1])
     a = train_pair(neox, 1, tokens, cfg, progress=False)

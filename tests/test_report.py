@@ -10,14 +10,12 @@ from pathlib import Path
 import pytest
 
 from featcircuit.evaluation import evaluate_pair
-from featcircuit.features import collect_stats, labels_for
 from featcircuit.evidence import edge_evidence, graph_edges
+from featcircuit.features import collect_stats, labels_for
 from featcircuit.graph import CircuitGraph
 from featcircuit.labels import label_pair
-from featcircuit.report import CHROMIUM, write_report
-
-from test_attribution import random_pair
-from test_features import _tokens
+from featcircuit.report import write_report
+from helpers import CHROMIUM, browser, click_node, random_pair, screenshot_report, text_tokens
 
 LAYER = 1
 
@@ -49,7 +47,7 @@ def report(neox, tmp_path_factory):
     import matplotlib.pyplot as plt
 
     out = tmp_path_factory.mktemp("report")
-    all_tokens = _tokens(neox)
+    all_tokens = text_tokens(neox)
     tokens = all_tokens[:8]
     pair = random_pair(neox, LAYER)
     stats = collect_stats(neox, pair, tokens, LAYER, progress=False)
@@ -130,8 +128,8 @@ def test_exports_neuronpedia_and_attribution_graph(report):
 
 def test_cards_show_scored_labels_dense_flags_and_edge_evidence(report):
     text, g, out = report["path"].read_text(), report["graph"], report["out"]
-    sections = {m.group(1): m.group(0) for m in re.finditer(r'<section class="card" data-node="([^"]+)">.*?</section>',
-                                                            text, re.S)}
+    card_re = r'<section class="card" data-node="([^"]+)">.*?</section>'
+    sections = {m.group(1): m.group(0) for m in re.finditer(card_re, text, re.S)}
     n_dense = 0
     for n in g.sorted_nodes():
         d = g.g.nodes[n]
@@ -174,7 +172,7 @@ def test_report_without_dot_says_so(report, neox, monkeypatch, tmp_path):
 
     monkeypatch.setattr(R.shutil, "which", lambda name: None)
     pair = random_pair(neox, LAYER)
-    path = write_report(tmp_path, model=neox, pair=pair, tokens=_tokens(neox)[:4], layer=LAYER,
+    path = write_report(tmp_path, model=neox, pair=pair, tokens=text_tokens(neox)[:4], layer=LAYER,
                         graph=report["graph"], quality=None, removal=False, cache_dir=tmp_path / "c")
     text = path.read_text()
     assert "<svg" not in text.split('id="panel"')[0].split('id="graph"')[1]
@@ -195,8 +193,6 @@ def test_report_in_headless_chromium(report, tmp_path):
     except ImportError:
         pytest.fail("selenium is not installed: it is in the test extras (pip install -e '.[test]')")
     from selenium.webdriver.common.by import By
-
-    from featcircuit.report import browser, click_node
 
     g = report["graph"]
     node = f"mlp{LAYER}/{report['m'][1]}"
@@ -241,8 +237,6 @@ def test_report_in_headless_chromium(report, tmp_path):
 def test_screenshot_helper(report, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is absent")
-    from featcircuit.report import screenshot_report
-
     node = f"mlp{LAYER}/{report['m'][0]}"
     log = screenshot_report(report["path"], tmp_path / "shot.png", node=node, width=1200, height=800)
     assert _severe(log) == [], log

@@ -5,14 +5,14 @@ import torch
 from featcircuit.attribution import batch_edges
 from featcircuit.sites import mlp_parts
 from featcircuit.weights import mean_stats, sufficiency, virtual_weights
-from test_attribution import _x, random_pair
+from helpers import random_pair, random_resid
 
 
 def test_virtual_weights_match_frozen_edges_at_one_token(tiny_model):
     layer = 1
     parts = mlp_parts(tiny_model, layer)
     pair = random_pair(tiny_model, layer)
-    _, x = _x(tiny_model, layer, n=1)
+    _, x = random_resid(tiny_model, layer, n=1)
     x1 = x[3:4]  # at a single token, h̄ = h(x) and s̄ = s(x): the linearisation is exact
     vw = virtual_weights(parts, pair, mean_stats(parts, x1))
     with torch.no_grad():
