@@ -26,8 +26,6 @@ With one layer the scope is the ``resid(L) → mlp(L)`` edges and this equals
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import Tensor
 
@@ -129,6 +127,7 @@ class CrossContext:
         self.rows: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self.entries: dict[int, _Entries] = {}
         self.empty_vals: dict[int, Tensor] = {}
+        self.in_abs = torch.zeros(self.n_features, dtype=torch.float64)
         keys_all = []
         for si, site in enumerate(self.sites):
             if si == 0:
@@ -139,7 +138,9 @@ class CrossContext:
             rkey = (n * ctx + t) * m + k
             parts = {"row": [], "src_si": [], "src": [], "s": [], "J": [], "c": []}
             for ch in edges_into(rep, tr, self.co, site):
-                feat = ch.src != ERR
+                # every target's Σ|e| over all its sources (errors, embedding too): influence's norm
+                self.in_abs.index_add_(0, self.offset[si] + ch.dst, ch.value.abs().double())
+                feat = (ch.src != ERR) & (ch.src_site[0] != "emb")
                 if not feat.any():
                     continue
                 psi = self.si[ch.src_site]
@@ -202,25 +203,20 @@ class CrossContext:
     def _kept(self, cfg: Config) -> Tensor:
         """Which scope edges ``cfg`` keeps (bool over edge ids)."""
         kept = torch.full((len(self.edge_keys),), cfg.default == "full", dtype=torch.bool)
-        for j, kind, srcs in cfg.targets:
-            lo = int(torch.searchsorted(self.edge_dst, j))
-            hi = int(torch.searchsorted(self.edge_dst, j, right=True))
-            if lo == hi:
-                continue
-            ids = self._ids(j, srcs)
-            if kind == "keep":
-                kept[lo:hi] = False
-                kept[ids] = True
-            else:
-                kept[ids] = False
+        G = self.n_features
+        keep_js = [j for j, kind, _ in cfg.targets if kind == "keep"]
+        if keep_js:  # a keep-set target: every other incoming edge ablated
+            kept[torch.isin(self.edge_dst, torch.tensor(keep_js))] = False
+        for kind, val in (("keep", True), ("remove", False)):
+            keys = [j * G + i for j, k, srcs in cfg.targets if k == kind for i in srcs if i != ERR]
+            if keys:
+                kept[self._lookup(torch.tensor(keys))] = val
         return kept
 
-    def _ids(self, j: int, srcs: Iterable[int]) -> Tensor:
-        keys = torch.tensor([j * self.n_features + i for i in srcs if i != ERR], dtype=torch.long)
-        if len(keys) == 0:
-            return keys
-        pos = torch.searchsorted(self.edge_keys, keys).clamp_max(len(self.edge_keys) - 1)
-        return pos[self.edge_keys[pos] == keys]
+    def _lookup(self, keys: Tensor) -> Tensor:
+        """Edge ids of the scope keys among ``keys`` (keys outside the scope are skipped)."""
+        pos = torch.searchsorted(self.edge_keys, keys).clamp_max(max(len(self.edge_keys) - 1, 0))
+        return pos[self.edge_keys[pos] == keys] if len(self.edge_keys) else pos[:0]
 
     @staticmethod
     def _ranges(lo: Tensor, hi: Tensor) -> Tensor:

@@ -73,6 +73,7 @@ def _site_nid(site, f: int, position: int | None = None) -> str:
     return nid if position is None else f"{nid}@{position}"
 
 
+@torch.no_grad()
 def circuit_graph(cx: CrossContext, circuit: list[tuple[int, int]], deltas: dict, meta: dict) -> CircuitGraph:
     """The circuit's edges (summed over prompts) with their measured Δ, the readout of its
     last-layer nodes into ``out`` and the embedding's edges into its first-layer nodes."""
@@ -147,6 +148,7 @@ def circuit_graph(cx: CrossContext, circuit: list[tuple[int, int]], deltas: dict
     return CircuitGraph.from_nodes_edges(nodes, edges, meta)
 
 
+@torch.no_grad()
 def prompt_graph(rep: Replacement, tokens: torch.Tensor, metric, meta: dict, *, node_share: float = 0.8,
                  edge_share: float = 0.98, max_edges: int = 400) -> CircuitGraph:
     """One prompt's attribution graph (exact a×grad per position), pruned by influence.

@@ -42,6 +42,20 @@ class Coefs:
     embed: Tensor  # [n, ctx, d]
     _nz: dict = field(default_factory=dict)
 
+    def carries(self, site: SiteKey) -> Tensor:
+        """``[n, ctx]``: positions where the site carries anything (a nonzero code or error coefficient)."""
+        key = ("carries", site)
+        if key not in self._nz:
+            self._nz[key] = (self.codes[site] != 0).any(-1) | (self.errors[site] != 0).any(-1)
+        return self._nz[key]
+
+    def reach(self, site: SiteKey) -> Tensor:
+        """``[n, ctx]``: positions t where some source position s ≤ t of the site carries anything."""
+        key = ("reach", site)
+        if key not in self._nz:
+            self._nz[key] = torch.cummax(self.carries(site).to(torch.int8), dim=1).values.bool()
+        return self._nz[key]
+
     def sources(self, site: SiteKey) -> tuple[Tensor, Tensor]:
         """Per (n, s): indices and values of the site's nonzero coefficients (cached)."""
         if site not in self._nz:
@@ -116,8 +130,9 @@ def _read(rep: Replacement, tr: Trace, co: Coefs, src: SiteKey, dst: SiteKey, n:
         keep = ev != 0
         yield EdgeChunk(src, dst, n[keep], t[keep], k[keep], t[keep], torch.full_like(t[keep], ERR), ev[keep])
         return
-    # only source positions where the cotangent is nonzero (causal attention: s ≤ t)
-    live = g.abs().sum(-1) != 0  # [R, ctx]
+    # only source positions where the cotangent is nonzero (causal attention: s ≤ t) and the source
+    # carries something (patching: nothing before the first corrupted token)
+    live = (g.abs().sum(-1) != 0) & co.carries(src)[n]  # [R, ctx]
     r_i, s_i = torch.nonzero(live, as_tuple=True)
     ii, vv = idx[n[r_i], s_i], val[n[r_i], s_i]  # [P, K]
     e = torch.einsum("pd,pkd->pk", g[r_i, s_i], D[ii]) * vv
@@ -142,6 +157,14 @@ def edges_into(rep: Replacement, tr: Trace, co: Coefs, dst: SiteKey, chunk: int 
     """Every edge into the active features of site ``dst`` from its adjacent sources."""
     kind, L = dst
     n_all, t_all, k_all = active_rows(tr, dst)
+    # rows that no source reaches carry no edge (patching: targets before the corrupted token)
+    srcs = [("resid", L)] if kind == "mlp" else [] if L == rep.layers[0] else [("resid", L - 1), ("mlp", L - 1)]
+    if srcs:
+        near = co.carries if kind == "mlp" else co.reach
+        ok = torch.zeros_like(n_all, dtype=torch.bool)
+        for sk in srcs:
+            ok |= near(sk)[n_all, t_all]
+        n_all, t_all, k_all = n_all[ok], t_all[ok], k_all[ok]
     ctx = tr.tokens.shape[1]
     d_model = tr.acts[("resid", L)].shape[-1]
     chunk = chunk * 16 if kind == "mlp" else chunk  # position-wise rows are 16× cheaper

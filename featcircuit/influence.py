@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .ablation import _run_tail
 from .crossablation import CrossContext
-from .edges import EMB, ERR, edges_into, edges_into_out
+from .edges import ERR, edges_into_out
 from .search import EdgeRanking
 
 
@@ -94,6 +94,7 @@ class Influence:
     total_in: dict[int, float]  # target gid → Σ|e| over all its sources (errors, emb included)
 
 
+@torch.no_grad()
 def influence(cx: CrossContext) -> Influence:
     """circuit-tracer's influence of every node and scope edge on the metric (exact coefficients)."""
     G = cx.n_features
@@ -101,14 +102,7 @@ def influence(cx: CrossContext) -> Influence:
     w_edge = torch.zeros(len(cx.edge_keys), dtype=torch.float64)
     for si, E in cx.entries.items():
         w_edge.index_add_(0, E.edge, (E.J * E.c).abs().double())
-    total = torch.zeros(G, dtype=torch.float64)
-    total.index_add_(0, cx.edge_dst, w_edge)
-    for site in cx.sites[1:]:
-        for ch in edges_into(cx.rep, cx.tr, cx.co, site):
-            if ch.src_site == EMB or (ch.src == ERR).any():
-                extra = ch.src == ERR if ch.src_site != EMB else torch.ones_like(ch.src, dtype=torch.bool)
-                dst = cx.offset[cx.si[site]] + ch.dst[extra]
-                total.index_add_(0, dst, ch.value[extra].abs().double())
+    total = cx.in_abs  # Σ|e| into each target over all its sources, errors and embedding included
     out_w: dict[int, float] = {}
     out_total = 0.0
     for ch in edges_into_out(cx.rep, cx.tr, cx.co, cx.g_out):
