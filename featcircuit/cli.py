@@ -781,7 +781,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="v in units of the feature's typical activation (mean where it fires; default 1)")
     p.add_argument("--value", type=arg_type(C.finite_float, "--value", -1e9, 1e9), help="absolute v")
     p.add_argument("--positions", default="all",
-                   help="all (every position after BOS, generated ones too) | last | indices such as 3,5,-1")
+                   help="all (every position after BOS, generated ones too) | last | indices such as 3,5,-1 "
+                        "(a list that starts with a minus: --positions=-2,-1)")
     p.add_argument("--task", help="built-in task (`featcircuit tasks`): mean logit difference on its clean prompts")
     p.add_argument("--prompt", help="text: next-token change after it and greedy continuation")
     p.add_argument("--pairs", type=arg_type(C.positive_int, "--pairs", 10**6), help="use the first N task pairs")
