@@ -339,7 +339,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if len(folders) > 1 and args.layer is not None:
         raise UserError(f"--layer {args.layer} with {len(folders)} --dicts folders: each folder's layer is "
                         "read from it (choose some with --layers)")
-    probes = {}
+    probes: dict = {}
     for f in folders:  # cheap, and checks the files before the model is loaded
         layer = load_pair(f).mlp.cfg.layer
         if layer < 0:

@@ -67,7 +67,7 @@ class CrossContext:
         self.passes = 0
         with torch.no_grad():
             self.tr = rep.trace(self.tokens)
-            base = rep.trace(corrupt.to(dev)) if ablation == "patch" else None
+            base = rep.trace(corrupt.to(dev)) if corrupt is not None and ablation == "patch" else None
             self.co = coefficients(self.tr, base)
             self._tail = _capture_tail(self.model, self.layer, self.tokens)
         self.sites = list(rep.sites)
@@ -136,7 +136,7 @@ class CrossContext:
             self.rows[si] = (n, t, k)
             m = rep.width(site)
             rkey = (n * ctx + t) * m + k
-            parts = {"row": [], "src_si": [], "src": [], "s": [], "J": [], "c": []}
+            parts: dict[str, list[Tensor]] = {"row": [], "src_si": [], "src": [], "s": [], "J": [], "c": []}
             for ch in edges_into(rep, tr, self.co, site):
                 # every target's Σ|e| over all its sources (errors, embedding too): influence's norm
                 self.in_abs.index_add_(0, self.offset[si] + ch.dst, ch.value.abs().double())

@@ -203,7 +203,8 @@ def prompt_graph(rep: Replacement, tokens: torch.Tensor, metric, meta: dict, *, 
     cand = sorted(((e, x) for e, x in edge_inf.items() if e[0] in keep and e[1] in keep),
                   key=lambda kv: -kv[1])
     tot_e = sum(x for _, x in cand)
-    kept_edges, acc = [], 0.0
+    kept_edges: list[tuple[str, str]] = []
+    acc = 0.0
     for e, x in cand:
         if acc >= edge_share * tot_e or len(kept_edges) >= max_edges:
             break

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .graph import CircuitGraph
 from .io import atomic_write_text, strict_json
 
 
@@ -60,7 +61,7 @@ def discover_layers(cfg) -> dict:
             "metric": ("logit difference at the answer position" if task is not None else
                        "logit of the predicted next token" if prompt_mode else "KL(clean ‖ ablated)")}
     summary: dict = {"config": asdict(cfg), "model": name, "layers": layers, "task": perf}
-    files: dict[str, object] = {}
+    files: dict[str, CircuitGraph] = {}
     if prompt_mode:
         tokens = _prompt_tokens(model, cfg.prompt)
         with torch.no_grad():
@@ -86,7 +87,7 @@ def discover_layers(cfg) -> dict:
         graph = circuit_graph(ev, circuit, deltas, meta | {"behaviour": meta["task"] or f"corpus {cfg.data}",
                                                            "faithfulness": found["heldout"]["faithfulness"]})
         files["graph"] = graph
-        if task is not None:  # one held-out prompt's attribution graph, as Neuronpedia reads it
+        if task is not None and beh_eval is not None:  # one held-out prompt's graph, as Neuronpedia reads it
             p = beh_eval.subset(torch.arange(1))
             files["prompt_graph"] = prompt_graph(rep, p.clean, p.metric, meta | {"pair": 0})
         times["graphs"] = round(time.time() - t1, 1)

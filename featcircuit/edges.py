@@ -158,7 +158,8 @@ def edges_into(rep: Replacement, tr: Trace, co: Coefs, dst: SiteKey, chunk: int 
     kind, L = dst
     n_all, t_all, k_all = active_rows(tr, dst)
     # rows that no source reaches carry no edge (patching: targets before the corrupted token)
-    srcs = [("resid", L)] if kind == "mlp" else [] if L == rep.layers[0] else [("resid", L - 1), ("mlp", L - 1)]
+    srcs = ([("resid", L)] if kind == "mlp" else [] if L == rep.layers[0]
+            else [("resid", L - 1), ("mlp", L - 1)])
     if srcs:
         near = co.carries if kind == "mlp" else co.reach
         ok = torch.zeros_like(n_all, dtype=torch.bool)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -99,7 +99,7 @@ class Steering:
     """One intervention: ``mode`` feature ``feature`` of ``dictionary`` at ``site`` with ``value``."""
 
     site: Site
-    dictionary: object  # any module with encode/decode and W_dec [d_sae, d_in]
+    dictionary: Any  # any module with encode/decode and W_dec [d_sae, d_in]
     feature: int
     mode: Mode = "add"
     value: float = 1.0

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "featcircuit-out" / "readme"
 DOCS = ROOT / "docs" / "results"
 SWEEP = "0.005,0.05,0.1"
+CROSS_TAU, CROSS_CANDIDATES, CROSS_SWEEP = "0.001", "256", "0.0003,0.003"
 
 
 def run(args: list[str], threads: int | None = None) -> str:
@@ -97,6 +98,25 @@ def baseline_table(runs: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def cross_table(runs: dict[str, dict], layers: str) -> str:
+    """Per task: the cross-layer circuit's size, held-out F and completeness, against the cheap orders."""
+    rows = [f"| task (layers {layers}) | scope \\|S\\| | edges | edge types | m(M) | m(∅) | F | "
+            "completeness | best cheap order at equal size (F) | random (F) | stages (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n, s in runs.items():
+        c = s["circuit"]
+        base = {k: v for k, v in c["baselines_at_size"].items() if k not in ("search", "random")}
+        bn = max(base, key=lambda k: base[k]["faithfulness"] if base[k]["faithfulness"] is not None else -1e9)
+        types = ", ".join(f"{k} {v}" for k, v in c["edge_types"].items()) or "—"
+        st = ", ".join(f"{k} {v:g}" for k, v in s["seconds"].items())
+        rows.append(f"| `{n}` | {c['scope']['size_heldout']:,} | {c['size']} | {types} | {c['m_full']:.3g} | "
+                    f"{c['m_empty']:.3g} | {f3(c['faithfulness'])} | {f3(c['completeness'])} | {bn} "
+                    f"{f3(base[bn]['faithfulness'])} | "
+                    f"{f3(c['baselines_at_size']['random']['faithfulness'])} | "
+                    f"{st} |")
+    return "\n".join(rows)
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     tag = re.escape(name)
     pat = re.compile(rf"(<!-- results:{tag} -->\n)(?:.*?\n)?(<!-- /results:{tag} -->)", re.S)
@@ -109,6 +129,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layer", type=int, default=2)
     ap.add_argument("--tasks", default="all", help="comma-separated task names, or all")
+    ap.add_argument("--layers", default="0-3", help="the cross-layer runs' --layers")
+    ap.add_argument("--cross-tasks", default="all",
+                    help="tasks of the cross-layer runs (comma-separated, or all)")
     ap.add_argument("--skip-readme", action="store_true")
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs in featcircuit-out/readme")
     ap.add_argument("--jobs", type=int, default=2, help="discover runs at once (each single-threaded if > 1)")
@@ -124,6 +147,11 @@ def main() -> None:
     jobs = {f"task-{n}": ["discover", "--layer", L, "--task", n, "--tau-sweep", SWEEP,
                           "--out", str(OUT / f"task-{n}"), "--force"] for n in names}
     jobs["corpus"] = ["discover", "--layer", L, "--out", str(OUT / "corpus"), "--force"]
+    cross = [n for n in names if args.cross_tasks == "all" or n in args.cross_tasks.split(",")]
+    for n in cross:
+        jobs[f"cross-{n}"] = ["discover", "--layers", args.layers, "--task", n, "--tau", CROSS_TAU,
+                              "--candidates", CROSS_CANDIDATES, "--tau-sweep", CROSS_SWEEP,
+                              "--out", str(OUT / f"cross-{n}"), "--force"]
     def one(item: tuple[str, list[str]]) -> str:
         name, a = item
         saved = OUT / name / "stdout.txt"
@@ -136,6 +164,7 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:  # each run single-threaded when several share the cores
         printed = dict(zip(jobs, pool.map(one, jobs.items())))
     printed = {k.removeprefix("task-"): v for k, v in printed.items()}
+    cross_runs = {n: json.loads((OUT / f"cross-{n}" / "summary.json").read_text()) for n in cross}
     for n in names:
         out = OUT / f"task-{n}"
         runs[f"task `{n}`"] = json.loads((out / "summary.json").read_text())
@@ -159,7 +188,15 @@ def main() -> None:
                            cwd=ROOT, capture_output=True, text=True)
     if bench.returncode != 0:
         sys.exit(f"regenerate: bench_search failed:\n{bench.stderr[-2000:]}")
-    res = {"layer": args.layer, "tasks": tasks, "runs": runs, "seconds": round(time.time() - t0, 1),
+    if cross:
+        best = max(cross, key=lambda n: cross_runs[n]["circuit"]["faithfulness"] or -1e9)
+        first = OUT / f"cross-{best}"
+        shutil.copyfile(first / "faithfulness.png", DOCS / "faithfulness-cross.png")
+        for ext in ("svg", "png"):
+            run(["render", str(first / "graph.json"), "-o", str(DOCS / f"circuit-cross.{ext}")])
+        shutil.copyfile(first / "attribution_graph.json", DOCS / "attribution_graph-cross.json")
+    res = {"layer": args.layer, "tasks": tasks, "runs": runs, "cross_layer": cross_runs,
+           "seconds": round(time.time() - t0, 1),
            "discover_seconds": {k: v["seconds"]["total"] for k, v in runs.items()}}
     (DOCS / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {DOCS / 'results.json'} and the plots in {DOCS}")
@@ -187,8 +224,14 @@ def main() -> None:
             sweep_rows.append(f"| {name} | {f['tau']:g} | {f['size']} | {f3(f['faithfulness'])} | "
                               f"{f3(f['completeness'])} |")
     text = replace_block(text, "sweep", "\n".join(sweep_rows))
+    if cross:
+        text = replace_block(text, "crosslayer", cross_table(cross_runs, args.layers) +
+                             f"\n\n`featcircuit discover --layers {args.layers} --task {best}`:\n\n```\n"
+                             + printed[f"cross-{best}"].replace(str(Path.home()), "~").replace(
+                                 str(ROOT) + "/", "").strip() + "\n```")
     readme.write_text(text)
-    print(f"updated {readme} (blocks: tasks, circuits, baselines, sweep, timing) in {time.time() - t0:.0f}s")
+    print(f"updated {readme} (blocks: tasks, circuits, baselines, sweep, timing, crosslayer) in "
+          f"{time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":
