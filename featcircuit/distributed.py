@@ -59,7 +59,9 @@ def init(device: str | torch.device | None = None) -> bool:
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    cuda = device is not None and torch.device(device).type == "cuda"
+    from .models import resolve_device
+
+    cuda = resolve_device(device if device is not None else "cpu").type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
