@@ -187,6 +187,13 @@ class RowStream:
         while step < total_steps:
             epoch, first = divmod(step, spe)
             last = min(spe, first + (total_steps - step))  # steps of this epoch to run
+            if isinstance(self.src, MemoryRows):  # one shard, already in memory: index, no copy
+                perm = self._window_perm(epoch, 0, self.n)
+                for i in range(first, last):
+                    sel = perm[i * self.B + self.rank * self.b: i * self.B + (self.rank + 1) * self.b]
+                    yield {k: v[sel] for k, v in self.src.rows.items()}
+                    step += 1
+                continue
             wins = self.windows(epoch)
             bounds = [0]
             for sh in wins:
@@ -204,8 +211,8 @@ class RowStream:
                     pos, rows = held[w]
                     sel = torch.searchsorted(pos, torch.arange(a, z))
                     pieces.append({k: v[sel] for k, v in rows.items()})
-                for w in [w for w in held if bounds[w + 1] <= hi]:  # windows this rank is done with
-                    self._hold(-len(held.pop(w)[0]))
+                    if bounds[w + 1] <= hi:  # this rank is done with the window: free it first
+                        self._hold(-len(held.pop(w)[0]))
                 batch = pieces[0] if len(pieces) == 1 else {
                     k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
                 yield batch

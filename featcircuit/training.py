@@ -248,13 +248,13 @@ def train_pair(model, layer: int, data: Tensor | None, config: TrainConfig | Non
                out: str | Path | None = None, ckpt_dir: str | Path | None = None,
                progress: bool = True, device: str | torch.device | None = None,
                acts: dict[str, Tensor] | None = None, acts_dir: str | Path | None = None,
-               stream_probe: list | None = None) -> Pair:
+               chunk_size: int = 64, stream_probe: list | None = None) -> Pair:
     """Train the ``resid`` and ``mlp`` dictionaries of ``layer`` on token contexts ``data``.
 
     ``out`` (a pair folder) receives the result; ``ckpt_dir`` makes the run resumable.
     ``acts`` skips the harvest (``{hook: [n, n_ctx, d]}`` as :func:`harvest` returns);
     ``acts_dir`` harvests into (or reads) a chunked cache there and streams it in bounded
-    memory. Under ``torchrun`` every rank calls this: each trains on its share of every global
+    memory (``chunk_size`` sequences per shard). Under ``torchrun`` every rank calls this: each trains on its share of every global
     batch, gradients are summed, and rank 0 writes. ``stream_probe`` receives the row stream.
     """
     from . import distributed as D
@@ -268,7 +268,7 @@ def train_pair(model, layer: int, data: Tensor | None, config: TrainConfig | Non
         if data is not None:
             n_seq = _check_data(data, cfg)
             harvest(model, data[:n_seq], [s.hook for s in sites], cache_dir=acts_dir,
-                    progress=progress, load=False)
+                    chunk_size=chunk_size, progress=progress, load=False)
         source = CacheRows(acts_dir, {s.name: s.hook for s in sites}, n_rows=cfg.tokens)
     else:
         if acts is None:
