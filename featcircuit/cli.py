@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -118,7 +119,8 @@ def cmd_harvest(args) -> None:
 
     layers = _layers_arg(args)
     precheck(args, tokens=args.tokens, n_ctx=args.n_ctx)
-    tag = f"L{args.layer}" if args.layers is None else "L" + _layers_tag(layers)
+    tag = f"L{args.layer}" if args.layers is None else \
+        "L" + (_layers_tag(layers) if layers else re.sub(r"[^0-9,-]+", "", args.layers) or "all")
     out = Path(args.out or f"featcircuit-out/{canonical_name(args.model).strip('/').replace('/', '_')}"
                            f"-{tag}-acts")
     C.check_out_dir(out, known=_CACHE_RE)  # a cache folder, or a new one; nothing else
@@ -231,6 +233,8 @@ def cmd_train(args) -> None:
         # several ranks stream their shares from one harvest cache instead of each holding all
         acts = ckpt / "acts" if D.world() > 1 else None
         train_pair(model, args.layer, tokens, cfg, out=out, ckpt_dir=ckpt, acts_dir=acts)
+        if acts is not None and D.is_writer():  # the pair is saved: the ranks' harvest is spent
+            shutil.rmtree(acts, ignore_errors=True)
     if D.is_writer():
         print(f"trained in {time.time() - t0:.0f}s; wrote the pair to {out} (resid/, mlp/); "
               f"evaluate with `featcircuit evaluate --dicts {out}`")
