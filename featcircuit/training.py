@@ -168,23 +168,32 @@ def _loss(d: Dictionary, x: Tensor, cfg: TrainConfig, dead: Tensor, l1_scale: fl
         w = (codes * d.W_dec.norm(dim=-1)).sum(-1)
         l1 = w.mean() if red is None else w.sum() / n_glob
         loss = loss + cfg.l1_coefficient * l1_scale * l1  # inputs have unit mean square norm
-    elif cfg.auxk_alpha > 0 and (x.is_cuda or bool(dead.any())):
+    elif cfg.auxk_alpha > 0 and (sync_free(x) or bool(dead.any())):
         # AuxK (Gao et al. 2024): dead latents try to explain the main reconstruction's error.
         # k_aux = d_in/2 as in the paper, capped at 4k: beyond that the sparse decode of the
         # auxiliary codes costs more than the main step on a CPU and dead latents revive as well.
         # On CUDA k_aux does not shrink to the number of dead latents (that needs a host sync):
         # the extra picks are live latents masked to -inf, whose relu is 0, so e_hat is the same.
         cap = min(x.shape[-1] // 2, 4 * d.cfg.k, d.cfg.d_sae)
-        k_aux = cap if x.is_cuda else min(cap, int(dead.sum()))
+        k_aux = cap if sync_free(x) else min(cap, int(dead.sum()))
         dead_pre = pre.masked_fill(~dead, -torch.inf)
         a_acts, a_idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
         e_hat = d.decode_sparse(F.relu(a_acts), a_idx) - d.b_dec
         e = err.detach()
         aux = (e_hat - e).pow(2).sum() / _centered_sq(e, red, n_glob)
-        if x.is_cuda:
+        if sync_free(x):
             aux = aux * dead.any()
         loss = loss + cfg.auxk_alpha * aux.nan_to_num(0.0)
     return loss, fvu.detach(), l0.detach(), fired
+
+
+SYNC_FREE: bool | None = None
+"""Force the host-sync-free AuxK path on (True) or off (False); None: on for CUDA tensors."""
+
+
+def sync_free(x: Tensor) -> bool:
+    """Whether the step avoids host syncs (data-dependent sizes) for ``x``'s device."""
+    return x.is_cuda if SYNC_FREE is None else SYNC_FREE
 
 
 def cfg_amp(cfg: TrainConfig) -> bool:
