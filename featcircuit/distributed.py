@@ -91,22 +91,28 @@ class Reducer:
     def __init__(self) -> None:
         self.world = world()
         self.on = self.world > 1
+        # NCCL reduces GPU tensors only: CPU tensors (data statistics) travel through the GPU
+        self.via = (torch.device("cuda", torch.cuda.current_device())
+                    if self.on and dist.get_backend() == "nccl" else None)
+
+    def _reduce(self, t: Tensor, op) -> Tensor:
+        if not self.on:
+            return t
+        out = t.detach().clone()
+        if self.via is not None and out.device.type != "cuda":
+            moved = out.to(self.via)
+            dist.all_reduce(moved, op=op)
+            return moved.to(t.device)
+        dist.all_reduce(out, op=op)
+        return out
 
     def sum(self, t: Tensor) -> Tensor:
         """``t`` summed over ranks (a new tensor; autograd is not tracked through it)."""
-        if not self.on:
-            return t
-        out = t.detach().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+        return self._reduce(t, dist.ReduceOp.SUM)
 
     def max(self, t: Tensor) -> Tensor:
         """Element-wise maximum over ranks."""
-        if not self.on:
-            return t
-        out = t.detach().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
-        return out
+        return self._reduce(t, dist.ReduceOp.MAX)
 
     def grads(self, params) -> None:
         """Sum each parameter's gradient over ranks in place (one flat all-reduce)."""
