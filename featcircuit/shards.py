@@ -228,10 +228,7 @@ class RowStream:
         pos = pos[(pos >= first * self.B) & ((pos % self.B) // self.b == self.rank)]
         if len(pos) == 0:
             return {w: (pos, {k: torch.empty(0) for k in self.src.sites})}
-        if self.n <= self.cap:  # one window: the old in-memory permutation, seed·7919 + epoch
-            perm = self._window_perm(epoch, 0, hi_w - lo_w)
-        else:
-            perm = self._window_perm(epoch, w, hi_w - lo_w)
+        perm = self._window_perm(epoch, w, hi_w - lo_w)  # one window: the old seed·7919 + epoch
         return {w: (pos, self._load_window(shards, perm, pos - lo_w))}
 
 
@@ -247,9 +244,10 @@ def source_stats(source, reducer=None, shards: Sequence[int] | None = None) -> d
             s[0] += v.sum(0)
             s[1] += v.pow(2).sum()
     out = {}
+    if not sums:  # more ranks than shards: this rank adds zeros of the right widths
+        sums = {k: [torch.zeros(v.shape[-1], dtype=torch.float64), torch.zeros((), dtype=torch.float64)]
+                for k, v in source.load(0).items()}
     for k in source.sites:
-        if k not in sums:  # this rank had no shard: contribute zeros of the right width
-            raise UserError("a rank holds no shard of the activation cache; use fewer ranks")
         s1, s2 = sums[k]
         if reducer is not None:
             s1, s2 = reducer.sum(s1), reducer.sum(s2)

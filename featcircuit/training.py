@@ -132,7 +132,7 @@ def _loss(d: Dictionary, x: Tensor, cfg: TrainConfig, dead: Tensor, l1_scale: fl
     """
     arch = d.cfg.architecture
     n_glob = len(x) if red is None else n_global
-    amp = x.is_cuda and cfg_amp(cfg)
+    amp = x.is_cuda and amp_enabled()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
         pre = d.pre_acts(x)  # the [B, d_in] @ [d_in, d_sae] matmul: bf16 on CUDA
     pre = pre.float()
@@ -196,7 +196,7 @@ def sync_free(x: Tensor) -> bool:
     return x.is_cuda if SYNC_FREE is None else SYNC_FREE
 
 
-def cfg_amp(cfg: TrainConfig) -> bool:
+def amp_enabled() -> bool:
     """Whether CUDA training runs its wide matmuls under bf16 autocast (``FEATCIRCUIT_AMP=0`` turns it off)."""
     import os
 
