@@ -183,7 +183,7 @@ def main() -> None:
             layer = model.cfg.n_layers // 2
             r, m = pair_sites(model, layer)
             n_ctx = 128
-            need = max(args.tokens, args.growth)
+            need = max(args.tokens, args.growth) if mname == args.models[0] else args.tokens
             n_seq = -(-need // (n_ctx - 1))
             toks = torch.randint(1, 50304, (n_seq, n_ctx), generator=torch.Generator().manual_seed(0))
             toks[:, 0] = 0
