@@ -155,7 +155,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--d-sae", nargs="+", type=int, default=[4096, 16384, 32768])
     ap.add_argument("--tokens", type=int, default=2048, help="harvested rows per model (BOS excluded)")
-    ap.add_argument("--growth", type=int, default=8192, help="the larger harvest of the growth check (0: skip)")
+    ap.add_argument("--growth", type=int, nargs="*", default=[8192],
+                    help="larger harvests of the growth check, besides --tokens (none: skip)")
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--attr-tokens", type=int, default=254)
@@ -183,7 +184,7 @@ def main() -> None:
             layer = model.cfg.n_layers // 2
             r, m = pair_sites(model, layer)
             n_ctx = 128
-            need = max(args.tokens, args.growth) if mname == args.models[0] else args.tokens
+            need = max([args.tokens, *args.growth]) if mname == args.models[0] else args.tokens
             n_seq = -(-need // (n_ctx - 1))
             toks = torch.randint(1, 50304, (n_seq, n_ctx), generator=torch.Generator().manual_seed(0))
             toks[:, 0] = 0
@@ -227,7 +228,7 @@ def main() -> None:
                 print(f"growth with tokens ({mname}, d_sae {d_sae}, shuffle window {window:,} rows; "
                       "each point in a fresh process):")
                 ctx = multiprocessing.get_context("spawn")
-                for n in (args.tokens, args.growth):
+                for n in (args.tokens, *args.growth):
                     cfg = TrainConfig(width=d_sae / r.width, k=args.k, tokens=(n // args.batch) * args.batch,
                                       epochs=1, batch_size=args.batch, warmup_steps=1, n_ctx=n_ctx,
                                       shuffle_rows=window, ckpt_every=10**9)
