@@ -195,7 +195,7 @@ def cmd_train(args) -> None:
                       epochs=args.epochs, batch_size=args.batch_size, l1_coefficient=args.l1,
                       seed=args.seed, ckpt_every=args.ckpt_every, jacobian=args.jacobian,
                       shuffle_rows=args.shuffle_rows)
-    layers = _layers_arg(args)
+    _layers_arg(args)  # a bad --layers fails here, before anything is loaded
     n_seq = -(-cfg.tokens // (cfg.n_ctx - 1))
     args.split = "train"
     precheck(args, tokens=n_seq * cfg.n_ctx, n_ctx=cfg.n_ctx)
@@ -269,6 +269,8 @@ def _pair_done(out: Path, cfg: dict, model: str, layer: int) -> bool:
     except UserError:
         return False
     # options added later count at their defaults, so an older pair folder stays "done"
+    from dataclasses import asdict
+
     from .training import TrainConfig
 
     return isinstance(saved, dict) and {**asdict(TrainConfig()), **saved} == cfg

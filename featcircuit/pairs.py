@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from .data import BUILTIN_DATA, load_tokens
-from .dictionary import Pair, load_pair
-from .models import model_name
 from . import distributed as D
 from .checks import folder_lock
+from .data import BUILTIN_DATA, load_tokens
+from .dictionary import Pair, load_pair
 from .errors import UserError
+from .models import model_name
 from .sites import check_layer, n_layers, pair_sites
 from .training import CKPT_FILE, TrainConfig, config_key, train_pair
 

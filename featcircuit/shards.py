@@ -232,7 +232,8 @@ class RowStream:
         return {w: (pos, self._load_window(shards, perm, pos - lo_w))}
 
 
-def source_stats(source, reducer=None, shards: Sequence[int] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+def source_stats(source, reducer=None,
+                 shards: Sequence[int] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """Per site (Σ row, Σ ‖row‖²) in float64 over ``shards`` (all by default), summed over ranks."""
     sums: dict[str, list[Tensor]] = {}
     idx = range(len(source.shard_rows)) if shards is None else shards

@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 
 from .activations import harvest
 from .dictionary import DictConfig, Dictionary, Pair, save_pair
-from .errors import UserError
 from .distributed import Reducer
+from .errors import UserError
 from .io import atomic_save_state, load_state
 from .shards import CacheRows, MemoryRows, RowStream, source_stats
 from .sites import MLPParts, pair_sites
@@ -154,7 +154,8 @@ def _loss(d: Dictionary, x: Tensor, cfg: TrainConfig, dead: Tensor, l1_scale: fl
             recon = d.decode(codes)
         codes, recon = codes.float(), recon.float()
         fired = (codes > 0).any(0)
-        l0 = (codes > 0).sum(-1).float().mean() if red is None else (codes > 0).sum().float() / n_glob
+        on = codes > 0
+        l0 = on.sum(-1).float().mean() if red is None else on.sum().float() / n_glob
         if arch == "batchtopk":  # inference threshold: EMA of the smallest kept activation
             with torch.no_grad():
                 pos = codes[codes > 0]
@@ -197,7 +198,7 @@ def sync_free(x: Tensor) -> bool:
 
 
 def amp_enabled() -> bool:
-    """Whether CUDA training runs its wide matmuls under bf16 autocast (``FEATCIRCUIT_AMP=0`` turns it off)."""
+    """Whether CUDA training runs its wide matmuls in bf16 autocast (``FEATCIRCUIT_AMP=0``: off)."""
     import os
 
     return os.environ.get("FEATCIRCUIT_AMP", "1") != "0"
@@ -263,8 +264,9 @@ def train_pair(model, layer: int, data: Tensor | None, config: TrainConfig | Non
     ``out`` (a pair folder) receives the result; ``ckpt_dir`` makes the run resumable.
     ``acts`` skips the harvest (``{hook: [n, n_ctx, d]}`` as :func:`harvest` returns);
     ``acts_dir`` harvests into (or reads) a chunked cache there and streams it in bounded
-    memory (``chunk_size`` sequences per shard). Under ``torchrun`` every rank calls this: each trains on its share of every global
-    batch, gradients are summed, and rank 0 writes. ``stream_probe`` receives the row stream.
+    memory (``chunk_size`` sequences per shard). Under ``torchrun`` every rank calls this: each
+    trains on its share of every global batch, gradients are summed, and rank 0 writes.
+    ``stream_probe`` (a list) receives the row stream, for tests that bound its memory.
     """
     from . import distributed as D
     from .models import model_name
@@ -362,8 +364,8 @@ def _train_source(model, layer: int, source, cfg: TrainConfig, *, out, ckpt_dir,
 
     def metrics() -> dict[str, tuple[float, float]]:
         # a collective on every rank at the same steps; floats only when shown or saved
-        return {k: (float(f if red is None else red.sum(f)), float(l if red is None else red.sum(l)))
-                for k, (f, l) in live.items()}
+        add = (lambda t: t) if red is None else red.sum
+        return {k: (float(add(fvu_t)), float(add(l0_t))) for k, (fvu_t, l0_t) in live.items()}
 
     bar = tqdm(total=total, initial=step, desc=f"train pair L{layer}",
                disable=not progress or rank != 0)

@@ -203,3 +203,22 @@ def test_sync_free_auxk_has_the_same_gradients(monkeypatch, n_dead):
         d.zero_grad(set_to_none=True)
         T._loss(d, x, T.TrainConfig(k=4, auxk_alpha=0.0), dead, 1.0)[0].backward()
         assert (d.W_enc.grad - grads[0]["W_enc"]).abs().max() > 1e-6
+
+
+def test_train_layer_rerun_is_done_also_for_older_pair_folders(neox_dir, tmp_path, capsys):
+    """A finished --out is recognised, also when its train_config.json predates shuffle_rows."""
+    import json
+
+    from featcircuit.cli import main
+
+    argv = ["train", "--model", str(neox_dir), "--layer", "1", "--data", _text_folder(tmp_path / "t"),
+            "--width", "2x", "--k", "4", "--tokens", "400", "--epochs", "1", "--batch-size", "100",
+            "--out", str(tmp_path / "p")]
+    assert main(argv) == 0
+    cfg_file = tmp_path / "p" / "train_config.json"
+    old = json.loads(cfg_file.read_text())
+    del old["shuffle_rows"]  # as written before the option existed
+    cfg_file.write_text(json.dumps(old))
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "already trained" in capsys.readouterr().out
