@@ -43,8 +43,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's featcircuit, not an installed one
 SHAPES = {
-    "pythia-70m": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
-    "pythia-160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "pythia-70m": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+                       intermediate_size=2048),
+    "pythia-160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                        intermediate_size=3072),
 }
 
 
@@ -171,7 +173,8 @@ def main() -> None:
 
     dev = args.device
     threads = torch.get_num_threads()
-    name = torch.cuda.get_device_name() if dev.startswith("cuda") else f"{platform.processor() or 'cpu'}, {threads} threads"
+    name = (torch.cuda.get_device_name() if dev.startswith("cuda")
+            else f"{platform.processor() or 'cpu'}, {threads} threads")
     print(f"device: {name}")
     peak = matmul_peak(dev, args.batch)
     print(f"fp32 matmul peak [{args.batch},2048]@[2048,16384]: {peak:.1f} GFLOP/s")
@@ -247,7 +250,8 @@ def main() -> None:
     if aim:
         print(f"\nPythia-70m mlp (2048) with 16k features: {aim[0]['mlp_gflop_s']:.1f} GFLOP/s = "
               f"{aim[0]['frac_of_peak']:.0%} of the measured matmul peak ({peak:.1f} GFLOP/s)")
-    out = Path(args.out or ROOT / "docs" / "scale" / f"scale-{'cuda' if dev.startswith('cuda') else 'cpu'}.json")
+    kind = "cuda" if dev.startswith("cuda") else "cpu"
+    out = Path(args.out or ROOT / "docs" / "scale" / f"scale-{kind}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": name, "matmul_peak_gflop_s": peak, "args": vars(args),
                                "rows": rows, "growth": growth}, indent=1))

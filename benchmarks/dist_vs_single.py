@@ -44,15 +44,17 @@ def main() -> None:
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if r.returncode:
             sys.exit(f"{name} failed:\n{r.stderr[-3000:]}")
-        print(f"{name:<18} {time.time() - t:6.1f} s   ({' '.join(cmd[1:] if name == 'one process' else cmd)})")
+        shown = " ".join(cmd[1:] if name == "one process" else cmd)
+        print(f"{name:<18} {time.time() - t:6.1f} s   ({shown})")
         caches[name] = cache
     a, b = caches.values()
-    print(f"\n{'pair folder':<32} {'site':<5} " + " ".join(f"{k:>9}" for k in ("W_enc", "W_dec", "b_enc", "b_dec")))
+    names = ("W_enc", "W_dec", "b_enc", "b_dec")
+    print(f"\n{'pair folder':<32} {'site':<5} " + " ".join(f"{k:>9}" for k in names))
     for folder in sorted((a / "pairs").iterdir()):
         for site in ("resid", "mlp"):
             x = load_file(folder / "pair" / site / "sae_weights.safetensors")
             y = load_file(b / "pairs" / folder.name / "pair" / site / "sae_weights.safetensors")
-            rel = {k: float((x[k] - y[k]).abs().max() / x[k].abs().max()) for k in ("W_enc", "W_dec", "b_enc", "b_dec")}
+            rel = {k: float((x[k] - y[k]).abs().max() / x[k].abs().max()) for k in names}
             print(f"{folder.name:<32} {site:<5} " + " ".join(f"{v:>9.1e}" for v in rel.values()))
 
 

@@ -58,7 +58,8 @@ def featcircuit_pair(model, layer, acts, cfg):
         wall = time.perf_counter() - t0
     finally:
         T._loss = real
-    steps = [(stamps[i + 1] - stamps[i], stamps[i + 2] - stamps[i + 1]) for i in range(2, len(stamps) - 2, 2)]
+    steps = [(stamps[i + 1] - stamps[i], stamps[i + 2] - stamps[i + 1])
+             for i in range(2, len(stamps) - 2, 2)]  # (resid, mlp) per step, the first skipped
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     return pair, {"resid": med([s[0] for s in steps]), "mlp": med([s[1] for s in steps])}, wall
 
@@ -68,7 +69,8 @@ def fve(d, x: torch.Tensor) -> tuple[float, float]:
     with torch.no_grad():
         codes = d.encode(x)
         r = d.decode(codes)
-    return 1 - float((x - r).pow(2).sum() / (x - x.mean(0)).pow(2).sum()), float((codes != 0).sum(-1).float().mean())
+    var = (x - x.mean(0)).pow(2).sum()
+    return 1 - float((x - r).pow(2).sum() / var), float((codes != 0).sum(-1).float().mean())
 
 
 def main() -> None:
@@ -153,7 +155,8 @@ def main() -> None:
                   f"speed ratio {row['featcircuit_tok_s'] / row['saelens_tok_s']:.1f}×", flush=True)
     out = ROOT / "docs" / "scale" / "peer_saelens.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": torch.get_num_threads(), "args": vars(args), "rows": rows}, indent=1))
+    out.write_text(json.dumps({"threads": torch.get_num_threads(), "args": vars(args), "rows": rows},
+                              indent=1))
     print(f"wrote {out}")
 
 

@@ -14,12 +14,11 @@ import json
 import time
 
 import torch
-from safetensors.torch import load_file
-
 from sae_lens import __version__ as sae_lens_version
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
+from safetensors.torch import load_file
 
 
 def batches(x: torch.Tensor, batch: int, seed: int):
