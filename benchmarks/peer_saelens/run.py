@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--builtin-d-sae", type=int, default=1024)
     ap.add_argument("--pythia-d-sae", type=int, default=4096)
     ap.add_argument("--skip", nargs="*", default=[], choices=["builtin", "pythia-70m"])
+    ap.add_argument("--out", help="JSON path (default docs/scale/peer_saelens.json)")
     args = ap.parse_args()
     if not PEER_PY.exists():
         sys.exit(f"no SAELens venv at {PEER_PY.parent.parent}: run `bash {HERE / 'setup.sh'}` first")
@@ -153,7 +154,7 @@ def main() -> None:
                   f"featcircuit {row['featcircuit_tok_s']:>9,.0f} tok/s FVE {ours_fve:.3f} | "
                   f"SAELens {row['saelens_tok_s']:>9,.0f} tok/s FVE {row['saelens_fve']:.3f} | "
                   f"speed ratio {row['featcircuit_tok_s'] / row['saelens_tok_s']:.1f}×", flush=True)
-    out = ROOT / "docs" / "scale" / "peer_saelens.json"
+    out = Path(args.out) if args.out else ROOT / "docs" / "scale" / "peer_saelens.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": torch.get_num_threads(), "args": vars(args), "rows": rows},
                               indent=1))
