@@ -3,7 +3,8 @@
 1. the forward stops after the last block any requested hook lives in (``stop_at_layer``);
 2. batches are written as they finish — into memory, or into a disk cache of chunk files
    (``chunk_00000.safetensors`` …) beside a ``manifest.json`` that names the tokens, hooks and
-   model they belong to;
+   model they belong to; under ``torchrun`` rank r computes chunks r, r+W, … and training
+   streams the chunks back in bounded memory (:mod:`featcircuit.shards`);
 3. each chunk is written atomically, so a killed harvest leaves only whole chunks, and a rerun
    with the same manifest skips them and computes only the rest; the manifest is read with
    bounded size and depth and must equal the expected one key for key;
@@ -65,11 +66,12 @@ def _forward(model, batch: Tensor, hooks: Sequence[str], stop: int | None) -> di
 
 def harvest(model, tokens: Tensor, hooks: Sequence[str], *, batch_size: int = 16,
             cache_dir: str | Path | None = None, chunk_size: int = 64,
-            progress: bool = True) -> dict[str, Tensor]:
+            progress: bool = True, load: bool = True) -> dict[str, Tensor] | None:
     """Activations ``{hook: [n_seq, n_ctx, width]}`` (on the CPU; half precisions as float32).
 
     With ``cache_dir``, chunks of ``chunk_size`` sequences are saved there and reused; a killed
-    run resumes from the last whole chunk.
+    run resumes from the last whole chunk. ``load=False`` only fills the cache and returns None
+    (memory stays one chunk); under ``torchrun`` each rank then computes its own chunks.
     """
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise UserError(f"tokens must be a non-empty [n_seq, n_ctx] tensor, got shape {tuple(tokens.shape)}")
@@ -83,6 +85,8 @@ def harvest(model, tokens: Tensor, hooks: Sequence[str], *, batch_size: int = 16
     stop = stop_layer(model, hooks)
     device = next(model.parameters()).device
     if cache_dir is None:
+        if not load:
+            raise UserError("harvest(load=False) needs a cache_dir to write the chunks to")
         parts: dict[str, list[Tensor]] = {h: [] for h in hooks}
         for i in tqdm(range(0, len(tokens), batch_size), desc="harvest", disable=not progress,
                       unit="batch"):
@@ -91,7 +95,7 @@ def harvest(model, tokens: Tensor, hooks: Sequence[str], *, batch_size: int = 16
                 parts[h].append(acts[h])
         return {h: torch.cat(v) for h, v in parts.items()}
     return _harvest_cached(model, tokens, hooks, stop, device, Path(cache_dir), batch_size,
-                           chunk_size, progress)
+                           chunk_size, progress, load)
 
 
 def _check_finite(acts: dict[str, Tensor], what: str) -> None:
@@ -131,23 +135,28 @@ def _manifest(model, tokens: Tensor, hooks: list[str], chunk_size: int) -> dict:
 
 
 def _harvest_cached(model, tokens, hooks, stop, device, cache: Path, batch_size, chunk_size,
-                    progress) -> dict[str, Tensor]:
+                    progress, load: bool = True) -> dict[str, Tensor] | None:
     from safetensors.torch import load_file
+
+    from . import distributed as D
 
     man = _manifest(model, tokens, hooks, chunk_size)
     man_path = cache / "manifest.json"
-    old = read_manifest(cache)
-    if old is not None:
-        if old != man:
-            diff = [k for k in man if old.get(k) != man[k]]
-            raise UserError(f"activation cache {cache} was made for other {', '.join(diff)}: "
-                            "use another cache folder or delete this one")
-    else:
-        atomic_write_text(man_path, json.dumps(man, indent=1))
+    if D.is_writer():
+        old = read_manifest(cache)
+        if old is not None:
+            if old != man:
+                diff = [k for k in man if old.get(k) != man[k]]
+                raise UserError(f"activation cache {cache} was made for other {', '.join(diff)}: "
+                                "use another cache folder or delete this one")
+        else:
+            atomic_write_text(man_path, json.dumps(man, indent=1))
+    D.barrier()  # the manifest is checked (or written) before any rank adds chunks
     n_chunks = -(-len(tokens) // chunk_size)
-    todo = [c for c in range(n_chunks) if not (cache / f"chunk_{c:05d}.safetensors").exists()]
-    bar = tqdm(total=n_chunks, initial=n_chunks - len(todo), desc="harvest", unit="chunk",
-               disable=not progress)
+    mine = D.shard(range(n_chunks))  # every chunk with one plain process
+    todo = [c for c in mine if not (cache / f"chunk_{c:05d}.safetensors").exists()]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="harvest", unit="chunk",
+               disable=not progress or not D.is_writer())
     for c in todo:
         chunk = tokens[c * chunk_size:(c + 1) * chunk_size]
         parts: dict[str, list[Tensor]] = {h: [] for h in hooks}
@@ -160,6 +169,9 @@ def _harvest_cached(model, tokens, hooks, stop, device, cache: Path, batch_size,
         atomic_save_safetensors(done, cache / f"chunk_{c:05d}.safetensors")
         bar.update(1)
     bar.close()
+    D.barrier()  # every rank's chunks are on disk
+    if not load:
+        return None
     out: dict[str, list[Tensor]] = {h: [] for h in hooks}
     for c in range(n_chunks):
         path = cache / f"chunk_{c:05d}.safetensors"

@@ -9,8 +9,10 @@ with code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -145,68 +147,95 @@ def cmd_model_train(args: ModelTrainConfig) -> None:
     print(f"wrote {out}")
 
 
-@dataclass(kw_only=True)
-class HarvestConfig(ModelOptions):
-    """Cache the resid and mlp activations of one layer."""
-
-    layer: int = option(2, check=C.nonneg_int)
-    """the layer whose resid and mlp are cached"""
-    data: str = BUILTIN_DATA
-    """builtin:stdlib, a .txt or .jsonl file, a folder of text files, or a HuggingFace dataset"""
-    split: str = "heldout"
-    """train | heldout | all"""
-    tokens: int = option(C.DefaultInt(32768), check=C.positive_int, limits=(10**10,))
-    """token budget"""
-    n_ctx: int = option(128, check=C.strict_int, limits=(2, 1 << 20))
-    """tokens per context"""
-    batch_size: int = option(16, check=C.positive_int, limits=(1 << 16,))
-    """sequences per forward pass"""
-    chunk_size: int = option(64, check=C.positive_int, limits=(1 << 20,))
-    """sequences per cache file (the unit a killed harvest resumes from)"""
-    out: str | None = None
-    """cache folder (resumable)"""
-
-
-def cmd_harvest(args: HarvestConfig) -> None:
-    """``featcircuit harvest``: cache a layer's activations on disk and print their norms."""
+def cmd_harvest(args) -> None:
+    from . import distributed as D
     from .activations import harvest, read_manifest
     from .data import load_tokens
     from .models import canonical_name, load_model, model_name
-    from .sites import pair_sites
+    from .pairs import parse_layers
+    from .sites import n_layers, pair_sites
 
+    layers = _layers_arg(args)
     precheck(args, tokens=args.tokens, n_ctx=args.n_ctx)
+    tag = f"L{args.layer}" if args.layers is None else \
+        "L" + (_layers_tag(layers) if layers else re.sub(r"[^0-9,-]+", "", args.layers) or "all")
     out = Path(args.out or f"featcircuit-out/{canonical_name(args.model).strip('/').replace('/', '_')}"
-                           f"-L{args.layer}-acts")
+                           f"-{tag}-acts")
     C.check_out_dir(out, known=_CACHE_RE)  # a cache folder, or a new one; nothing else
     read_manifest(out)  # a malformed manifest is rejected before the model is loaded
+    D.init(args.device)  # under torchrun: each rank computes its own chunks
     model = load_model(args.model, args.device)
+    if args.layers is not None:
+        layers = parse_layers(args.layers, n_layers(model))
     tokens = load_tokens(args.data, model, n_ctx=args.n_ctx, n_tokens=args.tokens, split=args.split)
-    sites = pair_sites(model, args.layer)
+    sites = [s for lay in layers for s in pair_sites(model, lay)]
     t0 = time.time()
-    with C.folder_lock(out):  # two harvests into one cache run one after the other
-        acts = harvest(model, tokens, [s.hook for s in sites], cache_dir=out,
-                       batch_size=args.batch_size, chunk_size=args.chunk_size)
+    lock = C.folder_lock(out) if D.world() == 1 else contextlib.nullcontext()
+    with lock:  # two harvests into one cache run one after the other
+        harvest(model, tokens, [s.hook for s in sites], cache_dir=out,
+                batch_size=args.batch_size, chunk_size=args.chunk_size, load=False)
     dt = time.time() - t0
-    print(f"harvested {tokens.numel():,} tokens in {dt:.1f}s from {model_name(model)} layer {args.layer}")
+    if not D.is_writer():
+        return
+    where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {_layers_tag(layers)}"
+    print(f"harvested {tokens.numel():,} tokens in {dt:.1f}s from {model_name(model)} {where}")
     print(f"{'site':<6} {'hook':<28} {'width':>5} {'mean |x|':>9} {'max |x|':>9}")
+    norms = _cache_norms(out, [s.hook for s in sites])  # chunk by chunk: memory stays one chunk
     for s in sites:
-        n = acts[s.hook].flatten(0, 1)[:, :].norm(dim=-1)
-        print(f"{s.name:<6} {s.hook:<28} {s.width:>5} {n.mean():>9.2f} {n.max():>9.2f}")
+        mean, mx = norms[s.hook]
+        print(f"{s.name:<6} {s.hook:<28} {s.width:>5} {mean:>9.2f} {mx:>9.2f}")
     print(f"wrote activation cache to {out}")
+
+
+def _layers_arg(args) -> list[int]:
+    """``--layers`` (checked against the model's config when readable) or ``[--layer]``."""
+    from .pairs import parse_layers
+
+    if args.layers is None:
+        if args.layer is None:
+            args.layer = 2
+        return [args.layer]
+    if args.layer is not None:
+        raise UserError("--layer and --layers both given: use one")
+    n = C.model_sizes(args.model)["n_layers"]
+    return parse_layers(args.layers, n) if n is not None else []
+
+
+def _layers_tag(layers: list[int]) -> str:
+    return f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else \
+        ",".join(map(str, layers))
+
+
+def _cache_norms(folder: Path, hooks: list[str]) -> dict[str, tuple[float, float]]:
+    """(mean, max) of the row norms of each hook over a cache's chunks, one chunk in memory."""
+    from safetensors import safe_open
+
+    acc = {h: [0.0, 0, 0.0] for h in hooks}
+    for path in sorted(folder.glob("chunk_*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for h in hooks:
+                n = f.get_tensor(h).flatten(0, 1).norm(dim=-1)
+                acc[h][0] += float(n.double().sum())
+                acc[h][1] += n.numel()
+                acc[h][2] = max(acc[h][2], float(n.max()))
+    return {h: (s / max(c, 1), m) for h, (s, c, m) in acc.items()}
 
 
 def cmd_train(args) -> None:
     from dataclasses import asdict
 
+    from . import distributed as D
     from .data import load_tokens
     from .models import canonical_name, load_model
-    from .training import TrainConfig, train_pair
+    from .training import TrainConfig, check_config, train_pair
 
     cfg = TrainConfig(architecture=args.arch, width=args.width, k=args.k, tokens=args.tokens,
                       epochs=args.epochs, batch_size=args.batch_size, l1_coefficient=args.l1,
-                      seed=args.seed, ckpt_every=args.ckpt_every, jacobian=args.jacobian)
+                      seed=args.seed, ckpt_every=args.ckpt_every, jacobian=args.jacobian,
+                      shuffle_rows=args.shuffle_rows)
     if getattr(args, "site", None) is not None:
         return _train_site(args, cfg)
+    _layers_arg(args)  # a bad --layers fails here, before anything is loaded
     n_seq = -(-cfg.tokens // (cfg.n_ctx - 1))
     args.split = "train"
     precheck(args, tokens=n_seq * cfg.n_ctx, n_ctx=cfg.n_ctx)
@@ -219,10 +248,20 @@ def cmd_train(args) -> None:
         if d_sae < 1 or (cfg.architecture != "relu" and cfg.k > d_sae):
             raise UserError(f"--width {args.width:g} gives {d_sae} features (d_model {d_model}), "
                             f"fewer than --k {cfg.k}: raise --width or lower --k")
+    D.init(args.device)  # under torchrun: data-parallel ranks; a plain process: no-op
+    check_config(cfg)
+    if args.layers is not None:
+        if args.out is not None:
+            raise UserError("--out is for one --layer; --layers writes each pair into the "
+                            "featcircuit cache, where discover finds it")
+        _train_layers(args, cfg)
+        return
     name = canonical_name(args.model)
     out = Path(args.out or f"featcircuit-out/{Path(name).name}-L{args.layer}-pair")
     C.check_out_dir(out, known=PAIR_FILES)
-    with C.folder_lock(out):  # a second run on the same --out waits, then finds it done
+    # ranks of one torchrun job coordinate by barriers; a file lock would deadlock them
+    lock = C.folder_lock(out) if D.world() == 1 else contextlib.nullcontext()
+    with lock:  # a second run on the same --out waits, then finds it done
         if _pair_done(out, asdict(cfg), name, args.layer):
             print(f"already trained: {out} holds this pair (same model, layer and options); "
                   "delete it to train again")
@@ -230,9 +269,33 @@ def cmd_train(args) -> None:
         model = load_model(args.model, args.device)
         tokens = load_tokens(args.data, model, n_ctx=cfg.n_ctx, n_tokens=n_seq * cfg.n_ctx, split="train")
         t0 = time.time()
-        train_pair(model, args.layer, tokens, cfg, out=out, ckpt_dir=out.parent / f".{out.name}.ckpt")
-    print(f"trained in {time.time() - t0:.0f}s; wrote the pair to {out} (resid/, mlp/); "
-          f"evaluate with `featcircuit evaluate --dicts {out}`")
+        ckpt = out.parent / f".{out.name}.ckpt"
+        # several ranks stream their shares from one harvest cache instead of each holding all
+        acts = ckpt / "acts" if D.world() > 1 else None
+        train_pair(model, args.layer, tokens, cfg, out=out, ckpt_dir=ckpt, acts_dir=acts)
+        if acts is not None and D.is_writer():  # the pair is saved: the ranks' harvest is spent
+            shutil.rmtree(acts, ignore_errors=True)
+    if D.is_writer():
+        print(f"trained in {time.time() - t0:.0f}s; wrote the pair to {out} (resid/, mlp/); "
+              f"evaluate with `featcircuit evaluate --dicts {out}`")
+
+
+def _train_layers(args, cfg) -> None:
+    """``train --layers``: every layer's pair from one harvest, into the default pair cache."""
+    from . import distributed as D
+    from .models import load_model
+    from .pairs import default_pairs, parse_layers
+    from .sites import n_layers
+
+    model = load_model(args.model, args.device)
+    layers = parse_layers(args.layers, n_layers(model))
+    t0 = time.time()
+    pairs = default_pairs(model, layers, cfg, data=args.data)
+    if D.is_writer():
+        print(f"{len(pairs)} pair(s) ready in {time.time() - t0:.0f}s:")
+        for lay, (_, folder) in pairs.items():
+            print(f"  layer {lay}: {folder}")
+        print("discover and evaluate use them by default (same model, data and options)")
 
 
 def _check_site_arg(site: str) -> str:
@@ -301,7 +364,12 @@ def _pair_done(out: Path, cfg: dict, model: str, layer: int) -> bool:
                 return False
     except UserError:
         return False
-    return saved == cfg
+    # options added later count at their defaults, so an older pair folder stays "done"
+    from dataclasses import asdict
+
+    from .training import TrainConfig
+
+    return isinstance(saved, dict) and {**asdict(TrainConfig()), **saved} == cfg
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -683,11 +751,26 @@ def build_parser() -> argparse.ArgumentParser:
         dest="model_cmd", required=True)
     add_command(model, "info", ModelInfoConfig, cmd_model_info)
     add_command(model, "train", ModelTrainConfig, cmd_model_train)
-    add_command(sub, "harvest", HarvestConfig, cmd_harvest)
+
+    p = sub.add_parser("harvest", help="cache the resid and mlp activations of one layer")
+    _add_model(p)
+    p.add_argument("--layer", type=NONNEG, help="default: 2")
+    p.add_argument("--layers", help="several layers in one pass: all, 0-3 or 1,3")
+    p.add_argument("--data", default=BUILTIN_DATA)
+    p.add_argument("--split", default="heldout")
+    p.add_argument("--tokens", type=arg_type(C.positive_int, "--tokens", 10**10), default=C.DefaultInt(32768))
+    p.add_argument("--n-ctx", type=arg_type(C.strict_int, "--n-ctx", 2, 1 << 20), default=128)
+    p.add_argument("--batch-size", type=arg_type(C.positive_int, "--batch-size", 1 << 16), default=16)
+    p.add_argument("--chunk-size", type=arg_type(C.positive_int, "--chunk-size", 1 << 20), default=64,
+                   help="sequences per cache file (the unit a killed harvest resumes from)")
+    p.add_argument("--out", help="cache folder (resumable)")
+    p.set_defaults(func=cmd_harvest)
 
     p = sub.add_parser("train", help="train the paired resid + mlp dictionaries of one layer")
     _add_model(p)
-    p.add_argument("--layer", type=NONNEG, default=2)
+    p.add_argument("--layer", type=NONNEG, help="default: 2")
+    p.add_argument("--layers", help="train every listed layer (all, 0-3 or 1,3) from one harvest "
+                                    "into the default pair cache")
     p.add_argument("--data", default=BUILTIN_DATA)
     p.add_argument("--arch", default="topk", choices=("topk", "relu", "batchtopk"))
     p.add_argument("--width", type=arg_type(_width), default=8.0,
@@ -704,6 +787,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-every", type=arg_type(C.positive_int, "--ckpt-every", 10**9), default=200,
                    help="checkpoint every N steps (a killed run resumes from the last one)")
     p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--shuffle-rows", type=arg_type(C.positive_int, "--shuffle-rows", 1 << 40),
+                   default=2**20, help="rows shuffled together (bounds memory when the harvest "
+                                       "is larger: windows of shards are streamed from disk)")
     p.add_argument("--out", help="pair folder to write (resumable checkpoint beside it)")
     p.add_argument("--site", help="train one dictionary at this site of --layer instead of the pair: "
                    "attn_out | mlp_out | resid | mlp | a hook name")

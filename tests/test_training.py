@@ -105,3 +105,120 @@ def test_bad_training_inputs(neox):
         T.train_pair(neox, 1, _data(neox), T.TrainConfig(tokens=10_000_000), progress=False)
     with pytest.raises(UserError, match="layer 5 is out of range"):
         T.train_pair(neox, 5, _data(neox), T.TrainConfig(**CFG), progress=False)
+
+
+# ---- every layer from one harvest (train --layers, default_pairs) ------------------------------
+
+def _text_folder(path):
+    path.mkdir()
+    for i in range(30):
+        (path / f"f{i}.txt").write_text(f"def f{i}(x, y):\n    return x * {i} + y\n" * 8)
+    return str(path)
+
+
+def test_train_layers_one_harvest_into_the_default_cache(neox, neox_dir, tmp_path, monkeypatch, capsys):
+    import featcircuit.activations as A
+    import featcircuit.pairs as P
+    from featcircuit.cli import main
+    from featcircuit.data import load_tokens
+
+    monkeypatch.setenv("FEATCIRCUIT_CACHE", str(tmp_path / "cache"))
+    data = _text_folder(tmp_path / "text")
+    batches = []
+    real_forward = A._forward
+    monkeypatch.setattr(A, "_forward", lambda m, b, hooks, stop: batches.append((len(b), tuple(hooks)))
+                        or real_forward(m, b, hooks, stop))
+    argv = ["train", "--model", str(neox_dir), "--layers", "0,2", "--data", data, "--width", "2x",
+            "--k", "4", "--tokens", "1200", "--epochs", "1", "--batch-size", "100"]
+    assert main(argv) == 0
+    cfg = T.TrainConfig(width=2.0, k=4, tokens=1200, epochs=1, batch_size=100)
+    n_seq = -(-1200 // 127)
+    # one pass over the tokens: every batch captured both layers' resid and mlp hooks at once
+    assert sum(n for n, _ in batches) == n_seq
+    assert all(len(h) == 4 for _, h in batches)
+    out = capsys.readouterr().out
+    model = neox
+    for layer in (0, 2):
+        folder = P.pair_dir(model, layer, cfg, data)
+        assert str(folder / "pair") in out and (folder / "pair" / "mlp" / "cfg.json").exists()
+        assert not (folder / T.CKPT_FILE).exists()
+    # the harvest is spent and deleted (its lock file stays, as pair folders' do)
+    assert [p.name for p in (tmp_path / "cache" / "acts").iterdir() if not p.name.startswith(".")] == []
+
+    # the API and default_pair now load them, training nothing
+    monkeypatch.setattr(P, "train_pair", lambda *a, **k: pytest.fail("trained again"))
+    got = P.default_pairs(model, [2, 0], cfg, data=data, progress=False)
+    assert list(got) == [0, 2]
+    one, where = P.default_pair(model, 2, cfg, data=data, progress=False)
+    assert where == got[2][1]
+    torch.testing.assert_close(one.mlp.W_enc, got[2][0].mlp.W_enc, rtol=0, atol=0)
+    # each layer's pair is the one train_pair trains for that layer alone on the same rows
+    tokens = load_tokens(data, model, n_ctx=cfg.n_ctx, n_tokens=n_seq * cfg.n_ctx, split="train")
+    monkeypatch.setattr(A, "_forward", real_forward)
+    alone = T.train_pair(model, 0, tokens, cfg, acts_dir=tmp_path / "alone", progress=False)
+    for site in ("resid", "mlp"):
+        torch.testing.assert_close(getattr(alone, site).W_dec, getattr(got[0][0], site).W_dec,
+                                   rtol=1e-6, atol=1e-7)
+    assert got[0][0].mlp.cfg.layer == 0 and got[2][0].mlp.cfg.layer == 2
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--layers", "9"], "--layers '9' is invalid: the model has layers 0..2"),
+    (["--layers", "2-1"], "--layers '2-1' is invalid"),
+    (["--layers", "one"], "expected all, a range such as 0-3"),
+    (["--layers", "0", "--layer", "1"], "--layer and --layers both given"),
+    (["--layers", "all", "--out", "x"], "--out is for one --layer"),
+])
+def test_bad_layers(neox_dir, tmp_path, monkeypatch, capsys, extra, fragment):
+    from featcircuit.cli import main
+
+    monkeypatch.setenv("FEATCIRCUIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--model", str(neox_dir), "--data", _text_folder(tmp_path / "t"),
+                 "--tokens", "400", "--batch-size", "100", "--width", "2x", "--k", "4", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and fragment in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # nothing written
+
+
+@pytest.mark.parametrize("n_dead", [0, 3, 200])
+def test_sync_free_auxk_has_the_same_gradients(monkeypatch, n_dead):
+    """The CUDA step's AuxK (fixed k_aux, live latents masked, no host sync) equals the CPU one."""
+    d = Dictionary(DictConfig(d_in=16, d_sae=256, architecture="topk", k=4), seed=0)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    dead = torch.zeros(256, dtype=torch.bool)
+    dead[torch.randperm(256, generator=torch.Generator().manual_seed(1))[:n_dead]] = True
+    cfg = T.TrainConfig(k=4)
+    grads = []
+    for mode in (False, True):
+        monkeypatch.setattr(T, "SYNC_FREE", mode)
+        d.zero_grad(set_to_none=True)
+        loss, fvu, l0, fired = T._loss(d, x, cfg, dead, 1.0)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in d.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
+    if n_dead:  # and the auxiliary term is really there: without it the gradients differ
+        monkeypatch.setattr(T, "SYNC_FREE", None)
+        d.zero_grad(set_to_none=True)
+        T._loss(d, x, T.TrainConfig(k=4, auxk_alpha=0.0), dead, 1.0)[0].backward()
+        assert (d.W_enc.grad - grads[0]["W_enc"]).abs().max() > 1e-6
+
+
+def test_train_layer_rerun_is_done_also_for_older_pair_folders(neox_dir, tmp_path, capsys):
+    """A finished --out is recognised, also when its train_config.json predates shuffle_rows."""
+    import json
+
+    from featcircuit.cli import main
+
+    argv = ["train", "--model", str(neox_dir), "--layer", "1", "--data", _text_folder(tmp_path / "t"),
+            "--width", "2x", "--k", "4", "--tokens", "400", "--epochs", "1", "--batch-size", "100",
+            "--out", str(tmp_path / "p")]
+    assert main(argv) == 0
+    cfg_file = tmp_path / "p" / "train_config.json"
+    old = json.loads(cfg_file.read_text())
+    del old["shuffle_rows"]  # as written before the option existed
+    cfg_file.write_text(json.dumps(old))
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "already trained" in capsys.readouterr().out
