@@ -17,6 +17,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -64,6 +65,14 @@ def _forward(model, batch: Tensor, hooks: Sequence[str], stop: int | None) -> di
     return out
 
 
+@overload
+def harvest(model, tokens: Tensor, hooks: Sequence[str], *, batch_size: int = ...,
+            cache_dir: str | Path | None = ..., chunk_size: int = ..., progress: bool = ...,
+            load: Literal[True] = ...) -> dict[str, Tensor]: ...
+@overload
+def harvest(model, tokens: Tensor, hooks: Sequence[str], *, batch_size: int = ...,
+            cache_dir: str | Path | None = ..., chunk_size: int = ..., progress: bool = ...,
+            load: bool = ...) -> dict[str, Tensor] | None: ...
 def harvest(model, tokens: Tensor, hooks: Sequence[str], *, batch_size: int = 16,
             cache_dir: str | Path | None = None, chunk_size: int = 64,
             progress: bool = True, load: bool = True) -> dict[str, Tensor] | None:

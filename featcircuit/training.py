@@ -131,7 +131,7 @@ def _loss(d: Dictionary, x: Tensor, cfg: TrainConfig, dead: Tensor, l1_scale: fl
     terms of the global ones, so summing gradients over ranks gives the one-process gradient.
     """
     arch = d.cfg.architecture
-    n_glob = len(x) if red is None else n_global
+    n_glob = len(x) if red is None or n_global is None else n_global
     amp = x.is_cuda and amp_enabled()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
         pre = d.pre_acts(x)  # the [B, d_in] @ [d_in, d_sae] matmul: bf16 on CUDA
@@ -280,9 +280,12 @@ def train_pair(model, layer: int, data: Tensor | None, config: TrainConfig | Non
             n_seq = _check_data(data, cfg)
             harvest(model, data[:n_seq], [s.hook for s in sites], cache_dir=acts_dir,
                     chunk_size=chunk_size, progress=progress, load=False)
-        source = CacheRows(acts_dir, {s.name: s.hook for s in sites}, n_rows=cfg.tokens)
+        source: CacheRows | MemoryRows = CacheRows(acts_dir, {s.name: s.hook for s in sites},
+                                                   n_rows=cfg.tokens)
     else:
         if acts is None:
+            if data is None:
+                raise UserError("train_pair needs data, acts or acts_dir")
             n_seq = _check_data(data, cfg)
             acts = harvest(model, data[:n_seq], [s.hook for s in sites], progress=progress)
         source = MemoryRows({s.name: acts[s.hook][:, 1:].reshape(-1, s.width)[: cfg.tokens]
