@@ -70,6 +70,7 @@ class CrossContext:
             base = rep.trace(corrupt.to(dev)) if corrupt is not None and ablation == "patch" else None
             self.co = coefficients(self.tr, base)
             self._tail = _capture_tail(self.model, self.layer, self.tokens)
+            rep.n_forward += 1  # capturing the restart point is one more full forward
         self.sites = list(rep.sites)
         self.si = {s: i for i, s in enumerate(self.sites)}
         widths = [rep.width(s) for s in self.sites]

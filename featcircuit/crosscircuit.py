@@ -106,10 +106,10 @@ def circuit_graph(cx: CrossContext, circuit: list[tuple[int, int]], deltas: dict
         return nid
 
     edges = []
-    for i, j in circuit:
-        k = pos[(i, j)]
-        edges.append((add_node(i), add_node(j), {"weight": float(w[k]), "abs_weight": float(a[k]),
-                                                 "count": int(cx.edge_count[k]),
+    for i, j in circuit:  # an edge found on the search half may never co-occur on these prompts
+        k = pos.get((i, j))
+        ww, aa, cc = (0.0, 0.0, 0) if k is None else (float(w[k]), float(a[k]), int(cx.edge_count[k]))
+        edges.append((add_node(i), add_node(j), {"weight": ww, "abs_weight": aa, "count": cc,
                                                  "delta": deltas.get((i, j))}))
     have = set(nodes)
     L_last = cx.layer
@@ -164,6 +164,7 @@ def prompt_graph(rep: Replacement, tokens: torch.Tensor, metric, meta: dict, *, 
     co = coefficients(tr)
     L = rep.layers[-1]
     tail = _capture_tail(rep.model, L, tr.tokens)
+    rep.n_forward += 1
     g = out_grad(rep.model, L, tr.tokens, tail, metric, tr.acts[("resid", L)].shape[-1])
     # per-position node graph with |e| weights; influence from out back, normalised per target
     w: dict[tuple[str, str], float] = {}

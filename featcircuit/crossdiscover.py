@@ -105,8 +105,9 @@ def discover_layers(cfg) -> dict:
             "tau_sweep": [{k: f[k] for k in ("tau", "size")} | {"faithfulness": f["heldout"]["faithfulness"]}
                           for f in found["tau_sweep"]],
             "verdict": found["verdict"]}
-        summary["passes"] = {"replacement_forwards": rep.n_forward,
-                             "search_context": keep["search"].passes, "heldout_context": ev.passes}
+        summary["passes"] = {"full_forwards": rep.n_forward,
+                             "restarts_search_half": keep["search"].passes,
+                             "restarts_heldout_half": ev.passes}
         summary["_found"] = found
     summary["seconds"] = times
     found = summary.pop("_found", None)

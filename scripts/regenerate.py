@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "featcircuit-out" / "readme"
 DOCS = ROOT / "docs" / "results"
 SWEEP = "0.005,0.05,0.1"
-CROSS_TAU, CROSS_CANDIDATES, CROSS_SWEEP = "0.001", "256", "0.0003,0.003"
+CROSS_TAU, CROSS_CANDIDATES, CROSS_SWEEP = "0.001", "256", "0.0005,0.002,0.005"
 
 
 def run(args: list[str], threads: int | None = None) -> str:
@@ -117,6 +117,18 @@ def cross_table(runs: dict[str, dict], layers: str) -> str:
     return "\n".join(rows)
 
 
+def timing_line(s: dict, args) -> str:
+    """The timed run over more layers: its stages, passes and result."""
+    c = s["circuit"]
+    st = ", ".join(f"{k} {v:g} s" for k, v in s["seconds"].items())
+    ps = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s["passes"].items())
+    return (f"`discover --layers {args.timing_layers} --task {args.timing_task} --tau {CROSS_TAU} "
+            f"--candidates {CROSS_CANDIDATES}` ({len(s['layers'])} layers, |S| = "
+            f"{c['scope']['size_heldout']:,} on held-out prompts): {c['size']} edges, "
+            f"F {f3(c['faithfulness'])}, "
+            f"completeness {f3(c['completeness'])}; stages {st}; passes over the prompts: {ps}.")
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     tag = re.escape(name)
     pat = re.compile(rf"(<!-- results:{tag} -->\n)(?:.*?\n)?(<!-- /results:{tag} -->)", re.S)
@@ -129,7 +141,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layer", type=int, default=2)
     ap.add_argument("--tasks", default="all", help="comma-separated task names, or all")
-    ap.add_argument("--layers", default="0-3", help="the cross-layer runs' --layers")
+    ap.add_argument("--layers", default="2-3", help="the cross-layer runs' --layers")
+    ap.add_argument("--timing-layers", default="0-3", help="--layers of the one timed run over more layers")
+    ap.add_argument("--timing-task", default="is-not-none", help="its task")
     ap.add_argument("--cross-tasks", default="all",
                     help="tasks of the cross-layer runs (comma-separated, or all)")
     ap.add_argument("--skip-readme", action="store_true")
@@ -152,6 +166,9 @@ def main() -> None:
         jobs[f"cross-{n}"] = ["discover", "--layers", args.layers, "--task", n, "--tau", CROSS_TAU,
                               "--candidates", CROSS_CANDIDATES, "--tau-sweep", CROSS_SWEEP,
                               "--out", str(OUT / f"cross-{n}"), "--force"]
+    jobs["cross-timing"] = ["discover", "--layers", args.timing_layers, "--task", args.timing_task,
+                            "--tau", CROSS_TAU, "--candidates", CROSS_CANDIDATES,
+                            "--out", str(OUT / "cross-timing"), "--force"]
     def one(item: tuple[str, list[str]]) -> str:
         name, a = item
         saved = OUT / name / "stdout.txt"
@@ -165,6 +182,7 @@ def main() -> None:
         printed = dict(zip(jobs, pool.map(one, jobs.items())))
     printed = {k.removeprefix("task-"): v for k, v in printed.items()}
     cross_runs = {n: json.loads((OUT / f"cross-{n}" / "summary.json").read_text()) for n in cross}
+    timing = json.loads((OUT / "cross-timing" / "summary.json").read_text())
     for n in names:
         out = OUT / f"task-{n}"
         runs[f"task `{n}`"] = json.loads((out / "summary.json").read_text())
@@ -196,6 +214,7 @@ def main() -> None:
             run(["render", str(first / "graph.json"), "-o", str(DOCS / f"circuit-cross.{ext}")])
         shutil.copyfile(first / "attribution_graph.json", DOCS / "attribution_graph-cross.json")
     res = {"layer": args.layer, "tasks": tasks, "runs": runs, "cross_layer": cross_runs,
+           "cross_timing": timing,
            "seconds": round(time.time() - t0, 1),
            "discover_seconds": {k: v["seconds"]["total"] for k, v in runs.items()}}
     (DOCS / "results.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -228,7 +247,7 @@ def main() -> None:
         text = replace_block(text, "crosslayer", cross_table(cross_runs, args.layers) +
                              f"\n\n`featcircuit discover --layers {args.layers} --task {best}`:\n\n```\n"
                              + printed[f"cross-{best}"].replace(str(Path.home()), "~").replace(
-                                 str(ROOT) + "/", "").strip() + "\n```")
+                                 str(ROOT) + "/", "").strip() + "\n```\n\n" + timing_line(timing, args))
     readme.write_text(text)
     print(f"updated {readme} (blocks: tasks, circuits, baselines, sweep, timing, crosslayer) in "
           f"{time.time() - t0:.0f}s")

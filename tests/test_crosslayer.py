@@ -425,3 +425,60 @@ def test_influence_flows_back_from_the_metric(neox):
     kept_infl = float(inf.edge[mask].sum())
     assert kept_infl >= 0.9 * float((inf.edge * torch.tensor(
         [s in keep and d in keep for s, d in zip(cx.edge_src.tolist(), cx.edge_dst.tolist())])).sum()) - 1e-12
+
+
+# ---- the pipeline on a tiny model ----------------------------------------------------------------
+
+
+def test_cross_circuit_graphs_and_export_on_a_tiny_model(neox, tmp_path):
+    """Search + held-out scoring across two layers, the circuit's graph, a prompt's attribution
+    graph valid against Neuronpedia's schema; the circuit's F is the context's own value."""
+    import json
+    from pathlib import Path
+
+    import jsonschema
+
+    from featcircuit.ablation import Config
+    from featcircuit.circuit import CircuitConfig
+    from featcircuit.crosscircuit import circuit_graph, find_cross_circuit, prompt_graph
+    from featcircuit.exports import attribution_graph
+
+    rep = Replacement(neox, {L: random_pair(neox, L, k=5, seed=L) for L in (0, 1)}, [0, 1])
+    task = _task(neox, n=8)
+    s, h = task.subset(torch.arange(0, 8, 2)), task.subset(torch.arange(1, 8, 2))
+    keep: dict = {}
+    found = find_cross_circuit(rep, s, h, CircuitConfig(candidates=24, tau=0.01), keep=keep, progress=False)
+    ev = keep["heldout"]
+    circuit = [tuple(e) for e in found["circuit"]]
+    assert found["heldout"]["faithfulness"] == pytest.approx(ev.faithfulness(Config.keeping(circuit)))
+    assert {"search", "influence (circuit-tracer)", "random"} <= set(found["curves"]["orders"])
+    deltas = {(v["src"], v["dst"]): v["delta"] for v in found["search"]["visited"]}
+    g = circuit_graph(ev, circuit, deltas, {"model": "tiny", "metric": "logit difference"})
+    assert g.g.number_of_edges() >= len(circuit)
+    for u, v, d in g.g.edges(data=True):
+        if v != "out" and u != "emb":
+            assert d["delta"] is not None  # every circuit edge carries its measured Δ
+    pg = prompt_graph(rep, h.clean[:1], lambda lg: lg[0, -1, 3] - lg[0, -1, 5],
+                      {"model": "tiny", "metric": "logit difference"})
+    assert any(n.startswith("out@") for n in pg.g.nodes)
+    schema = json.loads((Path(__file__).parent / "data" / "neuronpedia_graph_schema.json").read_text("utf-8"))
+    jsonschema.Draft7Validator(schema).validate(attribution_graph(pg))
+    g.save_json(tmp_path / "graph.json")
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--layers", "0,2", "--task", "quote"], "not contiguous"),
+    (["--layers", "1-9", "--task", "quote"], "out of range"),
+    (["--layers", "0-1", "--task", "quote", "--errors", "ablated"], "--errors ablated"),
+    (["--layers", "0-1", "--task", "quote", "--ablation", "mean"], "--ablation mean"),
+    (["--prompt", "def f", "--task", "quote"], "--prompt"),
+    (["--prompt", "   "], "--prompt is empty"),
+])
+def test_cross_layer_bad_options_exit_2_before_loading(argv, msg, capsys, monkeypatch):
+    import featcircuit.models as models
+    from featcircuit.cli import main
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    assert main(["discover", *argv]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1

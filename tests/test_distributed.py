@@ -50,9 +50,8 @@ def _train_worker(rank, world, init, model_dir, acts, out, ckpt, cfg, die_at):
 
 
 def _edges_worker(rank, world, init, model_dir, out):
-    from test_attribution import random_pair
-
     from featcircuit import load_model
+    from test_attribution import random_pair
 
     _join(rank, world, init)
     model = load_model(model_dir, device="cpu")
