@@ -7,6 +7,7 @@ from featcircuit import UserError
 from featcircuit.dictionary import DictConfig, Dictionary, Pair
 from featcircuit.evaluation import evaluate_layers, evaluate_pair, evaluate_site
 from featcircuit.sites import pair_sites, resolve_site
+from featcircuit.splicing import site_hooks
 
 
 def _data(model, n=5, ctx=14, seed=0):
@@ -48,7 +49,9 @@ def _reference(model, tokens, replace):
         return hook
 
     clean = torch.log_softmax(model(tokens)[:, :-1].double(), -1)
-    logits = model.run_with_hooks(tokens, fwd_hooks=[(h, make(f)) for h, f in replace.items()])
+    # site_hooks: on sequential blocks the mid residual itself is replaced (the bridge's
+    # hook_resid_mid alone only feeds LN2)
+    logits = model.run_with_hooks(tokens, fwd_hooks=[x for h, f in replace.items() for x in site_hooks(h, make(f))])
     logp = torch.log_softmax(logits[:, :-1].double(), -1)
     tgt = tokens[:, 1:, None]
     ce = float(-logp.gather(-1, tgt).mean())
