@@ -220,13 +220,18 @@ def test_cache_key_unchanged_for_plain_pairs(neox, monkeypatch, tmp_path):
 
     monkeypatch.setenv("FEATCIRCUIT_CACHE", str(tmp_path))
     cfg = T.TrainConfig()
-    old = {k: v for k, v in asdict(cfg).items() if k not in ("jacobian", "jacobian_tokens")}
+    # the fields added after pairs were first cached (jacobian…, shuffle_rows) are not in the key
+    later = ("jacobian", "jacobian_tokens", "shuffle_rows")
+    old = {k: v for k, v in asdict(cfg).items() if k not in later}
     key = json.dumps({"cfg": old, "data": "builtin:stdlib"}, sort_keys=True)
     h = hashlib.sha256(key.encode()).hexdigest()[:10]
     assert pair_dir(neox, 1, cfg, "builtin:stdlib").name.endswith(h)
     plain = T.TrainConfig(jacobian=0.0, jacobian_tokens=7)
     assert pair_dir(neox, 1, plain, "builtin:stdlib").name.endswith(h)
     assert not pair_dir(neox, 1, T.TrainConfig(jacobian=0.1), "builtin:stdlib").name.endswith(h)
+    # a larger shuffle window trains the same batches while the harvest fits the default one
+    assert pair_dir(neox, 1, T.TrainConfig(shuffle_rows=2**22), "builtin:stdlib").name.endswith(h)
+    assert not pair_dir(neox, 1, T.TrainConfig(shuffle_rows=2**16), "builtin:stdlib").name.endswith(h)
 
 
 @pytest.mark.parametrize("bad", [{"jacobian": -1.0}, {"jacobian": float("nan")},
