@@ -147,6 +147,52 @@ def cmd_model_train(args: ModelTrainConfig) -> None:
     print(f"wrote {out}")
 
 
+@dataclass(kw_only=True)
+class HarvestConfig(ModelOptions):
+    """Cache the resid and mlp activations of one layer, or of several in one pass."""
+
+    layer: int | None = option(None, check=C.nonneg_int)
+    """the layer whose resid and mlp are cached (default: 2)"""
+    layers: str | None = None
+    """several layers in one pass: all, 0-3 or 1,3"""
+    data: str = BUILTIN_DATA
+    """builtin:stdlib, a .txt or .jsonl file, a folder of text files, or a HuggingFace dataset"""
+    split: str = "heldout"
+    """train | heldout | all"""
+    tokens: int = option(C.DefaultInt(32768), check=C.positive_int, limits=(10**10,))
+    """token budget"""
+    n_ctx: int = option(128, check=C.strict_int, limits=(2, 1 << 20))
+    """tokens per context"""
+    batch_size: int = option(16, check=C.positive_int, limits=(1 << 16,))
+    """sequences per forward pass"""
+    chunk_size: int = option(64, check=C.positive_int, limits=(1 << 20,))
+    """sequences per cache file (the unit a killed harvest resumes from)"""
+    out: str | None = None
+    """cache folder (resumable)"""
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig(ModelOptions):
+    """Quality of dictionaries on held-out tokens: a pair, several layers (each and all spliced at
+    once) or one dictionary at any site."""
+
+    dicts: list[str] | None = option(None, repeat=True)
+    """pair folder (resid/ and mlp/) or one-dictionary folder (cfg.json); repeat for several layers"""
+    layers: str | None = None
+    """all | 0-3 | 1,3: these layers' pairs, each and all spliced at once (pairs from --dicts, else the
+    cached default pairs, trained when absent)"""
+    layer: int | None = option(None, check=C.nonneg_int)
+    """default: the layer recorded in the dictionaries"""
+    data: str = BUILTIN_DATA
+    """builtin:stdlib, a .txt or .jsonl file, a folder of text files, or a HuggingFace dataset"""
+    split: str = "heldout"
+    """train | heldout | all"""
+    tokens: int = option(C.DefaultInt(16384), check=C.positive_int, limits=(10**10,))
+    """token budget"""
+    json: bool = False
+    """print JSON"""
+
+
 def cmd_harvest(args) -> None:
     from . import distributed as D
     from .activations import harvest, read_manifest
@@ -372,7 +418,7 @@ def _pair_done(out: Path, cfg: dict, model: str, layer: int) -> bool:
     return isinstance(saved, dict) and {**asdict(TrainConfig()), **saved} == cfg
 
 
-def cmd_evaluate(args: argparse.Namespace) -> None:
+def cmd_evaluate(args: EvaluateConfig) -> None:
     """``featcircuit evaluate``: reconstruction and downstream quality of a pair."""
     from .data import load_tokens
     from .dictionary import load_pair
@@ -752,19 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(model, "info", ModelInfoConfig, cmd_model_info)
     add_command(model, "train", ModelTrainConfig, cmd_model_train)
 
-    p = sub.add_parser("harvest", help="cache the resid and mlp activations of one layer")
-    _add_model(p)
-    p.add_argument("--layer", type=NONNEG, help="default: 2")
-    p.add_argument("--layers", help="several layers in one pass: all, 0-3 or 1,3")
-    p.add_argument("--data", default=BUILTIN_DATA)
-    p.add_argument("--split", default="heldout")
-    p.add_argument("--tokens", type=arg_type(C.positive_int, "--tokens", 10**10), default=C.DefaultInt(32768))
-    p.add_argument("--n-ctx", type=arg_type(C.strict_int, "--n-ctx", 2, 1 << 20), default=128)
-    p.add_argument("--batch-size", type=arg_type(C.positive_int, "--batch-size", 1 << 16), default=16)
-    p.add_argument("--chunk-size", type=arg_type(C.positive_int, "--chunk-size", 1 << 20), default=64,
-                   help="sequences per cache file (the unit a killed harvest resumes from)")
-    p.add_argument("--out", help="cache folder (resumable)")
-    p.set_defaults(func=cmd_harvest)
+    add_command(sub, "harvest", HarvestConfig, cmd_harvest)
 
     p = sub.add_parser("train", help="train the paired resid + mlp dictionaries of one layer")
     _add_model(p)
@@ -795,20 +829,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "attn_out | mlp_out | resid | mlp | a hook name")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="quality of dictionaries on held-out tokens: a pair, "
-                       "several layers (each and all spliced at once) or one dictionary at any site")
-    _add_model(p)
-    p.add_argument("--dicts", action="append",
-                   help="pair folder (resid/ and mlp/) or one-dictionary folder (cfg.json); repeat "
-                        "for several layers")
-    p.add_argument("--layers", help="all | 0-3 | 1,3: evaluate these layers' pairs, each and all spliced "
-                   "at once (pairs from --dicts, else the cached default pairs, trained when absent)")
-    p.add_argument("--layer", type=NONNEG, help="default: the layer recorded in the dictionaries")
-    p.add_argument("--data", default=BUILTIN_DATA)
-    p.add_argument("--split", default="heldout")
-    p.add_argument("--tokens", type=arg_type(C.positive_int, "--tokens", 10**10), default=C.DefaultInt(16384))
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_evaluate)
+    add_command(sub, "evaluate", EvaluateConfig, cmd_evaluate)
 
     from .discover import DiscoverConfig
     d = DiscoverConfig()

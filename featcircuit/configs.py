@@ -38,16 +38,18 @@ _KEY = "featcircuit.cli"
 
 def option(default: Any = dataclasses.MISSING, *, check: Callable[..., Any] | None = None,
            limits: tuple[Any, ...] = (), flag: str | None = None, short: str | None = None,
-           positional: bool = False, cli: bool = True, help: str | None = None) -> Any:
+           positional: bool = False, cli: bool = True, help: str | None = None,
+           repeat: bool = False) -> Any:
     """A dataclass field with command-line details (see the module docstring, step 3).
 
     ``check(text, flag, *limits)`` parses a typed value (``checks.positive_int``, ``checks.device``…);
     ``flag`` replaces the flag name made from the field's; ``short`` adds an alias such as ``-o``;
     ``positional`` makes it a positional argument; ``cli=False`` keeps it off the command line;
-    ``help`` replaces the field's docstring.
+    ``help`` replaces the field's docstring; ``repeat`` makes a ``list`` field a flag given once per
+    value (``--dicts A --dicts B``) instead of one flag with several values.
     """
     meta = {_KEY: {"check": check, "limits": tuple(limits), "flag": flag, "short": short,
-                   "positional": positional, "cli": cli, "help": help}}
+                   "positional": positional, "cli": cli, "help": help, "repeat": repeat}}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -111,9 +113,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, exclude: Collec
             else:
                 kw.update(action="store_true")
         else:
-            if get_origin(tp) is list:
-                kw["nargs"] = "+"
-                tp = get_args(tp)[0]
+            lists = [tp] if get_origin(tp) is list else [a for a in get_args(tp) if get_origin(a) is list]
+            if lists:  # list[X] (or list[X] | None): several values, or one per repeated flag
+                if meta.get("repeat"):
+                    kw["action"] = "append"
+                else:
+                    kw["nargs"] = "+"
+                tp = get_args(lists[0])[0]
             if get_origin(tp) is Literal:
                 kw["choices"] = get_args(tp)
             check = meta.get("check")

@@ -27,10 +27,11 @@ from .io import atomic_write_text, strict_json
 
 def discover_layers(cfg) -> dict:
     """The cross-layer pipeline; ``cfg`` is a :class:`~featcircuit.discover.DiscoverConfig`."""
+    from .behaviour import behaviour as _behaviour
+    from .behaviour import parse_sweep as _parse_sweep
     from .checks import discover_out, staged_output
     from .circuit import CircuitConfig
     from .crosscircuit import circuit_graph, find_cross_circuit, prompt_graph
-    from .discover import _behaviour, _parse_sweep
     from .exports import write_attribution_graph
     from .faithfulness import plot_curves
     from .models import load_model, model_name
@@ -167,7 +168,7 @@ def _edge_types(cx, circuit) -> dict[str, int]:
 
 
 def _print(summary: dict, found: dict | None) -> None:
-    from .discover import _f
+    from .behaviour import fmt as _f
 
     if summary.get("task"):
         p = summary["task"]

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+from .behaviour import behaviour as _behaviour
+from .behaviour import fmt as _f
+from .behaviour import parse_sweep as _parse_sweep
 from .errors import UserError
 from .io import atomic_write_text, strict_json
 
@@ -64,18 +67,6 @@ class DiscoverConfig:
     device: str = "auto"
     seed: int = 0
     progress: bool = True
-
-
-def _parse_sweep(s: str | None) -> tuple[float, ...]:
-    if not s:
-        return ()
-    try:
-        vals = tuple(float(v) for v in s.split(","))
-    except ValueError:
-        raise UserError(f"bad --tau-sweep {s!r}: expected comma-separated numbers, e.g. 0.001,0.01,0.05") from None
-    if not all(0 <= v < 1e6 for v in vals):  # also rejects nan
-        raise UserError(f"bad --tau-sweep {s!r}: every value must be a finite number >= 0")
-    return vals
 
 
 def _parse_target(target: str, d_mlp: int) -> int:
@@ -221,25 +212,6 @@ def _quality(model, pair, pair_path: Path, tokens: torch.Tensor, layer: int, pro
         except OSError:  # a read-only cache is not an error: the numbers were measured anyway
             pass
     return q
-
-
-def _behaviour(cfg: DiscoverConfig, model):
-    """(task or None, search behaviour, held-out behaviour, performance row)."""
-    from .data import load_tokens
-    from .tasks import builtin_task, load_prompts, task_performance
-
-    if cfg.task or cfg.prompts:
-        task = builtin_task(cfg.task, model) if cfg.task else load_prompts(cfg.prompts, model)
-        perf = task_performance(model, task)
-        s, h = task.halves()
-        return task, s, h, perf
-    n_ctx = 128
-    n_seq = max(2, -(-cfg.search_tokens // n_ctx))
-    toks = load_tokens(cfg.data, model, n_ctx=n_ctx, n_tokens=2 * n_seq * n_ctx, split=cfg.split)
-    if len(toks) < 2:
-        raise UserError(f"data {cfg.data!r} ({cfg.split}) holds too little text for a search and a held-out slice")
-    half = len(toks) // 2
-    return None, toks[:half], toks[half:], None
 
 
 def discover(cfg: DiscoverConfig) -> dict:
@@ -407,10 +379,6 @@ def _report_search(found: dict | None) -> dict | None:
                                          "completeness": ho["completeness"]},
                              "sizes": found["curves"]["sizes"],
                              "curves": {n: o["points"] for n, o in pts.items()}}}
-
-
-def _f(v, fmt: str = ".3f") -> str:
-    return "n/a" if v is None else format(v, fmt)
 
 
 def _print(summary, quality, table, graph, cfg, layer, perf, found, expl) -> None:

@@ -6,7 +6,7 @@
 2. :class:`Reducer` sums tensors over ranks (identity with one process), which is all the
    data-parallel trainer needs: global batch statistics and gradient all-reduce;
 3. :func:`shard` gives each rank its slice of a sequence of work items (token batches, cache
-   chunks), and :func:`merge_edge_tables` reduces per-rank :class:`EdgeTable` s into the table one
+   chunks); :mod:`featcircuit.sharded_edges` reduces per-rank edge tables into the table one
    process computes on all the tokens (sums added, maxima maxed, rows in the same order);
 4. only rank 0 writes files (:func:`is_writer`); the others wait at :func:`barrier`.
 """
@@ -128,59 +128,3 @@ class Reducer:
             n = p.grad.numel()
             p.grad.copy_(flat[i:i + n].view_as(p.grad))
             i += n
-
-
-def merge_edge_tables(tables: Sequence):
-    """One :class:`~featcircuit.attribution.EdgeTable` from tables over disjoint token sets.
-
-    Sums (weight, |weight|, count, behavioural weight) add, ``max_abs`` takes the maximum and
-    ``n_tokens`` adds; rows come out sorted by (dst, src) with the error source last, as
-    :func:`~featcircuit.attribution.attribute_edges` orders them.
-    """
-    from .attribution import ERR, EdgeTable
-
-    if not tables:
-        raise UserError("merge_edge_tables needs at least one table")
-    t0 = tables[0]
-    for t in tables[1:]:
-        if (t.layer, t.d_resid, t.d_mlp) != (t0.layer, t0.d_resid, t0.d_mlp):
-            raise UserError("edge tables of different layers or dictionaries cannot be merged")
-        if (t.behav_weight is None) != (t0.behav_weight is None):
-            raise UserError("edge tables with and without behavioural weights cannot be merged")
-    d_r = t0.d_resid
-    keys = torch.cat([t.dst * (d_r + 1) + torch.where(t.src == ERR, d_r, t.src) for t in tables])
-    uniq, inv = torch.unique(keys, return_inverse=True)
-    n = len(uniq)
-
-    def add(name: str) -> Tensor:
-        vals = torch.cat([getattr(t, name).double() for t in tables])
-        return torch.zeros(n, dtype=torch.float64).index_add_(0, inv, vals)
-
-    max_abs = torch.zeros(n, dtype=torch.float64).scatter_reduce_(
-        0, inv, torch.cat([t.max_abs.double() for t in tables]), reduce="amax", include_self=False)
-    count = torch.zeros(n, dtype=torch.long).index_add_(0, inv, torch.cat([t.count for t in tables]))
-    dst, src = uniq // (d_r + 1), uniq % (d_r + 1)
-    src = torch.where(src == d_r, ERR, src)
-    return EdgeTable(t0.layer, d_r, t0.d_mlp, src, dst, add("weight"), add("abs_weight"), count,
-                     max_abs, sum(t.n_tokens for t in tables),
-                     add("behav_weight") if t0.behav_weight is not None else None, dict(t0.meta))
-
-
-def attribute_edges_sharded(model, pair, tokens: Tensor, *, layer: int, batch_size: int = 16,
-                            **kw):
-    """:func:`~featcircuit.attribution.attribute_edges` with the token batches shared out over
-    the ranks and the per-rank tables merged; every rank gets the whole table."""
-    from .attribution import EdgeTable, attribute_edges
-
-    starts = list(range(0, len(tokens), batch_size))
-    mine = shard(starts)
-    if mine:
-        idx = torch.cat([torch.arange(s, min(s + batch_size, len(tokens))) for s in mine])
-        local = attribute_edges(model, pair, tokens[idx], layer=layer, batch_size=batch_size, **kw)
-    else:  # more ranks than batches: this rank contributes an empty table
-        local = attribute_edges(model, pair, tokens[:0], layer=layer, batch_size=batch_size, **kw)
-    if world() == 1:
-        return local
-    gathered: list = [None] * world()
-    dist.all_gather_object(gathered, local.to_dict())
-    return merge_edge_tables([EdgeTable.from_dict(d) for d in gathered])

@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import featcircuit.distributed as D
+import featcircuit.sharded_edges as SE
 import featcircuit.training as T
 from featcircuit.attribution import attribute_edges, default_metric
 from featcircuit.dictionary import load_pair
@@ -57,7 +58,7 @@ def _edges_worker(rank, world, init, model_dir, out):
     model = load_model(model_dir, device="cpu")
     tables = {}
     for with_metric in (False, True):
-        table = D.attribute_edges_sharded(model, random_pair(model, 1), _tokens(model, n=10),
+        table = SE.attribute_edges_sharded(model, random_pair(model, 1), _tokens(model, n=10),
                                           layer=1, batch_size=3, progress=False,
                                           metric=default_metric if with_metric else None)
         tables[str(with_metric)] = table.to_dict()
@@ -138,7 +139,7 @@ def test_merge_of_token_halves_is_the_whole_table(neox):
     kw = dict(layer=1, batch_size=4, progress=False, metric=default_metric)
     whole = attribute_edges(neox, pair, toks, **kw)
     parts = [attribute_edges(neox, pair, toks[i::3], **kw) for i in range(3)]
-    merged = D.merge_edge_tables(parts)
+    merged = SE.merge_edge_tables(parts)
     assert merged.n_tokens == whole.n_tokens
     assert torch.equal(merged.src, whole.src) and torch.equal(merged.dst, whole.dst)
     assert torch.equal(merged.count, whole.count)
