@@ -245,7 +245,9 @@ def main() -> None:
     text = replace_block(text, "sweep", "\n".join(sweep_rows))
     if cross:
         text = replace_block(text, "crosslayer", cross_table(cross_runs, args.layers) +
-                             f"\n\n`featcircuit discover --layers {args.layers} --task {best}`:\n\n```\n"
+                             f"\n\n`featcircuit discover --layers {args.layers} --task {best} "
+                             f"--tau {CROSS_TAU} --candidates {CROSS_CANDIDATES} --tau-sweep {CROSS_SWEEP}`:"
+                             "\n\n```\n"
                              + printed[f"cross-{best}"].replace(str(Path.home()), "~").replace(
                                  str(ROOT) + "/", "").strip() + "\n```\n\n" + timing_line(timing, args))
     readme.write_text(text)
