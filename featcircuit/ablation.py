@@ -88,7 +88,31 @@ class Config:
         return Config(self.default, tuple((jj, k, ss) for jj, (k, ss) in sorted(t.items())))
 
 
-class AblationContext:
+class Scorer:
+    """What every ablation context derives from its ``values``: distance, gap and faithfulness."""
+
+    m_full: float
+    m_empty: float
+
+    def values(self, configs: list[Config]) -> list[float]:
+        raise NotImplementedError
+
+    def distance(self, configs: list[Config]) -> list[float]:
+        """``D = |m(config) − m(M)|``: how far each configuration is from the full model."""
+        return [abs(v - self.m_full) for v in self.values(configs)]
+
+    @property
+    def gap(self) -> float:
+        """``m(M) − m(∅)``: what the whole scope does to the metric."""
+        return self.m_full - self.m_empty
+
+    def faithfulness(self, cfg: Config) -> float | None:
+        """``(m(C) − m(∅)) / (m(M) − m(∅))``; None when the scope does nothing (gap 0)."""
+        (v,) = self.values([cfg])
+        return (v - self.m_empty) / self.gap if self.gap != 0 else None
+
+
+class AblationContext(Scorer):
     """Clean (and corrupt) activations of one token set, and the scorer of :class:`Config` s."""
 
     def __init__(self, model, pair, layer: int, tokens: Tensor, ablation: str = "zero", *,
@@ -296,19 +320,6 @@ class AblationContext:
                 self._values[c] = self._metric(lg)
         return [self._values[c] for c in configs]
 
-    def distance(self, configs: list[Config]) -> list[float]:
-        """``D = |m(config) − m(M)|``: how far each configuration is from the full model."""
-        return [abs(v - self.m_full) for v in self.values(configs)]
-
-    @property
-    def gap(self) -> float:
-        """``m(M) − m(∅)``: what the whole scope does to the metric."""
-        return self.m_full - self.m_empty
-
-    def faithfulness(self, cfg: Config) -> float | None:
-        """``(m(C) − m(∅)) / (m(M) − m(∅))``; None when the scope does nothing (gap 0)."""
-        (v,) = self.values([cfg])
-        return (v - self.m_empty) / self.gap if self.gap != 0 else None
 
 
 # ---- restarting the forward after the layer ------------------------------------------------

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .ablation import Config, Edge, _capture_tail, metric_value, restart_logits
+from .ablation import Config, Edge, Scorer, _capture_tail, metric_value, restart_logits
 from .edges import ERR, active_rows, coefficients, edges_into, out_grad
 from .errors import UserError
 from .replacement import Replacement, SiteKey
@@ -46,7 +46,7 @@ class _Entries:
         self.row_ptr = self.src_key = self.by_src = self.src_sorted = self.edge
 
 
-class CrossContext:
+class CrossContext(Scorer):
     """Clean (and corrupt) traces of one token set over a run of layers, and a scorer of configs."""
 
     def __init__(self, rep: Replacement, tokens: Tensor, ablation: str = "zero", *,
@@ -334,17 +334,3 @@ class CrossContext:
                 for c, lg in zip(todo, self._logits([self._x_out(c) for c in todo])):
                     self._values[c] = metric_value(self, lg)
         return [self._values[c] for c in configs]
-
-    def distance(self, configs: list[Config]) -> list[float]:
-        """``D = |m(config) − m(M)|``."""
-        return [abs(v - self.m_full) for v in self.values(configs)]
-
-    @property
-    def gap(self) -> float:
-        """``m(M) − m(∅)``: what the whole scope does to the metric."""
-        return self.m_full - self.m_empty
-
-    def faithfulness(self, cfg: Config) -> float | None:
-        """``(m(C) − m(∅)) / (m(M) − m(∅))``; None when the scope does nothing."""
-        (v,) = self.values([cfg])
-        return (v - self.m_empty) / self.gap if self.gap != 0 else None

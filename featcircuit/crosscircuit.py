@@ -115,13 +115,7 @@ def circuit_graph(cx: CrossContext, circuit: list[tuple[int, int]], deltas: dict
     L_last = cx.layer
     readout: dict[str, list] = {}
     for ch in edges_into_out(cx.rep, cx.tr, cx.co, cx.g_out):
-        for u, v in zip(ch.src.tolist(), ch.value.tolist()):
-            nid = _site_nid(ch.src_site, u)
-            if nid in have:
-                r = readout.setdefault(nid, [0.0, 0.0, 0])
-                r[0] += v
-                r[1] += abs(v)
-                r[2] += 1
+        _sum_into(readout, have, [_site_nid(ch.src_site, u) for u in ch.src.tolist()], ch.value)
     for nid, (s, ab, c) in sorted(readout.items()):
         edges.append((nid, "out", {"weight": s, "abs_weight": ab, "count": c}))
     if readout:
@@ -131,13 +125,7 @@ def circuit_graph(cx: CrossContext, circuit: list[tuple[int, int]], deltas: dict
         for ch in edges_into(cx.rep, cx.tr, cx.co, ("resid", 0)):
             if ch.src_site != EMB:
                 continue
-            for k_, v in zip(ch.dst.tolist(), ch.value.tolist()):
-                nid = f"resid0/{k_}"
-                if nid in have:
-                    r = emb.setdefault(nid, [0.0, 0.0, 0])
-                    r[0] += v
-                    r[1] += abs(v)
-                    r[2] += 1
+            _sum_into(emb, have, [f"resid0/{k_}" for k_ in ch.dst.tolist()], ch.value)
         for nid, (s, ab, c) in sorted(emb.items()):
             edges.append(("emb", nid, {"weight": s, "abs_weight": ab, "count": c}))
         if emb:
@@ -146,6 +134,16 @@ def circuit_graph(cx: CrossContext, circuit: list[tuple[int, int]], deltas: dict
     meta["readout_note"] = (f"edges into out read the last layer ({L_last}) through its attention (frozen) "
                             "and the real model after it; they are not part of the ablation scope")
     return CircuitGraph.from_nodes_edges(nodes, edges, meta)
+
+
+def _sum_into(acc: dict[str, list], have: set, nids: list[str], values: torch.Tensor) -> None:
+    """Add each value to its node's [Σ e, Σ|e|, count] (nodes of the circuit only)."""
+    for nid, v in zip(nids, values.tolist()):
+        if nid in have:
+            r = acc.setdefault(nid, [0.0, 0.0, 0])
+            r[0] += v
+            r[1] += abs(v)
+            r[2] += 1
 
 
 @torch.no_grad()
