@@ -316,6 +316,10 @@ def cmd_train(args) -> None:
         tokens = load_tokens(args.data, model, n_ctx=cfg.n_ctx, n_tokens=n_seq * cfg.n_ctx, split="train")
         t0 = time.time()
         ckpt = out.parent / f".{out.name}.ckpt"
+        if D.world() == 1:  # a killed run's half-written temporaries; the lock keeps writers out
+            from .io import clear_stale_temps
+            for f in (out, ckpt):
+                clear_stale_temps(f, recursive=True)
         # several ranks stream their shares from one harvest cache instead of each holding all
         acts = ckpt / "acts" if D.world() > 1 else None
         train_pair(model, args.layer, tokens, cfg, out=out, ckpt_dir=ckpt, acts_dir=acts)
@@ -395,7 +399,11 @@ def _train_site(args, cfg) -> None:
             return
         tokens = load_tokens(args.data, model, n_ctx=cfg.n_ctx, n_tokens=n_seq * cfg.n_ctx, split="train")
         t0 = time.time()
-        train_site(model, s, tokens, cfg, out=out, ckpt_dir=out.parent / f".{out.name}.ckpt")
+        ckpt = out.parent / f".{out.name}.ckpt"
+        from .io import clear_stale_temps
+        for f in (out, ckpt):
+            clear_stale_temps(f, recursive=True)
+        train_site(model, s, tokens, cfg, out=out, ckpt_dir=ckpt)
     print(f"trained in {time.time() - t0:.0f}s; wrote the {s.name} dictionary of {model_name(model)} "
           f"layer {s.layer} ({s.hook}) to {out}; evaluate with `featcircuit evaluate --dicts {out}`")
 

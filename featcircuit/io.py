@@ -1,6 +1,7 @@
 """Atomic file writes: write to a temporary name in the same folder, then rename.
 
-1. a killed process leaves either the old file or the new one, never half of one;
+1. a killed process leaves either the old file or the new one, never half of one (its temporary
+   file, ``.<name>.<random>.tmp``, is swept by :func:`clear_stale_temps` when the run resumes);
 2. the file gets the usual mode (0666 & ~umask, 0644 by default) after it is written, since
    writers such as safetensors recreate the temporary file with mode 0600;
 3. JSON is written strictly (:func:`strict_json`): a NaN or infinity becomes ``null`` and its
@@ -39,6 +40,21 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def clear_stale_temps(folder: str | Path, recursive: bool = False) -> int:
+    """Delete the temporary files a killed :func:`_atomic` write left in ``folder`` (and below it
+    with ``recursive``); return how many.
+
+    Call it only while no other process writes into ``folder`` (before a resumed run starts).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = [p for p in (folder.rglob if recursive else folder.glob)(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

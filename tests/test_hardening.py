@@ -119,6 +119,31 @@ def test_safetensors_files_get_the_usual_mode(tmp_path):
         assert f.stat().st_mode & 0o777 == 0o666 & ~_umask(), f
 
 
+def test_killed_writes_leftovers_are_swept_and_nothing_else(tmp_path):
+    import featcircuit.io as io
+
+    names: list[str] = []
+
+    def dies(tmp: str) -> None:
+        names.append(tmp)
+        raise KeyboardInterrupt
+
+    sub = tmp_path / "resid"
+    sub.mkdir()
+    keep = [tmp_path / ".keep", tmp_path / "notes.tmp", tmp_path / "chunk_00000.safetensors"]
+    for f in keep:
+        f.write_text("mine")
+    for folder in (tmp_path, sub):
+        with pytest.raises(KeyboardInterrupt):
+            io._atomic(folder / "w.safetensors", dies)
+    for tmp in names:  # a SIGKILL runs no except clause: the temporaries _atomic named stay behind
+        Path(tmp).write_bytes(b"half")
+    assert io.clear_stale_temps(tmp_path) == 1 and Path(names[1]).exists()
+    assert io.clear_stale_temps(tmp_path, recursive=True) == 1
+    assert not any(Path(t).exists() for t in names)
+    assert all(f.read_text() == "mine" for f in keep)
+
+
 # ---- strict values ---------------------------------------------------------------------------
 
 
