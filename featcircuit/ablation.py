@@ -171,14 +171,18 @@ class AblationContext(Scorer):
                 nzs.append(self.err_coef.abs().sum(-1, keepdim=True) > 0)
             self._nonzero = torch.cat(nzs, 1)  # [N, d_R(+1)]
             self._tail = _capture_tail(model, layer, self.tokens)
-            (self.clean_logits,) = self._forward([torch.zeros_like(z)])
+            # a feature's change reaches the residual through W_dec·W_out: one [m, d] map, not two
+            self._dec_out = M.W_dec @ self.parts.W_out
+            (self.clean_logits,) = self._forward([torch.zeros(len(z), self._dec_out.shape[1], dtype=z.dtype,
+                                                              device=z.device)])
             if self.task is None and self.user_metric is None:
                 self.clean_logp = self.clean_logits[:, 1:].log_softmax(-1)
                 self.clean_p = self.clean_logp.exp()
-            self.dz_empty = (self.f_empty - self.f) @ M.W_dec
+            self.dout_empty = (self.f_empty - self.f) @ self._dec_out  # [N, d_model]
         self.passes = 0
         self._rows: dict[int, Tensor] = {}
         self._acts: dict[tuple, Tensor] = {}
+        self._col_memo: dict[frozenset, Tensor] = {}
         self._values: dict[Config, float] = {}
         self.m_full = self.values([Config.full()])[0]
         self.m_empty = self.values([Config.empty()])[0]
@@ -214,9 +218,17 @@ class AblationContext(Scorer):
             self._rows[j] = torch.nonzero(self.mask[:, j]).flatten()
         return self._rows[j]
 
+    def _cols(self, srcs: frozenset) -> Tensor:
+        """Columns of ``_nonzero`` for a source set (the error last), sorted; memoised per set."""
+        if srcs not in self._col_memo:
+            self._col_memo[srcs] = torch.tensor(sorted(self._d_r if i == ERR else i for i in srcs
+                                                       if i >= 0 or self.errors == "ablated"),
+                                                dtype=torch.long, device=self.x.device)
+        return self._col_memo[srcs]
+
     def _contrib(self, rows: Tensor, srcs: frozenset) -> Tensor:
-        feats = sorted(i for i in srcs if i >= 0)
-        idx = torch.tensor(feats, dtype=torch.long, device=rows.device)
+        idx = self._cols(srcs)
+        idx = idx[idx < self._d_r]  # features only: the error's term is added below
         out = self.coef[rows][:, idx] @ self.W_R[idx]
         if ERR in srcs:
             out = out + self.err_coef[rows]
@@ -241,8 +253,7 @@ class AblationContext(Scorer):
             j, kind, srcs = key
             rows = self.rows(j)
             nz = self._nonzero[rows]  # [n, d_R(+1)] sources carrying something at each token
-            cols = torch.tensor(sorted(self._d_r if i == ERR else i for i in srcs
-                                       if i >= 0 or self.errors == "ablated"), dtype=torch.long, device=rows.device)
+            cols = self._cols(srcs)
             hit = nz[:, cols].sum(1) if len(cols) else torch.zeros(len(rows), dtype=torch.long, device=rows.device)
             total = nz.sum(1)
             none_kept = hit == 0 if kind == "keep" else hit == total
@@ -275,10 +286,10 @@ class AblationContext(Scorer):
             self._acts[key] = out
             k += n
 
-    def dz(self, cfg: Config) -> Tensor:
-        """Change of the mid-MLP activation ``[N, d_mlp]`` under ``cfg`` (ε_M kept)."""
-        W = self.pair.mlp.W_dec
-        out = self.dz_empty.clone() if cfg.default == "empty" else torch.zeros_like(self.dz_empty)
+    def dout(self, cfg: Config) -> Tensor:
+        """Change of the MLP's output ``Δz·W_out [N, d_model]`` under ``cfg`` (ε_M kept)."""
+        W = self._dec_out
+        out = self.dout_empty.clone() if cfg.default == "empty" else torch.zeros_like(self.dout_empty)
         rows, js, vals = [], [], []
         self._fill([t for t in cfg.targets if len(self.rows(t[0]))])
         for j, kind, srcs in cfg.targets:
@@ -289,23 +300,24 @@ class AblationContext(Scorer):
             rows.append(r)
             js.append(torch.full_like(r, j))
             vals.append(self._acts[(j, kind, srcs)] - dflt)
-        if rows:  # one scatter for every listed target: Σ_j (f'_j − f_j^default)·m_j
+        if rows:  # one scatter for every listed target: Σ_j (f'_j − f_j^default)·m_j·W_out
             v = torch.cat(vals)
             out.index_add_(0, torch.cat(rows), v[:, None] * W[torch.cat(js)])
         return out
 
     # ---- the forward and the metric ------------------------------------------------------
 
-    def _forward(self, dzs: list[Tensor]) -> list[Tensor]:
-        """Logits per configuration (last position only for a task), given each one's Δz."""
+    def _forward(self, douts: list[Tensor]) -> list[Tensor]:
+        """Logits per configuration (last position only for a task), given each one's Δz·W_out."""
         n_seq, n_ctx = self.tokens.shape
         drs = []
-        for d in dzs:
+        for d in douts:
             dr = torch.zeros(n_seq, n_ctx, self.parts.W_out.shape[1], dtype=self.x.dtype, device=self.x.device)
-            dr[:, 1:] = d.view(n_seq, n_ctx - 1, -1) @ self.parts.W_out
+            dr[:, 1:] = d.view(n_seq, n_ctx - 1, -1)
             drs.append(dr)
         out, passes = restart_logits(self.model, self.layer, self.tokens, self._tail, drs,
-                                     self.task is not None, self.max_rows)
+                                     self.task is not None, self.max_rows,
+                                     clean=getattr(self, "clean_logits", None))
         self.passes += passes
         return out
 
@@ -316,7 +328,7 @@ class AblationContext(Scorer):
         """The metric m for each configuration (cached): logit difference, user metric or KL."""
         todo = list(dict.fromkeys(c for c in configs if c not in self._values))
         if todo:
-            for c, lg in zip(todo, self._forward([self.dz(c) for c in todo])):
+            for c, lg in zip(todo, self._forward([self.dout(c) for c in todo])):
                 self._values[c] = self._metric(lg)
         return [self._values[c] for c in configs]
 
@@ -326,37 +338,61 @@ class AblationContext(Scorer):
 
 
 def restart_logits(model, layer: int, tokens: Tensor, tail, d_resids: list[Tensor], last: bool,
-                   max_rows: int = 512) -> tuple[list[Tensor], int]:
+                   max_rows: int = 512, clean: Tensor | None = None) -> tuple[list[Tensor], int]:
     """Logits per residual change ``d_resid [n, ctx, d]`` added after block ``layer``, and passes.
 
     Restarts at block ``layer + 1`` from the captured clean residual (``tail``); without one, a
-    full forward with a hook at ``blocks.{layer}.hook_resid_post``. ``last``: only the last
-    position's logits (a task's metric reads nothing else).
+    forward with a hook at ``blocks.{layer}.hook_resid_post``. ``last``: only the last position's
+    logits (a task's metric reads nothing else). With the ``clean`` logits, only the sequences a
+    change touches run again (a configuration usually moves a few prompts); the others are clean.
     """
     n_seq, n_ctx = tokens.shape
     vocab = int(model.cfg.d_vocab)
     per_rows = max_rows if last else max(1, min(max_rows, 2**26 // (n_ctx * vocab)))
-    per = max(1, per_rows // n_seq)
-    out: list[Tensor] = []
+    every = torch.arange(n_seq, device=tokens.device)
+    todo = []  # (configuration, its sequences that change)
+    for i, d in enumerate(d_resids):
+        seqs = every if clean is None else torch.nonzero(d.flatten(1).any(1))[:, 0]
+        todo.append((i, seqs))
+    out: list[Tensor | None] = [clean.clone() if clean is not None else None for _ in d_resids]
     passes = 0
-    for c in range(0, len(d_resids), per):
-        chunk = d_resids[c:c + per]
-        dr = torch.stack(chunk)  # [B, n, ctx, d]
+    k = 0
+    while k < len(todo):  # batches of at most per_rows sequences (one configuration may exceed it)
+        batch: list[tuple[int, Tensor]] = []
+        rows = 0
+        while k < len(todo) and (not batch or rows + len(todo[k][1]) <= per_rows):
+            batch.append(todo[k])
+            rows += len(todo[k][1])
+            k += 1
+        if rows == 0:
+            continue
+        seq = torch.cat([s for _, s in batch])
+        dr = torch.cat([d_resids[i][s] for i, s in batch])
         with torch.no_grad():
-            if tail is not None:
-                logits = _run_tail(tail, dr, last)
-            else:
-                flat = dr.flatten(0, 1)
-
-                def hook(act: Tensor, hook=None, d=flat) -> Tensor:
-                    return act + d.to(act.dtype)
-
-                logits = model.run_with_hooks(tokens.repeat(len(chunk), 1),
-                                              fwd_hooks=[(f"blocks.{layer}.hook_resid_post", hook)])
-                logits = logits[:, -1:] if last else logits
+            logits = _rows_logits(model, layer, tokens, tail, seq, dr, last)
         passes += 1
-        out.extend(logits.view(len(chunk), n_seq, logits.shape[1], -1).unbind(0))
-    return out, passes
+        o = 0
+        for i, s in batch:
+            part = logits[o:o + len(s)]
+            o += len(s)
+            prev = out[i]
+            if prev is None:
+                out[i] = part
+            else:
+                prev[s] = part
+    return [o for o in out if o is not None], passes
+
+
+def _rows_logits(model, layer: int, tokens: Tensor, tail, seq: Tensor, d: Tensor, last: bool) -> Tensor:
+    """Logits of sequences ``seq`` with ``d [len(seq), ctx, d]`` added after block ``layer``."""
+    if tail is not None:
+        return _run_tail(tail, d, last, seq)
+
+    def hook(act: Tensor, hook=None) -> Tensor:
+        return act + d.to(act.dtype)
+
+    logits = model.run_with_hooks(tokens[seq], fwd_hooks=[(f"blocks.{layer}.hook_resid_post", hook)])
+    return logits[:, -1:] if last else logits
 
 
 def metric_value(ctx, logits: Tensor) -> float:
@@ -408,21 +444,27 @@ def _capture_tail(model, layer: int, tokens: Tensor):
     return None
 
 
-def _run_tail(tail, d_resid: Tensor, last_only: bool) -> Tensor:
-    """Logits of the blocks after the layer from the clean residual plus ``d_resid [B, n, ctx, d]``."""
-    blocks, ln_f, head, x, kw = tail
-    B = d_resid.shape[0]
-    n = x.shape[0]
+def _run_tail(tail, d_resid: Tensor, last_only: bool, seq: Tensor | None = None) -> Tensor:
+    """Logits of the blocks after the layer from the clean residual plus a change.
 
-    def rep(v):
+    ``d_resid [B, n, ctx, d]`` changes every sequence B times over; with ``seq``, ``d_resid
+    [len(seq), ctx, d]`` changes the sequences ``seq`` (repeats allowed).
+    """
+    blocks, ln_f, head, x, kw = tail
+    n = x.shape[0]
+    if seq is None:
+        seq = torch.arange(n, device=x.device).repeat(d_resid.shape[0])
+        d_resid = d_resid.flatten(0, 1)
+
+    def pick(v):
         if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n and n > 1:
-            return v.repeat(B, *([1] * (v.ndim - 1)))
+            return v[seq]
         if isinstance(v, tuple):
-            return tuple(rep(t) for t in v)
+            return tuple(pick(t) for t in v)
         return v
 
-    kwb = {k: rep(v) for k, v in kw.items()}
-    h = (x[None] + d_resid).flatten(0, 1)
+    kwb = {k: pick(v) for k, v in kw.items()}
+    h = x[seq] + d_resid
     for blk in blocks:
         h = blk(h, **kwb)
         h = h[0] if isinstance(h, tuple) else h

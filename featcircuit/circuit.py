@@ -98,7 +98,7 @@ def search_and_score(make: Callable, rank: Callable, search_beh, eval_beh, cfg: 
     stat = ranking.stat(by)
     cands = ranking.order(by)[: cfg.candidates]
     tau = cfg.tau_abs if cfg.tau_abs is not None else relative_tau(ctx, cfg.tau)
-    batch = cfg.batch if cfg.batch is not None or hasattr(ctx, "dz_empty") else 1
+    batch = cfg.batch if cfg.batch is not None or hasattr(ctx, "dout_empty") else 1
     res = search_circuit(ctx, cands, tau=tau, stat=stat, batch=batch, progress=progress)
     kept = res.kept
     steps.update(1)
@@ -114,11 +114,11 @@ def search_and_score(make: Callable, rank: Callable, search_beh, eval_beh, cfg: 
         keep.update(search=ctx, heldout=ev)
     other = "ablated" if cfg.errors == "kept" else "kept"
     by_delta = {(v["src"], v["dst"]): v["delta"] for v in res.visited}
-    removed = sorted((e for e in cands if e not in set(kept)), key=lambda e: -by_delta[e])
-    search_order = sorted(kept, key=lambda e: -by_delta[e]) + removed + [e for e in ranking.order(by)
-                                                                          if e not in set(cands)]
-    single_order = [cands[k] for k in sorted(range(len(cands)), key=lambda k: -singles[k])]
-    single_order += [e for e in ranking.order(by) if e not in set(cands)]
+    kept_set, cand_set = set(kept), set(cands)
+    removed = sorted((e for e in cands if e not in kept_set), key=lambda e: -by_delta[e])
+    rest = [e for e in ranking.order(by) if e not in cand_set]  # the scope past the candidates
+    search_order = sorted(kept, key=lambda e: -by_delta[e]) + removed + rest
+    single_order = [cands[k] for k in sorted(range(len(cands)), key=lambda k: -singles[k])] + rest
     orders = {"search": search_order, "attribution (net)": ranking.order("net"),
               "attribution (abs)": ranking.order("abs"), "single-edge ablation": single_order}
     if extra_orders is not None:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,13 @@ def _skipped(rel: str) -> bool:
 def stdlib_files(root: Path | None = None) -> list[CorpusFile]:
     """All corpus files, sorted by relative path, each with its split."""
     root = root or stdlib_root()
+    found = []
+    for d, dirs, names in os.walk(root):  # skipped folders are pruned, never walked (site-packages)
+        rel_d = Path(d).relative_to(root).as_posix()
+        dirs[:] = [x for x in dirs if not _skipped(x if rel_d == "." else f"{rel_d}/{x}")]
+        found += [Path(d) / n for n in names if n.endswith(".py")]
     out = []
-    for f in sorted(root.rglob("*.py")):
+    for f in sorted(found):
         rel = f.relative_to(root).as_posix()
         if not _skipped(rel):
             out.append(CorpusFile(rel, f, _split_of(rel)))

@@ -78,6 +78,7 @@ class CrossContext(Scorer):
         self.n_features = sum(widths)
         self.g_out = self._out_grad()
         with torch.no_grad():
+            self._mlp_out = rep.decoder(("mlp", self.layer)) @ rep.parts[self.layer].W_out  # [m, d]
             self._build()
             d = self.tr.acts[("resid", self.layer)].shape[-1]
             (logits,) = self._logits([torch.zeros(*self.tokens.shape, d, dtype=self.tr.logits.dtype)])
@@ -128,6 +129,7 @@ class CrossContext(Scorer):
         self.rows: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self.entries: dict[int, _Entries] = {}
         self.empty_vals: dict[int, Tensor] = {}
+        self.x_empty: dict[int, Tensor] = {}
         self.in_abs = torch.zeros(self.n_features, dtype=torch.float64)
         keys_all = []
         for si, site in enumerate(self.sites):
@@ -168,6 +170,13 @@ class CrossContext(Scorer):
             src_gid = torch.tensor(self.offset, dtype=torch.long)[E.src_si] + E.src
             dst_gid = self.offset[si] + k[E.row]
             keys_all.append(dst_gid * self.n_features + src_gid)
+            if site[0] == "mlp":  # each row's input with every scope source ablated: x_∅ = x − Σ c·r
+                D = rep.decoder(("resid", site[1]))
+                x0 = tr.acts[("resid", site[1])][n, t].clone()
+                for e0 in range(0, len(E.row), 65536):  # bounded memory: [chunk, d]
+                    sl = slice(e0, e0 + 65536)
+                    x0.index_add_(0, E.row[sl], -E.c[sl, None] * D[E.src[sl]])
+                self.x_empty[si] = x0
             all_rows = torch.arange(len(n))
             self.empty_vals[si] = self._rows_values(si, all_rows, torch.zeros(0, dtype=torch.bool), {})
         keys = torch.cat(keys_all) if keys_all else torch.zeros(0, dtype=torch.long)
@@ -248,27 +257,41 @@ class CrossContext(Scorer):
                 ii = idx[sel]
                 cur[sel] += dc[E.n[ii], E.s[ii], E.src[ii]]
         kept_e = kept[E.edge[idx]] if len(kept) else torch.zeros(len(idx), dtype=torch.bool)
-        w = torch.where(kept_e, cur, torch.zeros_like(cur)) - c  # kept: c' − c; ablated: −c
+        now = torch.where(kept_e, cur, torch.zeros_like(cur))  # what each entry carries now
+        w = now - c  # its change from the clean run: kept c' − c, ablated −c
+        moved = w != 0
         code = self.tr.codes[site][n[rows], t[rows], k[rows]]
         if site[0] == "resid":
-            return torch.relu(code.index_add(0, r_loc, E.J[idx] * w))
+            return torch.relu(code.index_add(0, r_loc[moved], E.J[idx][moved] * w[moved]))
+        # rows none of whose entries moved keep their exact clean value (no float drift downstream)
+        still = torch.ones(len(rows), dtype=torch.bool)
+        still[r_loc[moved]] = False
+        if not (~still).any():
+            return code
+        go = torch.nonzero(~still)[:, 0]  # only the moved rows go through the MLP again
+        local = torch.full((len(rows),), -1, dtype=torch.long)
+        local[go] = torch.arange(len(go))
         L = site[1]
         D = rep.decoder(("resid", L))
-        x = self.tr.acts[("resid", L)][n[rows], t[rows]].index_add(0, r_loc, w[:, None] * D[E.src[idx]])
+        src = E.src[idx]
+        carry = now != 0
+        if int(carry.sum()) < int(moved.sum()):  # fewer terms from x_∅ up than from x down
+            on = carry & (local[r_loc] >= 0)
+            x = self.x_empty[si][rows[go]].index_add(0, local[r_loc[on]], now[on, None] * D[src[on]])
+        else:
+            x = self.tr.acts[("resid", L)][n[rows[go]], t[rows[go]]].index_add(
+                0, local[r_loc[moved]], w[moved, None] * D[src[moved]])
         M = rep.dictionary(site)
-        kk = k[rows]
-        out = torch.empty(len(rows), dtype=x.dtype)
-        for s0 in range(0, len(rows), 8192):  # bounded memory: [chunk, d_mlp]
+        kk = k[rows[go]]
+        out = torch.empty(len(go), dtype=x.dtype)
+        for s0 in range(0, len(go), 8192):  # bounded memory: [chunk, d_mlp]
             z = rep.parts[L].hidden(x[s0:s0 + 8192])
             kc = kk[s0:s0 + 8192]
             if hasattr(M, "pre_acts") and hasattr(M, "W_enc"):
                 out[s0:s0 + 8192] = torch.relu(((z - M.b_dec) * M.W_enc.T[kc]).sum(-1) + M.b_enc[kc])
             else:
                 out[s0:s0 + 8192] = M.encode(z).gather(1, kc[:, None])[:, 0]
-        # rows none of whose entries moved keep their exact clean value (no float drift downstream)
-        still = torch.ones(len(rows), dtype=torch.bool)
-        still.index_fill_(0, r_loc[w != 0], False)
-        return torch.where(still, code, out)
+        return code.index_copy(0, go, out)
 
     def _x_out(self, cfg: Config) -> Tensor:
         """The change of the residual after the last chosen layer under ``cfg``.
@@ -316,13 +339,15 @@ class CrossContext(Scorer):
                 dcode[si] = d
         L = self.layer
         ri, mi = self.si[("resid", L)], self.si[("mlp", L)]
-        dx = dcode[ri] @ rep.decoder(("resid", L)) if ri in dcode else torch.zeros_like(tr.acts[("resid", L)])
-        dzo = dcode[mi] @ rep.decoder(("mlp", L)) @ rep.parts[L].W_out if mi in dcode else None
+        dx = _sparse_mm(dcode[ri], rep.decoder(("resid", L))) if ri in dcode else \
+            torch.zeros_like(tr.acts[("resid", L)])
+        dzo = _sparse_mm(dcode[mi], self._mlp_out) if mi in dcode else None
         return rep.step(L, tr, dx, dzo)
 
     def _logits(self, d_outs: list[Tensor]) -> list[Tensor]:
         out, passes = restart_logits(self.model, self.layer, self.tokens, self._tail, d_outs,
-                                     self.task is not None, self.max_rows)
+                                     self.task is not None, self.max_rows,
+                                     clean=getattr(self, "clean_logits", None))
         self.passes += passes
         return out
 
@@ -334,3 +359,12 @@ class CrossContext(Scorer):
                 for c, lg in zip(todo, self._logits([self._x_out(c) for c in todo])):
                     self._values[c] = metric_value(self, lg)
         return [self._values[c] for c in configs]
+
+
+def _sparse_mm(d: Tensor, W: Tensor) -> Tensor:
+    """``d @ W`` for ``d [..., m]`` whose rows are mostly zero: only the nonzero rows multiply."""
+    flat = d.reshape(-1, d.shape[-1])
+    on = torch.nonzero(flat.any(-1))[:, 0]
+    out = torch.zeros(flat.shape[0], W.shape[1], dtype=torch.promote_types(d.dtype, W.dtype), device=d.device)
+    out[on] = flat[on] @ W
+    return out.view(*d.shape[:-1], W.shape[1])

@@ -216,3 +216,33 @@ def test_curves_end_points(setup):
     assert pts[-1]["size"] == len(scope)
     assert pts[-1]["faithfulness"] == pytest.approx(1.0) and pts[-1]["completeness"] == pytest.approx(0.0)
     assert 3 in res["sizes"]
+
+
+@pytest.mark.parametrize("last", [True, False])
+def test_restart_runs_only_changed_sequences_and_equals_a_hooked_forward(setup, last):
+    """restart_logits with the clean logits reruns only the sequences a change touches."""
+    from featcircuit.ablation import _capture_tail, restart_logits
+
+    model, _, task = setup
+    tokens = task.clean
+    n, ctx = tokens.shape
+    d = model.cfg.d_model
+    g = torch.Generator().manual_seed(5)
+    one = torch.zeros(n, ctx, d, dtype=torch.float64)
+    one[2, 3:] = torch.randn(ctx - 3, d, generator=g, dtype=torch.float64)  # only sequence 2 moves
+    every = torch.randn(n, ctx, d, generator=g, dtype=torch.float64)
+    changes = [one, torch.zeros_like(one), every]
+    tail = _capture_tail(model, LAYER, tokens)
+    assert tail is not None
+    (clean,), _ = restart_logits(model, LAYER, tokens, tail, [changes[1]], last)
+    got, passes = restart_logits(model, LAYER, tokens, tail, changes, last, max_rows=n, clean=clean)
+    assert passes == 2  # 1 + 0 + n sequences in batches of n: [one], [every]
+
+    for dr, lg in zip(changes, got):
+        def add(act, hook=None, dr=dr):
+            return act + dr
+
+        ref = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{LAYER}.hook_resid_post", add)]).detach()
+        ref = ref[:, -1:] if last else ref
+        torch.testing.assert_close(lg, ref, rtol=1e-9, atol=1e-9)
+    assert torch.equal(got[0][[0, 1, 3]], clean[[0, 1, 3]]) and not torch.equal(got[0][2], clean[2])
