@@ -307,29 +307,28 @@ class AblationContext(Scorer):
 
     # ---- the forward and the metric ------------------------------------------------------
 
+    def _resid_change(self, dout: Tensor) -> Tensor:
+        """The residual change ``[n, ctx, d]`` after the layer from ``Δz·W_out`` at the scored tokens."""
+        n_seq, n_ctx = self.tokens.shape
+        dr = torch.zeros(n_seq, n_ctx, dout.shape[-1], dtype=self.x.dtype, device=self.x.device)
+        dr[:, 1:] = dout.view(n_seq, n_ctx - 1, -1)
+        return dr
+
     def _forward(self, douts: list[Tensor]) -> list[Tensor]:
         """Logits per configuration (last position only for a task), given each one's Δz·W_out."""
-        n_seq, n_ctx = self.tokens.shape
-        drs = []
-        for d in douts:
-            dr = torch.zeros(n_seq, n_ctx, self.parts.W_out.shape[1], dtype=self.x.dtype, device=self.x.device)
-            dr[:, 1:] = d.view(n_seq, n_ctx - 1, -1)
-            drs.append(dr)
+        drs = [self._resid_change(d) for d in douts]
         out, passes = restart_logits(self.model, self.layer, self.tokens, self._tail, drs,
                                      self.task is not None, self.max_rows,
                                      clean=getattr(self, "clean_logits", None))
         self.passes += passes
         return out
 
-    def _metric(self, logits: Tensor) -> float:
-        return metric_value(self, logits)
-
     def values(self, configs: list[Config]) -> list[float]:
         """The metric m for each configuration (cached): logit difference, user metric or KL."""
         todo = list(dict.fromkeys(c for c in configs if c not in self._values))
         if todo:
-            for c, lg in zip(todo, self._forward([self.dout(c) for c in todo])):
-                self._values[c] = self._metric(lg)
+            for c, v in zip(todo, restart_metric(self, [self._resid_change(self.dout(c)) for c in todo])):
+                self._values[c] = v
         return [self._values[c] for c in configs]
 
 
@@ -346,41 +345,81 @@ def restart_logits(model, layer: int, tokens: Tensor, tail, d_resids: list[Tenso
     logits (a task's metric reads nothing else). With the ``clean`` logits, only the sequences a
     change touches run again (a configuration usually moves a few prompts); the others are clean.
     """
+    rows, passes = restart_rows(model, layer, tokens, tail, d_resids, last, max_rows, sparse=clean is not None)
+    if clean is None:
+        return [lg for _, lg in rows], passes
+    out = []
+    for seqs, lg in rows:
+        o = clean.clone()
+        o[seqs] = lg
+        out.append(o)
+    return out, passes
+
+
+def restart_rows(model, layer: int, tokens: Tensor, tail, d_resids: list[Tensor], last: bool,
+                 max_rows: int = 512, sparse: bool = True) -> tuple[list[tuple[Tensor, Tensor]], int]:
+    """Per change, (the sequences it touches, their logits); every sequence unless ``sparse``."""
     n_seq, n_ctx = tokens.shape
     vocab = int(model.cfg.d_vocab)
     per_rows = max_rows if last else max(1, min(max_rows, 2**26 // (n_ctx * vocab)))
     every = torch.arange(n_seq, device=tokens.device)
-    todo = []  # (configuration, its sequences that change)
-    for i, d in enumerate(d_resids):
-        seqs = every if clean is None else torch.nonzero(d.flatten(1).any(1))[:, 0]
-        todo.append((i, seqs))
-    out: list[Tensor | None] = [clean.clone() if clean is not None else None for _ in d_resids]
+    todo = [torch.nonzero(d.flatten(1).any(1))[:, 0] if sparse else every for d in d_resids]
+    out: list[tuple[Tensor, Tensor]] = []
     passes = 0
     k = 0
-    while k < len(todo):  # batches of at most per_rows sequences (one configuration may exceed it)
-        batch: list[tuple[int, Tensor]] = []
+    while k < len(todo):  # batches of at most per_rows sequences (one change may exceed it)
+        batch: list[int] = []
         rows = 0
-        while k < len(todo) and (not batch or rows + len(todo[k][1]) <= per_rows):
-            batch.append(todo[k])
-            rows += len(todo[k][1])
+        while k < len(todo) and (not batch or rows + len(todo[k]) <= per_rows):
+            batch.append(k)
+            rows += len(todo[k])
             k += 1
         if rows == 0:
+            out += [(todo[i], d_resids[i].new_zeros(0, 1 if last else n_ctx, vocab)) for i in batch]
             continue
-        seq = torch.cat([s for _, s in batch])
-        dr = torch.cat([d_resids[i][s] for i, s in batch])
+        seq = torch.cat([todo[i] for i in batch])
+        dr = torch.cat([d_resids[i][todo[i]] for i in batch])
         with torch.no_grad():
             logits = _rows_logits(model, layer, tokens, tail, seq, dr, last)
         passes += 1
         o = 0
-        for i, s in batch:
-            part = logits[o:o + len(s)]
-            o += len(s)
-            prev = out[i]
-            if prev is None:
-                out[i] = part
-            else:
-                prev[s] = part
-    return [o for o in out if o is not None], passes
+        for i in batch:
+            out.append((todo[i], logits[o:o + len(todo[i])]))
+            o += len(todo[i])
+    return out, passes
+
+
+def restart_metric(ctx, d_resids: list[Tensor]) -> list[float]:
+    """The metric of a context per residual change after its layer, rerunning only what changed.
+
+    Next-token KL sums over the changed sequences alone (an unchanged one contributes exactly 0);
+    a task's or user's metric reads the clean logits with the changed sequences put in.
+    """
+    kl = ctx.task is None and ctx.user_metric is None
+    if not kl:
+        logits, passes = restart_logits(ctx.model, ctx.layer, ctx.tokens, ctx._tail, d_resids,
+                                        ctx.task is not None, ctx.max_rows, clean=ctx.clean_logits)
+        ctx.passes += passes
+        return [metric_value(ctx, lg) for lg in logits]
+    rows, passes = restart_rows(ctx.model, ctx.layer, ctx.tokens, ctx._tail, d_resids, False, ctx.max_rows)
+    ctx.passes += passes
+    p = ctx.clean_p
+    n_pos = p.shape[0] * p.shape[1]
+    if getattr(ctx, "_clean_neg_entropy", None) is None:
+        ctx._clean_neg_entropy = (p * ctx.clean_logp).sum(-1)  # Σ_v p log p per position
+    out = []
+    for seqs, lg in rows:
+        if len(seqs) == 0:
+            out.append(0.0)
+            continue
+        every = len(seqs) == p.shape[0]  # no gather (a copy of p) when every sequence moved
+        ps, neg_h = (p, ctx._clean_neg_entropy) if every else (p[seqs], ctx._clean_neg_entropy[seqs])
+        y = lg[:, 1:]
+        # KL = Σ p log p − Σ p·y + logsumexp(y) (Σ p = 1): two passes over the vocabulary, not five;
+        # clamped per position, since float noise must not make a KL negative
+        kl_pos = (neg_h - torch.einsum("npv,npv->np", ps, y) + torch.logsumexp(y, -1)).clamp_min(0)
+        out.append(float(kl_pos.sum() / n_pos))
+    return out
 
 
 def _rows_logits(model, layer: int, tokens: Tensor, tail, seq: Tensor, d: Tensor, last: bool) -> Tensor:

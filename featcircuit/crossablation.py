@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .ablation import Config, Edge, Scorer, _capture_tail, metric_value, restart_logits
+from .ablation import Config, Edge, Scorer, _capture_tail, restart_logits, restart_metric
 from .edges import ERR, active_rows, coefficients, edges_into, out_grad
 from .errors import UserError
 from .replacement import Replacement, SiteKey
@@ -356,8 +356,8 @@ class CrossContext(Scorer):
         todo = list(dict.fromkeys(c for c in configs if c not in self._values))
         if todo:
             with torch.no_grad():
-                for c, lg in zip(todo, self._logits([self._x_out(c) for c in todo])):
-                    self._values[c] = metric_value(self, lg)
+                for c, v in zip(todo, restart_metric(self, [self._x_out(c) for c in todo])):
+                    self._values[c] = v
         return [self._values[c] for c in configs]
 
 

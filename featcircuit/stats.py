@@ -1,8 +1,8 @@
 """Feature activity over a token budget: per-feature statistics, the sparse index, density (DESIGN §8).
 
-1. *Stats* (:func:`collect_stats`): one pass over a token budget gives, per feature of both
-   dictionaries, activation frequency, mean and maximum activation, the positions of its top
-   activations and its top logit-lens tokens, as a :class:`FeatureStats`.
+1. *Stats* (:func:`collect_stats`): per feature of both dictionaries, activation frequency, mean
+   and maximum activation, the positions of its top activations and its top logit-lens tokens,
+   as a :class:`FeatureStats`, read off the index below (no pass of its own).
 2. *Index* (:func:`feature_index`): one pass over a token budget stores every nonzero activation
    of one dictionary, sparse and sorted by feature (a :class:`FeatureIndex`); it is cached in
    ``$FEATCIRCUIT_CACHE/features/`` under a key made of the dictionary's weights, the hook and the
@@ -56,46 +56,45 @@ class FeatureStats:
 
 @torch.no_grad()
 def collect_stats(model, pair, tokens: Tensor, layer: int, *, k: int = LABEL_K, batch_size: int = 16,
-                  lens: int = 3, progress: bool = True) -> dict[str, FeatureStats]:
-    """``{"resid": FeatureStats, "mlp": FeatureStats}`` of a pair over ``tokens``."""
-    from .activations import harvest
+                  lens: int = 3, progress: bool = True,
+                  cache_dir: str | Path | Literal[False] | None = None) -> dict[str, FeatureStats]:
+    """``{"resid": FeatureStats, "mlp": FeatureStats}`` of a pair over ``tokens``.
+
+    Read off each dictionary's :class:`FeatureIndex` (cached, so cards and labels of the same
+    tokens need no second pass); ``cache_dir`` as for :func:`feature_index`.
+    """
     from .lens import feature_directions, lens_mask, lens_top_ids
 
-    sites = pair_sites(model, layer)
-    dicts = {"resid": pair.resid, "mlp": pair.mlp}
-    n_ctx = tokens.shape[1]
-    acc = {}
-    for name, d in dicts.items():
-        m = d.W_dec.shape[0]
-        acc[name] = {"count": torch.zeros(m), "sum": torch.zeros(m), "max": torch.zeros(m),
-                     "tv": torch.zeros(m, 0), "tp": torch.zeros(m, 0, dtype=torch.long)}
-    for s in tqdm(range(0, len(tokens), batch_size), desc="feature stats", disable=not progress):
-        b = tokens[s:s + batch_size]
-        acts = harvest(model, b, [x.hook for x in sites], batch_size=len(b), progress=False)
-        pos = (torch.arange(len(b))[:, None] * n_ctx + torch.arange(1, n_ctx)[None, :] + s * n_ctx).flatten()
-        for site in sites:
-            d = dicts[site.name]
-            codes = d.encode(acts[site.hook][:, 1:].flatten(0, 1).to(d.W_dec.device)).cpu()
-            a = acc[site.name]
-            a["count"] += (codes > 0).sum(0)
-            a["sum"] += codes.clamp_min(0).sum(0)
-            a["max"] = torch.maximum(a["max"], codes.max(0).values)
-            kk = min(k, len(codes))
-            v, i = codes.T.topk(kk, dim=1)
-            tv = torch.cat([a["tv"], v], 1)
-            tp = torch.cat([a["tp"], pos[i]], 1)
-            keep = tv.topk(min(k, tv.shape[1]), dim=1)
-            a["tv"], a["tp"] = keep.values, tp.gather(1, keep.indices)
-    n = tokens.shape[0] * (n_ctx - 1)
-    out = {}
     mask = lens_mask(model, token_counts(tokens, model.W_U.shape[1])) if lens > 0 else None
-    for name, a in acc.items():
+    out = {}
+    for name in ("resid", "mlp"):
+        idx = feature_index(model, pair, tokens, layer, name, cache_dir=cache_dir, progress=progress,
+                            batch_size=batch_size)
         top = None
         if mask is not None:
             top = lens_top_ids(model, feature_directions(model, pair, layer, name), mask, lens)
-        out[name] = FeatureStats(a["count"] / n, a["sum"] / a["count"].clamp_min(1), a["max"], a["tv"],
-                                 a["tp"], n, top)
+        out[name] = stats_from_index(idx, k, top)
     return out
+
+
+def stats_from_index(idx: FeatureIndex, k: int = LABEL_K, lens_top: Tensor | None = None) -> FeatureStats:
+    """Frequency, mean and max activation and the top-``k`` activations of every feature of an index."""
+    d, nnz = idx.d_sae, len(idx.val)
+    count = (idx.offsets[1:] - idx.offsets[:-1]).float()
+    feat = torch.repeat_interleave(torch.arange(d), (idx.offsets[1:] - idx.offsets[:-1]))
+    val = idx.val.float()
+    total = torch.zeros(d).index_add_(0, feat, val)
+    vmax = torch.zeros(d).scatter_reduce_(0, feat, val, "amax", include_self=True)
+    # each feature's activations by decreasing value (stable: ties keep position order)
+    order = torch.argsort(val, descending=True, stable=True)
+    order = order[torch.argsort(feat[order], stable=True)]
+    rank = torch.arange(nnz) - idx.offsets[feat[order]]
+    top = rank < k
+    tv, tp = torch.zeros(d, k), torch.zeros(d, k, dtype=torch.long)  # unfilled slots: value 0
+    tv[feat[order][top], rank[top]] = val[order][top]
+    tp[feat[order][top], rank[top]] = idx.pos[order][top]
+    return FeatureStats(count / idx.n_tokens, total / count.clamp_min(1), vmax, tv, tp, idx.n_tokens,
+                        lens_top)
 
 
 # ---- 2. the index: every nonzero activation of one dictionary --------------------------------
@@ -214,7 +213,7 @@ def build_index(model, dictionary, hook: str, tokens: Tensor, *, site: str = "",
 
 def feature_index(model, pair, tokens: Tensor, layer: int, site: str, *,
                   cache_dir: str | Path | Literal[False] | None = None,
-                  progress: bool = False) -> FeatureIndex:
+                  progress: bool = False, batch_size: int = 16) -> FeatureIndex:
     """The :class:`FeatureIndex` of ``pair``'s ``site`` dictionary: from the cache, or one pass (then cached).
 
     ``cache_dir``: None for :func:`default_cache_dir`, a folder, or False for no cache.
@@ -237,7 +236,8 @@ def feature_index(model, pair, tokens: Tensor, layer: int, site: str, *,
                     return FeatureIndex.from_dict(raw)
             except Exception:  # a corrupt or foreign cache file is rebuilt, never trusted
                 pass
-    idx = build_index(model, d, hook, tokens, site=site, layer=layer, progress=progress)
+    idx = build_index(model, d, hook, tokens, site=site, layer=layer, progress=progress,
+                      batch_size=batch_size)
     idx.key = key
     if path is not None:
         atomic_save_torch(idx.to_dict(), path)

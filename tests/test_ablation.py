@@ -35,7 +35,7 @@ def _capture(model, tokens, hooks, replace=None):
     return got
 
 
-def reference_metric(model, pair, task, kept: set, ablation: str, errors: str = "kept") -> float:
+def reference_metric(model, pair, task, kept: set, ablation: str, errors: str = "kept", score=None) -> float:
     """m(C) with only ``kept`` (i, j) edges intact, computed from the model's own modules."""
     r, m = pair_sites(model, LAYER)
     R, M = pair
@@ -76,7 +76,7 @@ def reference_metric(model, pair, task, kept: set, ablation: str, errors: str = 
         return torch.cat([act[:, :1], act[:, 1:] + dz], 1)
 
     logits = model.run_with_hooks(task.clean, fwd_hooks=[(m.hook, add)])
-    return float(task.metric(logits).detach())
+    return float((score or task.metric)(logits.detach()))
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,34 @@ def test_values_equal_independent_reference(setup, ablation, errors):
     (comp,) = ctx.values([Config.removing(some)])
     ref = reference_metric(model, pair, task, set(scope) - set(some), ablation, errors)
     assert comp == pytest.approx(ref, abs=1e-9)
+
+
+def test_corpus_kl_equals_independent_reference(setup):
+    """Corpus mode: m = mean next-token KL(clean ‖ ablated) over the scored positions."""
+    model, pair, task = setup
+    ctx = AblationContext(model, pair, LAYER, task.clean, "zero")
+    logp = torch.log_softmax(model(task.clean).detach(), -1)
+
+    def kl(logits):
+        return torch.nn.functional.kl_div(torch.log_softmax(logits, -1)[:, 1:], logp[:, 1:], log_target=True,
+                                          reduction="none").sum(-1).mean()
+
+    some = ctx.scope()[::2][:10]
+    ours = ctx.values([Config.keeping([]), Config.keeping(some), Config.removing(some)])
+    ref = [reference_metric(model, pair, task, kept, "zero", score=kl)
+           for kept in (set(), set(some), set(ctx.scope()) - set(some))]
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=1e-7, atol=1e-10)
+    assert min(ours) > 1e-6  # far from the 0 that an unchanged run gives
+    # a change after the layer that touches one sequence: the KL is still the mean over all of them
+    from featcircuit.ablation import restart_metric
+
+    one = torch.zeros(*task.clean.shape, model.cfg.d_model, dtype=torch.float64)
+    one[1, 2:] = 0.5 * torch.randn(task.clean.shape[1] - 2, model.cfg.d_model, dtype=torch.float64,
+                                   generator=torch.Generator().manual_seed(0))
+    (got,) = restart_metric(ctx, [one])
+    hooked = model.run_with_hooks(task.clean, fwd_hooks=[(f"blocks.{LAYER}.hook_resid_post",
+                                                          lambda act, hook: act + one)]).detach()
+    assert got == pytest.approx(float(kl(hooked)), rel=1e-7) and got > 1e-6
 
 
 def test_ablation_values_differ(setup):

@@ -413,3 +413,32 @@ def test_edge_evidence_matches_the_table_and_autograd(neox):
             assert t["values"][t["index"]] == pytest.approx(t["edge"])
     with pytest.raises(Exception, match="unknown edge"):
         edge_evidence(neox, pair, tokens, 1, [(0, 10**6)])
+
+
+def test_stats_read_off_the_index_equal_codes_of_a_cached_forward(neox, tmp_path):
+    """collect_stats (from the sparse index) against codes encoded from run_with_cache directly."""
+    from featcircuit.features import collect_stats
+
+    pair = random_pair(neox, 1, k=3, width=2)
+    tokens = text_tokens(neox)[:6]
+    k = 5
+    stats = collect_stats(neox, pair, tokens, 1, k=k, lens=0, progress=False, cache_dir=tmp_path,
+                          batch_size=4)
+    _, cache = neox.run_with_cache(tokens)
+    n_ctx = tokens.shape[1]
+    for site, d in zip(pair_sites(neox, 1), (pair.resid, pair.mlp)):
+        codes = d.encode(cache[site.hook][:, 1:].flatten(0, 1))  # [T, m], BOS left out
+        pos = (torch.arange(len(tokens))[:, None] * n_ctx + torch.arange(1, n_ctx)).flatten()
+        st = stats[site.name]
+        on = codes > 0
+        assert st.n_tokens == len(codes)
+        torch.testing.assert_close(st.freq, on.float().mean(0))
+        torch.testing.assert_close(st.mean_act, codes.sum(0) / on.sum(0).clamp_min(1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(st.max_act, codes.max(0).values, rtol=1e-5, atol=1e-6)
+        v, i = codes.T.topk(k, dim=1)
+        torch.testing.assert_close(st.top_vals, v, rtol=1e-5, atol=1e-6)
+        # positions of the top activations: the same (value, position) pairs where values are > 0
+        for f in range(codes.shape[1]):
+            live = v[f] > 0
+            assert sorted(st.top_pos[f][live].tolist()) == sorted(pos[i[f][live]].tolist()) or \
+                len(set(v[f][live].tolist())) < int(live.sum())  # ties may pick other positions
