@@ -19,7 +19,8 @@ ablation value ``b``:
    from the clean residual plus ``Δz·W_out`` — earlier blocks never rerun;
 4. the metric: the task's (logit difference at the last position, only that position's logits
    are computed), a user metric of the logits, or mean KL(clean ‖ ablated) over non-BOS
-   positions, computed as ``Σ p (log p − log q)`` so an unchanged run gives exactly 0.
+   positions, summed over the sequences a configuration changes (an unchanged one adds exactly
+   0) from the change of the logits Δ as ``logsumexp(log p + Δ) − Σ p·Δ`` (float32-safe).
 """
 
 from __future__ import annotations
@@ -403,22 +404,16 @@ def restart_metric(ctx, d_resids: list[Tensor]) -> list[float]:
         return [metric_value(ctx, lg) for lg in logits]
     rows, passes = restart_rows(ctx.model, ctx.layer, ctx.tokens, ctx._tail, d_resids, False, ctx.max_rows)
     ctx.passes += passes
-    p = ctx.clean_p
-    n_pos = p.shape[0] * p.shape[1]
-    if getattr(ctx, "_clean_neg_entropy", None) is None:
-        ctx._clean_neg_entropy = (p * ctx.clean_logp).sum(-1)  # Σ_v p log p per position
+    n_pos = ctx.clean_p.shape[0] * ctx.clean_p.shape[1]
     out = []
     for seqs, lg in rows:
         if len(seqs) == 0:
             out.append(0.0)
             continue
-        every = len(seqs) == p.shape[0]  # no gather (a copy of p) when every sequence moved
-        ps, neg_h = (p, ctx._clean_neg_entropy) if every else (p[seqs], ctx._clean_neg_entropy[seqs])
-        y = lg[:, 1:]
-        # KL = Σ p log p − Σ p·y + logsumexp(y) (Σ p = 1): two passes over the vocabulary, not five;
-        # clamped per position, since float noise must not make a KL negative
-        kl_pos = (neg_h - torch.einsum("npv,npv->np", ps, y) + torch.logsumexp(y, -1)).clamp_min(0)
-        out.append(float(kl_pos.sum() / n_pos))
+        every = len(seqs) == len(ctx.clean_p)  # no gather (a copy) when every sequence moved
+        pick = slice(None) if every else seqs
+        out.append(float(kl_positions(ctx.clean_logits[pick, 1:], ctx.clean_logp[pick], ctx.clean_p[pick],
+                                      lg[:, 1:]).sum() / n_pos))
     return out
 
 
@@ -434,15 +429,26 @@ def _rows_logits(model, layer: int, tokens: Tensor, tail, seq: Tensor, d: Tensor
     return logits[:, -1:] if last else logits
 
 
+def kl_positions(clean: Tensor, clean_logp: Tensor, clean_p: Tensor, logits: Tensor) -> Tensor:
+    """KL(clean ‖ changed) per position from the logits ``[..., V]``, clamped at 0.
+
+    Written in the change ``Δ = logits − clean``: ``KL = logsumexp(log p + Δ) − logsumexp(log p)
+    − Σ p·Δ``, every term of the size of Δ, summed in float64. A float32 sum over a large
+    vocabulary of terms of the size of the logits would lose a small KL entirely.
+    """
+    delta = (logits - clean).double()  # float32 difference of close numbers: exact
+    lp = clean_logp.double()
+    kl = torch.logsumexp(lp + delta, -1) - torch.logsumexp(lp, -1) - (clean_p.double() * delta).sum(-1)
+    return kl.clamp_min(0)  # float noise must not make a KL negative
+
+
 def metric_value(ctx, logits: Tensor) -> float:
     """The metric of a context (``task``, ``user_metric``, else KL to ``clean_p``) on logits."""
     if ctx.task is not None:
         return float(ctx.task.metric(logits))
     if ctx.user_metric is not None:
         return float(ctx.user_metric(logits, ctx.tokens))
-    logq = logits[:, 1:].log_softmax(-1)
-    # clamped per position: float noise must not make a KL negative
-    return float((ctx.clean_p * (ctx.clean_logp - logq)).sum(-1).clamp_min(0).mean())
+    return float(kl_positions(ctx.clean_logits[:, 1:], ctx.clean_logp, ctx.clean_p, logits[:, 1:]).mean())
 
 
 

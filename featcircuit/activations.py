@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .io import atomic_save_safetensors, atomic_write_text, clear_stale_temps
+from .io import atomic_save_safetensors, atomic_write_text
 from .sites import hook_layer, n_layers
 
 MANIFEST_VERSION = 1
@@ -152,7 +152,6 @@ def _harvest_cached(model, tokens, hooks, stop, device, cache: Path, batch_size,
     man = _manifest(model, tokens, hooks, chunk_size)
     man_path = cache / "manifest.json"
     if D.is_writer():
-        clear_stale_temps(cache)  # a killed write's leftovers; no rank writes before the barrier
         old = read_manifest(cache)
         if old is not None:
             if old != man:

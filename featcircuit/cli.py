@@ -218,6 +218,9 @@ def cmd_harvest(args) -> None:
     t0 = time.time()
     lock = C.folder_lock(out) if D.world() == 1 else contextlib.nullcontext()
     with lock:  # two harvests into one cache run one after the other
+        if D.world() == 1:  # a killed run's half-written chunks; the lock keeps other writers out
+            from .io import clear_stale_temps
+            clear_stale_temps(out)
         harvest(model, tokens, [s.hook for s in sites], cache_dir=out,
                 batch_size=args.batch_size, chunk_size=args.chunk_size, load=False)
     dt = time.time() - t0
@@ -362,6 +365,7 @@ def _train_site(args, cfg) -> None:
     """``train --site S --layer L``: one dictionary at one site, written as a one-dictionary folder."""
     from dataclasses import asdict
 
+    from . import distributed as D
     from .data import load_tokens
     from .models import canonical_name, load_model, model_name
     from .site_training import SITE_FILES, TRAIN_CONFIG, train_site
@@ -400,9 +404,10 @@ def _train_site(args, cfg) -> None:
         tokens = load_tokens(args.data, model, n_ctx=cfg.n_ctx, n_tokens=n_seq * cfg.n_ctx, split="train")
         t0 = time.time()
         ckpt = out.parent / f".{out.name}.ckpt"
-        from .io import clear_stale_temps
-        for f in (out, ckpt):
-            clear_stale_temps(f, recursive=True)
+        if D.world() == 1:  # a killed run's half-written temporaries; the lock keeps writers out
+            from .io import clear_stale_temps
+            for f in (out, ckpt):
+                clear_stale_temps(f, recursive=True)
         train_site(model, s, tokens, cfg, out=out, ckpt_dir=ckpt)
     print(f"trained in {time.time() - t0:.0f}s; wrote the {s.name} dictionary of {model_name(model)} "
           f"layer {s.layer} ({s.hook}) to {out}; evaluate with `featcircuit evaluate --dicts {out}`")

@@ -35,6 +35,7 @@ from .errors import UserError
 from .replacement import Replacement, SiteKey
 
 CROSS_ABLATIONS = ("zero", "patch")
+X_EMPTY_BYTES = 256 << 20  # above this, x_∅ per MLP row is not kept (configs add from x instead)
 
 
 class _Entries:
@@ -170,9 +171,12 @@ class CrossContext(Scorer):
             src_gid = torch.tensor(self.offset, dtype=torch.long)[E.src_si] + E.src
             dst_gid = self.offset[si] + k[E.row]
             keys_all.append(dst_gid * self.n_features + src_gid)
-            if site[0] == "mlp":  # each row's input with every scope source ablated: x_∅ = x − Σ c·r
+            x_in = tr.acts[("resid", site[1])]
+            if site[0] == "mlp" and len(n) * x_in.shape[-1] * x_in.element_size() <= X_EMPTY_BYTES:
+                # each row's input with every scope source ablated, x_∅ = x − Σ c·r: a config that
+                # keeps few edges then starts from it (one [rows, d] array per MLP site, capped)
                 D = rep.decoder(("resid", site[1]))
-                x0 = tr.acts[("resid", site[1])][n, t].clone()
+                x0 = x_in[n, t].clone()
                 for e0 in range(0, len(E.row), 65536):  # bounded memory: [chunk, d]
                     sl = slice(e0, e0 + 65536)
                     x0.index_add_(0, E.row[sl], -E.c[sl, None] * D[E.src[sl]])
@@ -275,7 +279,7 @@ class CrossContext(Scorer):
         D = rep.decoder(("resid", L))
         src = E.src[idx]
         carry = now != 0
-        if int(carry.sum()) < int(moved.sum()):  # fewer terms from x_∅ up than from x down
+        if si in self.x_empty and int(carry.sum()) < int(moved.sum()):  # fewer terms from x_∅ up
             on = carry & (local[r_loc] >= 0)
             x = self.x_empty[si][rows[go]].index_add(0, local[r_loc[on]], now[on, None] * D[src[on]])
         else:

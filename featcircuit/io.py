@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -42,16 +43,22 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")
+
+
 def clear_stale_temps(folder: str | Path, recursive: bool = False) -> int:
     """Delete the temporary files a killed :func:`_atomic` write left in ``folder`` (and below it
     with ``recursive``); return how many.
 
-    Call it only while no other process writes into ``folder`` (before a resumed run starts).
+    Only names of :func:`_atomic`'s pattern go (``.NAME.`` + mkstemp's 8 characters + ``.tmp``).
+    Call it only while no other process writes into ``folder``: under the folder's lock, before
+    a resumed run starts (a concurrent writer's temporary would be deleted under it).
     """
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    stale = [p for p in (folder.rglob if recursive else folder.glob)(".*.tmp") if p.is_file()]
+    stale = [p for p in (folder.rglob if recursive else folder.glob)(".*.tmp")
+             if p.is_file() and _TEMP_NAME.fullmatch(p.name)]
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)

@@ -52,7 +52,7 @@ class EdgeRanking:
         """Edges by decreasing ``|by|`` (ties by (dst, src))."""
         import numpy as np
 
-        v = (self.abs if by == "abs" else self.net.abs()).double().numpy()
+        v = (self.abs if by == "abs" else self.net.abs()).detach().double().cpu().numpy()
         e = np.array(self.edges, dtype=np.int64).reshape(-1, 2)
         idx = np.lexsort((e[:, 0], e[:, 1], -v))  # last key first: |by| down, then dst, then src
         return [self.edges[k] for k in idx.tolist()]

@@ -117,16 +117,26 @@ def cross_table(runs: dict[str, dict], layers: str) -> str:
     return "\n".join(rows)
 
 
-def timing_line(s: dict, args) -> str:
-    """The timed run over more layers: its stages, passes and result."""
+def timing_line(s: dict, one: dict, args) -> str:
+    """The timed runs (alone on the machine, both cores): over more layers, and on one layer."""
     c = s["circuit"]
     st = ", ".join(f"{k} {v:g} s" for k, v in s["seconds"].items())
     ps = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s["passes"].items())
-    return (f"`discover --layers {args.timing_layers} --task {args.timing_task} --tau {CROSS_TAU} "
+    wall = f"; wall {s['wall_seconds']:g} s with the process's start" if s.get("wall_seconds") else ""
+    def one_run(n: str, o: dict) -> str:
+        what = f"`--task {n}`" if n != "corpus" else "corpus (no `--task`)"
+        w = f" (wall {o['wall_seconds']:g} s)" if o.get("wall_seconds") else ""
+        return f"{what} {o['seconds']['total']:g} s{w}"
+
+    ones = "; ".join(one_run(n, o) for n, o in one.items())
+    return (f"Timed alone on this machine (both cores, dictionaries cached): "
+            f"`discover --layers {args.timing_layers} --task {args.timing_task} --tau {CROSS_TAU} "
             f"--candidates {CROSS_CANDIDATES}` ({len(s['layers'])} layers, |S| = "
             f"{c['scope']['size_heldout']:,} on held-out prompts): {c['size']} edges, "
             f"F {f3(c['faithfulness'])}, "
-            f"completeness {f3(c['completeness'])}; stages {st}; passes over the prompts: {ps}.")
+            f"completeness {f3(c['completeness'])}; stages {st}{wall}; passes over the prompts: {ps}. "
+            f"One layer, `discover --layer {args.layer}` (default options, total seconds of each run, then "
+            f"wall time with the process's start): {ones}.")
 
 
 def replace_block(text: str, name: str, body: str) -> str:
@@ -166,23 +176,44 @@ def main() -> None:
         jobs[f"cross-{n}"] = ["discover", "--layers", args.layers, "--task", n, "--tau", CROSS_TAU,
                               "--candidates", CROSS_CANDIDATES, "--tau-sweep", CROSS_SWEEP,
                               "--out", str(OUT / f"cross-{n}"), "--force"]
-    jobs["cross-timing"] = ["discover", "--layers", args.timing_layers, "--task", args.timing_task,
-                            "--tau", CROSS_TAU, "--candidates", CROSS_CANDIDATES,
-                            "--out", str(OUT / "cross-timing"), "--force"]
-    def one(item: tuple[str, list[str]]) -> str:
+    # the timed runs go alone, after the others, on every core: their seconds are a quiet machine's
+    timed = {"cross-timing": ["discover", "--layers", args.timing_layers, "--task", args.timing_task,
+                              "--tau", CROSS_TAU, "--candidates", CROSS_CANDIDATES,
+                              "--out", str(OUT / "cross-timing"), "--force"],
+             **{f"one-timing-{n}": ["discover", "--layer", L, "--task", n,
+                                    "--out", str(OUT / f"one-timing-{n}"), "--force"] for n in names},
+             "one-timing-corpus": ["discover", "--layer", L,
+                                   "--out", str(OUT / "one-timing-corpus"), "--force"]}
+
+    reused: set[str] = set()
+
+    def one(item: tuple[str, list[str]], alone: bool = False) -> str:
         name, a = item
         saved = OUT / name / "stdout.txt"
         if args.reuse and (OUT / name / "summary.json").is_file() and saved.is_file():
+            reused.add(name)
             return saved.read_text()
-        text = run(a, threads=1 if args.jobs > 1 else None)
+        text = run(a, threads=1 if args.jobs > 1 and not alone else None)
         saved.write_text(text)
         return text
 
     with ThreadPoolExecutor(args.jobs) as pool:  # each run single-threaded when several share the cores
         printed = dict(zip(jobs, pool.map(one, jobs.items())))
+    walls: dict[str, float] = {}
+    for item in timed.items():
+        t1 = time.time()
+        printed[item[0]] = one(item, alone=True)
+        if item[0] not in reused:  # a reused run was not timed here
+            walls[item[0]] = round(time.time() - t1, 1)  # the process, start and imports included
     printed = {k.removeprefix("task-"): v for k, v in printed.items()}
     cross_runs = {n: json.loads((OUT / f"cross-{n}" / "summary.json").read_text()) for n in cross}
     timing = json.loads((OUT / "cross-timing" / "summary.json").read_text())
+    timing["wall_seconds"] = walls.get("cross-timing")
+    one_timing = {}
+    for k in timed:
+        if k.startswith("one-timing-"):
+            one_timing[k.removeprefix("one-timing-")] = json.loads((OUT / k / "summary.json").read_text())
+            one_timing[k.removeprefix("one-timing-")]["wall_seconds"] = walls.get(k)
     for n in names:
         out = OUT / f"task-{n}"
         runs[f"task `{n}`"] = json.loads((out / "summary.json").read_text())
@@ -214,7 +245,7 @@ def main() -> None:
             run(["render", str(first / "graph.json"), "-o", str(DOCS / f"circuit-cross.{ext}")])
         shutil.copyfile(first / "attribution_graph.json", DOCS / "attribution_graph-cross.json")
     res = {"layer": args.layer, "tasks": tasks, "runs": runs, "cross_layer": cross_runs,
-           "cross_timing": timing,
+           "cross_timing": timing, "one_layer_timing": one_timing,
            "seconds": round(time.time() - t0, 1),
            "discover_seconds": {k: v["seconds"]["total"] for k, v in runs.items()}}
     (DOCS / "results.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -249,7 +280,8 @@ def main() -> None:
                              f"--tau {CROSS_TAU} --candidates {CROSS_CANDIDATES} --tau-sweep {CROSS_SWEEP}`:"
                              "\n\n```\n"
                              + printed[f"cross-{best}"].replace(str(Path.home()), "~").replace(
-                                 str(ROOT) + "/", "").strip() + "\n```\n\n" + timing_line(timing, args))
+                                 str(ROOT) + "/", "").strip() + "\n```\n\n"
+                             + timing_line(timing, one_timing, args))
     readme.write_text(text)
     print(f"updated {readme} (blocks: tasks, circuits, baselines, sweep, timing, crosslayer) in "
           f"{time.time() - t0:.0f}s")

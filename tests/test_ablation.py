@@ -274,3 +274,18 @@ def test_restart_runs_only_changed_sequences_and_equals_a_hooked_forward(setup, 
         ref = ref[:, -1:] if last else ref
         torch.testing.assert_close(lg, ref, rtol=1e-9, atol=1e-9)
     assert torch.equal(got[0][[0, 1, 3]], clean[[0, 1, 3]]) and not torch.equal(got[0][2], clean[2])
+
+
+def test_kl_keeps_its_digits_in_float32_on_a_large_vocabulary():
+    """A small KL over 50k tokens and large logits, float32, against float64 log_softmax."""
+    from featcircuit.ablation import kl_positions
+
+    g = torch.Generator().manual_seed(0)
+    clean = 4 * torch.randn(6, 50257, generator=g, dtype=torch.float64) - 80  # GPT-2-like offset
+    changed = clean + 0.02 * torch.randn(6, 50257, generator=g, dtype=torch.float64)
+    lp, lq = clean.log_softmax(-1), changed.log_softmax(-1)
+    ref = (lp.exp() * (lp - lq)).sum(-1)
+    c32, x32 = clean.float(), changed.float()
+    got = kl_positions(c32, c32.log_softmax(-1), c32.softmax(-1), x32)
+    assert ref.min() > 1e-5
+    torch.testing.assert_close(got.double(), ref, rtol=2e-3, atol=1e-7)

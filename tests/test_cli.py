@@ -51,7 +51,11 @@ def test_harvest_command_resumable(neox_dir, data, tmp_path):
     r = run(*args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "manifest.json").exists() and f"wrote activation cache to {out}" in r.stdout
+    files = sorted(p.name for p in out.iterdir())
+    # a SIGKILL mid-write runs no cleanup: its temporary (mkstemp's name) stays until the next run
+    (out / ".chunk_00001.safetensors.k1ll3d_x.tmp").write_bytes(b"half a chunk")
     assert run(*args).returncode == 0  # a second run reuses every chunk
+    assert sorted(p.name for p in out.iterdir()) == files
 
 
 def test_model_train_small(tmp_path):

@@ -270,9 +270,15 @@ def test_removing_an_edge_propagates_like_the_frozen_replacement_model(model64):
     assert ours == pytest.approx(ref, rel=1e-7, abs=1e-9)
 
 
-def test_empty_scope_is_every_target_reading_ablated_sources(model64):
+@pytest.mark.parametrize("x_empty_kept", [True, False])
+def test_empty_scope_is_every_target_reading_ablated_sources(model64, x_empty_kept, monkeypatch):
     """m(∅): each site's targets read their sources at the ablation value (zero): the last sites'
-    codes come from a forward with the previous sites' codes zeroed, then the output."""
+    codes come from a forward with the previous sites' codes zeroed, then the output. Both ways
+    to an MLP row's input (up from a stored x_∅, down from x) are checked."""
+    import featcircuit.crossablation as CA
+
+    if not x_empty_kept:
+        monkeypatch.setattr(CA, "X_EMPTY_BYTES", 0)
     rep = _rep(model64, [0, 1])
     task = _task(model64)
     cx = CrossContext(rep, None, "zero", task=task)
@@ -310,6 +316,7 @@ def test_empty_scope_is_every_target_reading_ablated_sources(model64):
     ref = float(task.metric(model64.run_with_hooks(tr.tokens, fwd_hooks=hooks)))
     assert abs(ref - cx.m_full) > 1e-6
     assert cx.m_empty == pytest.approx(ref, rel=1e-7, abs=1e-9)
+    assert (("mlp", 1) in [cx.sites[si] for si in cx.x_empty]) == x_empty_kept
 
 
 def _bias(d, act):

@@ -130,7 +130,8 @@ def test_killed_writes_leftovers_are_swept_and_nothing_else(tmp_path):
 
     sub = tmp_path / "resid"
     sub.mkdir()
-    keep = [tmp_path / ".keep", tmp_path / "notes.tmp", tmp_path / "chunk_00000.safetensors"]
+    keep = [tmp_path / ".keep", tmp_path / "notes.tmp", tmp_path / "chunk_00000.safetensors",
+            tmp_path / ".notes.tmp", tmp_path / ".w.safetensors.toolong99.tmp"]
     for f in keep:
         f.write_text("mine")
     for folder in (tmp_path, sub):
