@@ -286,6 +286,8 @@ def test_kl_keeps_its_digits_in_float32_on_a_large_vocabulary():
     lp, lq = clean.log_softmax(-1), changed.log_softmax(-1)
     ref = (lp.exp() * (lp - lq)).sum(-1)
     c32, x32 = clean.float(), changed.float()
-    got = kl_positions(c32, c32.log_softmax(-1), c32.softmax(-1), x32)
+    got = kl_positions(c32.log_softmax(-1), c32.softmax(-1), x32)
     assert ref.min() > 1e-5
-    torch.testing.assert_close(got.double(), ref, rtol=2e-3, atol=1e-7)
+    # float32's floor: within 1% and 1e-6 of the float64 value (a difference of sums over the
+    # vocabulary misses by ~1e-3 here and clamps every position to 0; one in Δ misses by ~1e-5)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-2, atol=1e-6)
