@@ -438,12 +438,10 @@ def kl_positions(clean_logp: Tensor, clean_p: Tensor, logits: Tensor) -> Tensor:
 
 
 def metric_value(ctx, logits: Tensor) -> float:
-    """The metric of a context (``task``, ``user_metric``, else KL to ``clean_p``) on logits."""
+    """A task's or user's metric of a context on logits (KL is :func:`restart_metric`'s own)."""
     if ctx.task is not None:
         return float(ctx.task.metric(logits))
-    if ctx.user_metric is not None:
-        return float(ctx.user_metric(logits, ctx.tokens))
-    return float(kl_positions(ctx.clean_logp, ctx.clean_p, logits[:, 1:]).mean())
+    return float(ctx.user_metric(logits, ctx.tokens))
 
 
 

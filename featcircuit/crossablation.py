@@ -82,7 +82,11 @@ class CrossContext(Scorer):
             self._mlp_out = rep.decoder(("mlp", self.layer)) @ rep.parts[self.layer].W_out  # [m, d]
             self._build()
             d = self.tr.acts[("resid", self.layer)].shape[-1]
-            (logits,) = self._logits([torch.zeros(*self.tokens.shape, d, dtype=self.tr.logits.dtype)])
+            (logits,), passes = restart_logits(
+                self.model, self.layer, self.tokens, self._tail,
+                [torch.zeros(*self.tokens.shape, d, dtype=self.tr.logits.dtype)], self.task is not None,
+                self.max_rows)
+            self.passes += passes
             self.clean_logits = logits
             if self.task is None and self.user_metric is None:
                 self.clean_logp = logits[:, 1:].log_softmax(-1)
@@ -347,13 +351,6 @@ class CrossContext(Scorer):
             torch.zeros_like(tr.acts[("resid", L)])
         dzo = _sparse_mm(dcode[mi], self._mlp_out) if mi in dcode else None
         return rep.step(L, tr, dx, dzo)
-
-    def _logits(self, d_outs: list[Tensor]) -> list[Tensor]:
-        out, passes = restart_logits(self.model, self.layer, self.tokens, self._tail, d_outs,
-                                     self.task is not None, self.max_rows,
-                                     clean=getattr(self, "clean_logits", None))
-        self.passes += passes
-        return out
 
     def values(self, configs: list[Config]) -> list[float]:
         """The metric m for each configuration (cached)."""
