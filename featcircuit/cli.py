@@ -884,6 +884,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto | abs | net: candidate ranking (auto: the higher Spearman with single-edge Δ)")
     p.add_argument("--search-tokens", type=arg_type(C.positive_int, "--search-tokens", 10**10), default=d.search_tokens,
                    help="corpus mode: tokens for the search (and as many held out for scoring)")
+    p.add_argument("--label-tokens", type=arg_type(C.nonneg_int, "--label-tokens", 10**10), default=d.label_tokens,
+                   help="fit each node's rule label on this many training-split tokens and score it (F1) on "
+                        "held-out tokens (0: unscored token labels)")
+    p.add_argument("--evidence", type=arg_type(C.nonneg_int, "--evidence", 10**4), default=d.evidence,
+                   help="contexts per drawn edge where e_ij(t) is largest, in the report and edge_evidence.json "
+                        "(0: none)")
     p.add_argument("--ln", default=d.ln, help="exact | frozen LayerNorm Jacobian")
     p.add_argument("--out", help="output folder (default featcircuit-out/MODEL-LLAYER)")
     p.add_argument("--force", action="store_true", help="replace an --out folder featcircuit did not write")

@@ -61,6 +61,8 @@ class DiscoverConfig:
     errors: str = "kept"
     rank_by: str = "auto"
     search_tokens: int = 2048
+    label_tokens: int = 32768
+    evidence: int = 5
     ln: str = "exact"
     out: str | None = None
     force: bool = False
@@ -105,6 +107,9 @@ def _check_options(cfg: DiscoverConfig) -> None:
     if not 0 <= cfg.tau < 1e6:
         raise UserError(f"--tau {cfg.tau} must be a finite number >= 0 (a fraction of |m(M) − m(∅)|)")
     _parse_sweep(cfg.tau_sweep)
+    for name in ("label_tokens", "evidence"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 0 (0: none)")
     for name in ("tokens", "eval_tokens", "search_tokens", "candidates", "top_edges"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least 1")
@@ -115,8 +120,23 @@ def _check_options(cfg: DiscoverConfig) -> None:
 
     # device, seed, model, layer, data and token budget, --target syntax, --prompts file, --out
     check_discover_options(cfg)
+    if cfg.label_tokens and cfg.layers is None and cfg.prompt is None:
+        _check_label_options(cfg)
     if cfg.layers is not None or cfg.prompt is not None:
         _check_cross_options(cfg)
+
+
+def _check_label_options(cfg: DiscoverConfig) -> None:
+    """Scored labels need a context's worth of tokens and data with a train and a held-out split."""
+    from .data import BUILTIN_DATA
+
+    if cfg.label_tokens < 128:
+        raise UserError(f"--label-tokens {cfg.label_tokens} is less than one context of 128 tokens: use 0 "
+                        "(unscored token labels) or at least 128")
+    p = Path(cfg.data).expanduser()
+    if cfg.data != BUILTIN_DATA and p.is_file() and p.suffix != ".jsonl":
+        raise UserError(f"--data {cfg.data!r} is one document, so scored labels have no held-out text: use a "
+                        "folder or .jsonl of documents, or --label-tokens 0 for unscored token labels")
 
 
 def _check_cross_options(cfg: DiscoverConfig) -> None:
@@ -289,7 +309,15 @@ def discover(cfg: DiscoverConfig) -> dict:
     gtab = sel.select(sel.order(by)[: cfg.top_edges])
     nodes = sorted({("resid", i) for i in gtab.src.tolist() if i >= 0} | {("mlp", j) for j in gtab.dst.tolist()})
     tok = model.tokenizer
-    labels = labels_for(nodes, stats, corpus, tok, layer)
+    scored, label_summary = _scored_labels(cfg, model, pair, layer, corpus, nodes)
+    labels = labels_for(nodes, stats, corpus, tok, layer, scored=scored)
+    evidence = None
+    if cfg.evidence:  # where each drawn edge is largest on the corpus tokens, and its mean per co-activation
+        from .evidence import edge_evidence
+
+        evidence = edge_evidence(model, pair, corpus, layer, list(zip(gtab.src.tolist(), gtab.dst.tolist())),
+                                 k=cfg.evidence, ln=cfg.ln, progress=cfg.progress)
+    t_labels = time.time() - t0 - t_setup - t_attr - t_search
     node_stats = {f"{site}{layer}/{f}": stats[site].node_stats(f) for site, f in nodes}
     meta = {"model": name, "layer": layer, "dictionaries": str(pair_path),
             "behaviour": (f"task {task.name}" if task is not None else f"corpus {cfg.data} ({cfg.split})"),
@@ -303,9 +331,13 @@ def discover(cfg: DiscoverConfig) -> dict:
         delta=[deltas.get((i, j)) for i, j in zip(gtab.src.tolist(), gtab.dst.tolist())],
         node_stats=node_stats, labels=labels, meta=meta,
         node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold)
+    for site, f in nodes if scored is not None else []:  # the score beside the label, for renderers and JSON
+        if f"{site}{layer}/{f}" in graph.g:
+            graph.g.nodes[f"{site}{layer}/{f}"]["label_f1"] = scored[site][f]["f1"]
 
     summary = {"config": asdict(cfg), "model": name, "layer": layer, "task": perf,
-               "quality": quality, "n_edges_attributed": len(table), "n_tokens_attributed": table.n_tokens}
+               "quality": quality, "n_edges_attributed": len(table), "n_tokens_attributed": table.n_tokens,
+               "labels": label_summary}
     if found is not None:
         ho = found["heldout"]
         summary["circuit"] = {
@@ -329,7 +361,7 @@ def discover(cfg: DiscoverConfig) -> dict:
     expl = target_decomposition(model, pair, layer, beh_search.clean if task is not None else corpus[:32],
                                 target) if target is not None else None
     summary["seconds"] = {"setup_and_pair": round(t_setup, 1), "quality_stats_attribution": round(t_attr, 1),
-                          "circuit": round(t_search, 1)}
+                          "circuit": round(t_search, 1), "labels_and_evidence": round(t_labels, 1)}
 
     with staged_output(out, cfg.force) as tmp:
         written = [graph.save_json(tmp / "graph.json"), graph.save_graphml(tmp / "graph.graphml"),
@@ -354,8 +386,10 @@ def discover(cfg: DiscoverConfig) -> dict:
             written.append(tmp / "faithfulness.png")
         written.append(write_report(tmp, model=model, pair=pair, tokens=corpus, layer=layer, graph=graph,
                                     quality=quality, search=_report_search(found), stats=stats,
-                                    progress=cfg.progress))
+                                    progress=cfg.progress, labels=scored, evidence=evidence))
         written += [tmp / "features.json", tmp / "attribution_graph.json"]
+        if evidence is not None:
+            written.append(tmp / "edge_evidence.json")
         summary["seconds"]["total"] = round(time.time() - t0, 1)
         written.append(atomic_write_text(tmp / "summary.json", strict_json(summary, indent=1)))
         names = [Path(p).name for p in written]
@@ -364,6 +398,34 @@ def discover(cfg: DiscoverConfig) -> dict:
     print(f"\nwrote {len(names)} files to {out}/: " + ", ".join(names))
     print(f"done in {summary['seconds']['total']:.1f}s")
     return summary
+
+
+def _scored_labels(cfg: DiscoverConfig, model, pair, layer: int, corpus, nodes: list[tuple[str, int]]):
+    """(``{site: {feature: label}}`` or None, summary): rule labels of the graph's feature nodes.
+
+    Fitted on ``--label-tokens`` of the training split, scored on held-out tokens (the corpus when
+    it is the held-out split), so each label's F1 says how well it predicts where the feature fires
+    on text it was not fitted on. ``--label-tokens 0``: unscored token labels, summary None.
+    """
+    if not cfg.label_tokens:
+        return None, None
+    from .data import load_tokens
+    from .labels import label_pair, node_f1_distribution
+    from .stats import DENSE_FREQ
+
+    fit_on = load_tokens(cfg.data, model, n_tokens=cfg.label_tokens, split="train")
+    scored_on = corpus if cfg.split == "heldout" else load_tokens(cfg.data, model, n_tokens=cfg.tokens,
+                                                                  split="heldout")
+    feats = {site: sorted(f for s, f in nodes if s == site) for site in ("resid", "mlp")}
+    scored = label_pair(model, pair, layer, fit_on, scored_on, features=feats, progress=cfg.progress)
+    ids = [f"{site}{layer}/{f}" for site, f in nodes]
+    dist = node_f1_distribution(scored, ids)
+    dense = [f"{site}{layer}/{f}" for site, f in nodes
+             if scored[site][f]["n_fire"] > DENSE_FREQ * scored_on.shape[0] * (scored_on.shape[1] - 1)]
+    return scored, {"fit_tokens": int(fit_on.numel()), "fit_split": "train", "scored_tokens": int(scored_on.numel()),
+                    "scored_split": "heldout", "circuit_nodes": dist, "dense_nodes": dense,
+                    "nodes": {i: {k: scored[s][f][k] for k in ("text", "f1", "precision", "recall", "base_f1")}
+                              for i, (s, f) in zip(ids, nodes)}}
 
 
 def _report_search(found: dict | None) -> dict | None:
@@ -432,6 +494,13 @@ def _print(summary, quality, table, graph, cfg, layer, perf, found, expl) -> Non
             print(f"  τ sweep {f['tau']:g}: {f['size']} edges, faithfulness {_f(f['faithfulness'])}, "
                   f"completeness {_f(f['completeness'])}")
         print(c["verdict"])
+    lab = summary.get("labels")
+    if lab is not None and lab["circuit_nodes"].get("n"):
+        d = lab["circuit_nodes"]
+        print(f"\nlabels: rules fitted on {lab['fit_tokens']:,} training tokens, scored on {lab['scored_tokens']:,} "
+              f"held-out tokens; over the {d['n']} drawn feature nodes held-out F1 median {d['median']:.2f} "
+              f"(quartiles {d['q1']:.2f}–{d['q3']:.2f}; the rule \"every token\" gets {d['median_base_f1']:.2f}), "
+              f"{len(lab['dense_nodes'])} dense (> 10% of tokens, flagged)")
     if expl is not None:
         print(f"\n== what drives mlp{layer}/{expl['target']} (frozen-LN contributions, active on "
               f"{expl['n_active_tokens']} tokens; they sum exactly) ==")

@@ -65,11 +65,21 @@ def edge_evidence(model, pair, tokens: Tensor, layer: int, edges: Iterable[tuple
     want = torch.tensor(sorted({keyof(i, j) for i, j in edges}), dtype=torch.long, device=device)
     n_ctx = tokens.shape[1]
     got_key, got_pos, got_e, got_a, got_f = [], [], [], [], []
+    # only tokens where some wanted edge has both ends active carry evidence: the closed form (the
+    # costly part) runs on those rows alone
+    src_ids = torch.tensor([i for i, _ in edges], dtype=torch.long, device=device)
+    dst_ids = torch.tensor([j for _, j in edges], dtype=torch.long, device=device)
     for s in tqdm(range(0, len(tokens), batch_size), desc="edge evidence", disable=not progress):
         b = tokens[s:s + batch_size].to(device)
         x = harvest(model, b, [r_site.hook], batch_size=len(b), progress=False)[r_site.hook]
         x = x[:, 1:].reshape(-1, r_site.width).to(device)
         flat = ((torch.arange(len(b))[:, None] + s) * n_ctx + torch.arange(1, n_ctx)[None, :]).flatten()
+        if len(edges):
+            a_on = R.encode(x)[:, src_ids.clamp_min(0)] != 0
+            a_on |= (src_ids < 0)[None, :]  # the error node is present at every token
+            on = (a_on & (M.encode(parts.hidden(x))[:, dst_ids] != 0)).any(1)
+            rows = torch.nonzero(on).flatten()
+            x, flat = x[rows], flat[rows.cpu()]
         for c in range(0, len(x), 1024):
             a_vals, a_idx, f_vals, f_idx, e, _ = batch_edges(parts, R, M, x[c:c + 1024], ln=ln)
             src_idx = torch.cat([a_idx, torch.full_like(a_idx[:, :1], d_r)], 1)

@@ -17,9 +17,13 @@ A label says *where a feature fires*, and its score says how far to trust it.
    training tokens, each step adding the value that most raises F1 of predicting "fires"
    (values seen fewer than ``min_count`` times are not candidates; at most ``max_values`` values,
    3 for ``line``; stop when F1 gains less than ``min_gain``). ``any`` (every token) is an atom too.
-4. *Rule*: the best atom, or a conjunction ``A ∧ B`` when one raises training F1 by at least
+4. *Clause*: the best atom, or a conjunction ``A ∧ B`` when one raises training F1 by at least
    ``min_pair_gain``: for each of the ``n_pair`` best atoms A, the set of every other variable is
    grown on the tokens where A holds, maximising F1 of ``A ∧ B`` over all tokens.
+   *Rule*: a disjunction of up to ``max_clauses`` clauses by sequential covering; each further
+   clause is grown on the tokens the rule does not yet predict and kept when it raises the whole
+   rule's training F1 by ``min_clause_gain`` (single-atom clauses of one variable merge into one
+   value set).
 5. *Score* on the held-out tokens at the same absolute threshold: precision, recall and F1 of
    the rule, the number of firing tokens, and ``base_f1`` (F1 of "every token", what a dense
    feature gets for free).
@@ -225,12 +229,16 @@ def _f1(tp, pp, p):
 
 
 def _grow(fires: np.ndarray, tot: np.ndarray, P: int, max_values: int, min_count: int,
-          min_gain: float) -> tuple[list[int], float, float, float]:
-    """Greedy value set of a single-valued variable: (values, F1, TP, PP)."""
+          min_gain: float, tp0: float = 0.0, pp0: float = 0.0) -> tuple[list[int], float, float, float]:
+    """Greedy value set of a single-valued variable: (values, F1, TP, PP).
+
+    ``tp0``/``pp0``: true and predicted positives already claimed by earlier clauses of the rule
+    (the counts ``fires``/``tot`` are then taken outside them), so F1 is that of the whole rule.
+    """
     fires, tot = fires.astype(np.float64), tot.astype(np.float64)
     ok = (tot >= min_count) & (fires > 0)
     chosen: list[int] = []
-    tp = pp = best = 0.0
+    tp, pp, best = tp0, pp0, 0.0
     for _ in range(max_values):
         if not ok.any():
             break
@@ -265,15 +273,19 @@ class _Fitter:
             return m
         return np.isin(self.ctx.cat[kind], values)
 
-    def grow(self, kind: str, fire_rows: np.ndarray, P: int, domain: np.ndarray | None):
-        """(values, F1, TP, PP) of ``variable ∈ S`` (within ``domain`` when given) against the fires."""
+    def grow(self, kind: str, fire_rows: np.ndarray, P: int, domain: np.ndarray | None, tp0: float = 0.0,
+             pp0: float = 0.0):
+        """(values, F1, TP, PP) of ``variable ∈ S`` (within ``domain`` when given) against the fires.
+
+        ``tp0``/``pp0`` as for :func:`_grow`: what earlier clauses already predict (outside ``domain``).
+        """
         cap = min(self.max_values, 3) if kind == MULTI else self.max_values
         if kind != MULTI:
             v = self.ctx.cat[kind]
             f_rows = fire_rows if domain is None else fire_rows[domain[fire_rows]]
             fires = np.bincount(v[f_rows], minlength=self.nv[kind])
             tot = self.tot[kind] if domain is None else np.bincount(v[domain], minlength=self.nv[kind])
-            return _grow(fires, tot, P, cap, self.min_count, self.min_gain)
+            return _grow(fires, tot, P, cap, self.min_count, self.min_gain, tp0, pp0)
         # a set-valued variable: values overlap, so counts are taken over the uncovered positions
         ptr, lv, nv = self.ctx.line_ptr, self.ctx.line_val, self.nv[MULTI]
         f_rows = fire_rows if domain is None else fire_rows[domain[fire_rows]]
@@ -286,7 +298,7 @@ class _Fitter:
         fire_set[f_rows] = True
         ok = (tot >= self.min_count) & (fires > 0)
         chosen: list[int] = []
-        tp = pp = best = 0.0
+        tp, pp, best = tp0, pp0, 0.0
         for _ in range(cap):
             if not ok.any():
                 break
@@ -307,30 +319,89 @@ class _Fitter:
             tot -= np.bincount(lv[e], minlength=nv)
         return chosen, best, tp, pp
 
-    def fit(self, fire_rows: np.ndarray, n_pair: int, min_pair_gain: float) -> tuple[list, float]:
-        """(rule, training F1): a list of one or two atoms ``(variable, values)``."""
-        P = len(fire_rows)
+    def clause(self, fire_rows: np.ndarray, P: int, free: np.ndarray | None, tp0: float, pp0: float,
+               n_pair: int, min_pair_gain: float) -> tuple[list, float]:
+        """(clause, F1 of the rule with it): one atom or ``A ∧ B``, grown on the ``free`` positions.
+
+        ``free``: the positions earlier clauses leave unpredicted (None: all, the first clause);
+        the clause's F1 counts what they predict (``tp0``/``pp0``) too.
+        """
         n = self.ctx.n
-        singles = [([("any", ())], float(_f1(P, n, P)))]
+        singles = [([("any", ())], float(_f1(P, n, P)))] if free is None else []
         for kind in KINDS:
-            values, f1, _, _ = self.grow(kind, fire_rows, P, None)
+            values, f1, _, _ = self.grow(kind, fire_rows, P, free, tp0, pp0)
             if values:
                 singles.append(([(kind, tuple(values))], f1))
+        if not singles:
+            return [], 0.0
         order = sorted(range(len(singles)), key=lambda i: (-singles[i][1], i))
         best_rule, best_f1 = singles[order[0]]
         pair_rule, pair_f1 = None, best_f1
         for i in [i for i in order if singles[i][0][0][0] != "any"][:n_pair]:
             (a,), _ = singles[i]
-            dom = self.mask(a)
+            dom = self.mask(a) if free is None else self.mask(a) & free
             for kind in KINDS:
                 if kind == a[0]:
                     continue
-                values, f1, _, _ = self.grow(kind, fire_rows, P, dom)
+                values, f1, _, _ = self.grow(kind, fire_rows, P, dom, tp0, pp0)
                 if values and f1 > pair_f1 + 1e-12:
                     pair_rule, pair_f1 = [a, (kind, tuple(values))], f1
         if pair_rule is not None and pair_f1 >= best_f1 + min_pair_gain:
             return pair_rule, pair_f1
         return best_rule, best_f1
+
+    def fit(self, fire_rows: np.ndarray, n_pair: int, min_pair_gain: float, max_clauses: int = 1,
+            min_clause_gain: float = 0.02) -> tuple[list[list], float]:
+        """(clauses, training F1): a disjunction of up to ``max_clauses`` clauses (step 4).
+
+        Sequential covering: each further clause is grown on the positions the rule does not yet
+        predict and kept only if it raises the rule's training F1 by ``min_clause_gain``.
+        """
+        P = len(fire_rows)
+        fire = np.zeros(self.ctx.n, dtype=bool)
+        fire[fire_rows] = True
+        clauses: list[list] = []
+        best, covered = 0.0, np.zeros(self.ctx.n, dtype=bool)
+        for c in range(max_clauses):
+            free = None if c == 0 else ~covered
+            tp0, pp0 = float((covered & fire).sum()), float(covered.sum())
+            rule, f1 = self.clause(fire_rows, P, free, tp0, pp0, n_pair, min_pair_gain)
+            if not rule or (c and f1 < best + min_clause_gain):
+                break
+            clauses.append(rule)
+            best = f1
+            if rule[0][0] == "any":
+                break
+            m = np.ones(self.ctx.n, dtype=bool)
+            for atom in rule:
+                m &= self.mask(atom)
+            covered |= m
+        return _merge(clauses), best
+
+    def predict(self, clauses: Sequence[Sequence[tuple[str, tuple[int, ...]]]]) -> np.ndarray:
+        """``[n]`` bool: where any clause holds (a clause: all its atoms)."""
+        pred = np.zeros(self.ctx.n, dtype=bool)
+        for rule in clauses:
+            m = np.ones(self.ctx.n, dtype=bool)
+            for atom in rule:
+                m &= self.mask(atom)
+            pred |= m
+        return pred
+
+
+def _merge(clauses: list[list]) -> list[list]:
+    """Single-atom clauses of one variable as one atom: ``tok ∈ A or tok ∈ B`` is ``tok ∈ A ∪ B``."""
+    out: list[list] = []
+    at: dict[str, int] = {}
+    for rule in clauses:
+        if len(rule) == 1 and rule[0][0] != "any" and rule[0][0] in at:
+            k = at[rule[0][0]]
+            out[k] = [(rule[0][0], out[k][0][1] + rule[0][1])]
+            continue
+        if len(rule) == 1:
+            at[rule[0][0]] = len(out)
+        out.append(rule)
+    return out
 
 
 def _score(pred: np.ndarray, fire: np.ndarray) -> dict:
@@ -392,14 +463,16 @@ def label_text(label: Mapping, digits: int = 2) -> str:
 def fit_labels(train: FeatureIndex, heldout: FeatureIndex, tokenizer, features: Iterable[int] | None = None,
                *,
                threshold_frac: float = 0.0, max_values: int = 6, min_count: int = 2, min_gain: float = 0.005,
-               n_pair: int = 2, min_pair_gain: float = 0.02, train_ctx: TokenContexts | None = None,
+               n_pair: int = 2, min_pair_gain: float = 0.02, max_clauses: int = 3,
+               min_clause_gain: float = 0.02, train_ctx: TokenContexts | None = None,
                heldout_ctx: TokenContexts | None = None, progress: bool = False) -> dict[int, dict]:
     """``{feature: label}`` fitted on ``train``'s tokens and scored on ``heldout``'s (steps 2-5).
 
-    A label: ``text``, ``rule`` (``[{kind, values, shown}]``), held-out ``precision``/``recall``/
-    ``f1``/``n_fire``/``n_pred``, ``base_f1``, ``train_f1``, ``threshold`` (absolute) and
-    ``threshold_frac``. A feature never active on the training tokens gets ``(never active)``
-    and ``f1`` None; one that never fires on the held-out tokens gets ``f1`` None too.
+    A label: ``text``, ``clauses`` (``[[{kind, values, shown}, …], …]``: any clause, all its atoms),
+    held-out ``precision``/``recall``/``f1``/``n_fire``/``n_pred``, ``base_f1``, ``train_f1``,
+    ``threshold`` (absolute) and ``threshold_frac``. A feature never active on the training
+    tokens gets ``(never active)`` and ``f1`` None; one that never fires on the held-out tokens
+    gets ``f1`` None too.
     """
     if not 0 <= threshold_frac < 1:
         raise UserError(f"bad threshold_frac {threshold_frac!r}: use a fraction of the feature's max "
@@ -427,21 +500,19 @@ def fit_labels(train: FeatureIndex, heldout: FeatureIndex, tokenizer, features: 
         h_fire[hc.rows_of(hpos[hval > thr].numpy())] = True
         base = _score(np.ones(hc.n, dtype=bool), h_fire)["f1"]
         if len(fire_rows) == 0:
-            out[f] = {"text": "(never active)", "rule": [], "precision": None, "recall": None, "f1": None,
+            out[f] = {"text": "(never active)", "clauses": [], "precision": None, "recall": None, "f1": None,
                       "n_fire": int(h_fire.sum()), "n_pred": 0, "base_f1": base, "train_f1": None,
                       "threshold": thr, "threshold_frac": threshold_frac}
             continue
-        rule, train_f1 = fitter.fit(fire_rows, n_pair, min_pair_gain)
-        pred = np.ones(hc.n, dtype=bool)
-        for atom in rule:
-            pred &= scorer.mask(atom)
-        sc = _score(pred, h_fire)
+        clauses, train_f1 = fitter.fit(fire_rows, n_pair, min_pair_gain, max_clauses, min_clause_gain)
+        sc = _score(scorer.predict(clauses), h_fire)
         if sc["n_fire"] == 0:
             sc.update(precision=None, recall=None, f1=None)
-        out[f] = {"text": " & ".join(atom_text(k, list(v), tokenizer) for k, v in rule),
-                  "rule": [{"kind": k, "values": [int(x) for x in v],
-                            "shown": [_value_text(k, x, tokenizer) for x in v] if k != "any" else []}
-                           for k, v in rule],
+        out[f] = {"text": " or ".join(" & ".join(atom_text(k, list(v), tokenizer) for k, v in rule)
+                                      for rule in clauses),
+                  "clauses": [[{"kind": k, "values": [int(x) for x in v],
+                                "shown": [_value_text(k, x, tokenizer) for x in v] if k != "any" else []}
+                               for k, v in rule] for rule in clauses],
                   **sc, "base_f1": base, "train_f1": float(train_f1), "threshold": thr,
                   "threshold_frac": threshold_frac}
     return out
@@ -513,10 +584,8 @@ def node_f1_distribution(labels: Mapping[str, Mapping[int, Mapping]], nodes: Ite
 def rule_firing(ctx: TokenContexts, label: Mapping) -> np.ndarray:
     """``[n]`` bool: where ``label``'s rule holds on the positions of ``ctx``."""
     fitter = _Fitter(ctx, 1, 1, 0.0)
-    pred = np.ones(ctx.n, dtype=bool) if label.get("rule") else np.zeros(ctx.n, dtype=bool)
-    for atom in label.get("rule") or []:
-        pred &= fitter.mask((atom["kind"], tuple(atom["values"])))
-    return pred
+    clauses = label.get("clauses") or []
+    return fitter.predict([[(a["kind"], tuple(a["values"])) for a in rule] for rule in clauses])
 
 
 __all__ = ["KINDS", "TokenContexts", "atom_text", "f1_distribution", "fit_labels", "label_pair", "label_text",

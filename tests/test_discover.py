@@ -64,6 +64,36 @@ def test_discover_end_to_end(setup):
     assert set(c["baselines_at_size"]) >= {"search", "random", "single-edge ablation"}
     assert "top edges of layer 1" in r.stdout and "circuit edges" in r.stdout and "wrote" in r.stdout
     assert str(out) in r.stdout
+    # scored labels on every feature node: the rule, its held-out F1 on the node, in the summary and
+    # in features.json, all the same number
+    lab = s["labels"]
+    feats = [n for n in g.g.nodes if g.g.nodes[n]["site"] in ("resid", "mlp") and "err" not in n]
+    assert sorted(lab["nodes"]) == sorted(feats)
+    assert lab["fit_split"] == "train" and lab["scored_split"] == "heldout"
+    assert lab["circuit_nodes"]["n"] + lab["circuit_nodes"]["n_unscored"] == len(feats)
+    published = {f"{x['layer'].split('-')[1]}1/{x['index']}": x["explanations"][0]
+                 for x in json.loads((out / "features.json").read_text())["features"]}
+    for n in feats:
+        f1 = lab["nodes"][n]["f1"]
+        assert g.g.nodes[n]["label_f1"] == f1 and published[n]["score"] == f1
+        assert g.g.nodes[n]["label"].endswith(f"[F1 {f1:.2f}]" if f1 is not None else "[unscored]")
+        assert published[n]["description"] == lab["nodes"][n]["text"]
+    assert "labels: rules fitted on" in r.stdout
+    # edge evidence of every drawn edge: on the corpus (the tokens the table was attributed on) its
+    # sum and count are the table's, computed by attribute_edges on its own path
+    ev_file = json.loads((out / "edge_evidence.json").read_text())
+    ev = {(x["source"], x["target"]): x for x in ev_file["edges"]}
+    assert set(ev) == {(u, v) for u, v in g.g.edges() if u.startswith("resid")}
+    tab = json.loads((out / "edges.json").read_text())
+    row = {(f"resid1/{i}" if i >= 0 else "resid1/err", f"mlp1/{j}"): k
+           for k, (i, j) in enumerate(zip(tab["src"], tab["dst"]))}
+    checked = 0
+    for key, x in ev.items():
+        if key in row:
+            assert x["sum"] == pytest.approx(tab["weight"][row[key]], rel=1e-6)
+            assert x["count"] == tab["count"][row[key]]
+            checked += 1
+    assert checked >= 1
     # re-render with other thresholds, without recomputing
     rr = run("render", out / "graph.json", "-o", root / "small.dot", "--top-edges", 3)
     assert rr.returncode == 0, rr.stderr
@@ -103,6 +133,8 @@ def test_target_and_prompts(setup):
     (dict(errors="some"), "unknown --errors 'some'"),
     (dict(tau=-1), "--tau"),
     (dict(candidates=0), "--candidates"),
+    (dict(label_tokens=5), "--label-tokens 5 is less than one context of 128 tokens"),
+    (dict(evidence=-1), "--evidence"),
 ])
 def test_bad_inputs_exit_2(setup, change, match):
     args = base_args(setup)

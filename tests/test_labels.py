@@ -141,11 +141,12 @@ def test_planted_rules_are_found_and_scored_on_heldout(planted):
     tok = StubTokenizer()
     labels = fit_labels(tr, ho, tok, threshold_frac=0.0)
     # feature 0 fires on "print" and weakly on "(": at threshold 0 both belong to the rule
-    assert [set(a["shown"]) for a in labels[0]["rule"]] == [{"'print'", "'('"}]
+    assert [[set(a["shown"]) for a in rule] for rule in labels[0]["clauses"]] == [[{"'print'", "'('"}]]
     assert labels[0]["f1"] == pytest.approx(1.0)
     assert labels[1]["text"] == "after 'def'" and labels[1]["f1"] == pytest.approx(1.0)
     # x/y inside parentheses: the conjunction of the token and the bracket state
-    kinds = {a["kind"]: set(a["shown"]) for a in labels[2]["rule"]}
+    assert len(labels[2]["clauses"]) == 1
+    kinds = {a["kind"]: set(a["shown"]) for a in labels[2]["clauses"][0]}
     assert kinds.get("tok") == {"'x'", "'y'"} and kinds.get("bracket") == {"("}
     assert labels[2]["f1"] == pytest.approx(1.0)
     assert labels[3]["f1"] == pytest.approx(1.0)  # "in comment" (or "'#' earlier in line")
@@ -165,6 +166,38 @@ def test_planted_rules_are_found_and_scored_on_heldout(planted):
     n_paren_xy = sum(1 for f in ho_facts if f.get("in_paren"))
     assert labels[2]["n_fire"] == n_paren_xy
     assert "[F1 1.00]" in label_text(labels[1])
+
+
+def test_a_disjunction_is_found_when_one_clause_cannot_say_it():
+    """A feature firing on "print" or inside a comment: two clauses of different variables."""
+    def acts_of(tokens, facts):
+        flat = tokens[:, 1:].flatten().tolist()
+        a = torch.zeros(len(flat), 1)
+        for r, (t, f) in enumerate(zip(flat, facts)):
+            a[r, 0] = 1.0 if VOCAB[t] == "print" or f.get("comment") else 0.0
+        return a
+    (trt, trf), (hot, hof) = _corpus(0), _corpus(1)
+    tr, ho = _index(trt, acts_of(trt, trf)), _index(hot, acts_of(hot, hof))
+    two = fit_labels(tr, ho, StubTokenizer(), max_clauses=3)[0]
+    assert len(two["clauses"]) >= 2 and " or " in two["text"]
+    assert two["f1"] == pytest.approx(1.0)
+    one = fit_labels(tr, ho, StubTokenizer(), max_clauses=1)[0]
+    assert len(one["clauses"]) == 1 and one["f1"] < 0.9  # one clause says only part of it
+    # held-out score: the disjunction's own precision and recall
+    hc = token_contexts(ho.tokens, StubTokenizer())
+    fire = np.zeros(hc.n, dtype=bool)
+    fire[hc.rows_of(ho.acts(0)[0].numpy())] = True
+    for lab in (one, two):
+        pred = rule_firing(hc, lab)
+        assert lab["recall"] == pytest.approx((pred & fire).sum() / fire.sum())
+
+
+def test_clauses_of_one_variable_merge_into_one_value_set():
+    from featcircuit.labels import _merge
+
+    a, b = ("tok", (1, 2)), ("tok", (5,))
+    both = [("prev", (3,)), ("tok", (4,))]
+    assert _merge([[a], both, [b]]) == [[("tok", (1, 2, 5))], both]
 
 
 def test_threshold_is_a_fraction_of_the_features_max(planted):
