@@ -94,6 +94,8 @@ class Scorer:
 
     m_full: float
     m_empty: float
+    passes: int  # forward passes run so far
+    _values: dict[Config, float]  # the values cache
 
     def values(self, configs: list[Config]) -> list[float]:
         raise NotImplementedError

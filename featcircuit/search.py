@@ -17,8 +17,9 @@ Two stages, as EAP's authors recommend, both on the search's own tokens:
 Batching: a chain of B configurations ``H−e₁, H−e₁−e₂, …`` runs in one forward, each edge
 assumed removed unless its estimate says it matters (|est| ≥ τ); the chain restarts after the
 first decision that differs, so decisions equal the one-forward-per-edge search exactly. Whether
-chains pay is measured on the spot (the time of a B-configuration pass against B single passes):
-on a CPU, where a pass costs in proportion to its rows, the search runs one edge per pass.
+chains pay is measured on the spot, on the search's own first configurations (the time of its
+first chain of B against that of its first single-edge configuration, B times): on a CPU, where a
+pass costs in proportion to its rows, the search runs one edge per pass.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .ablation import ERR, AblationContext, Config, Edge
+from .ablation import ERR, AblationContext, Config, Edge, Scorer
 from .attribution import grad_rows, node_effects
 from .errors import UserError
 
@@ -199,27 +200,62 @@ class SearchResult:
                 **self.meta}
 
 
-def choose_batch(ctx: AblationContext, want: int = 8, repeats: int = 2) -> tuple[int, dict]:
+def _chain(H: Config, order: list[Edge], pred_keep: list[bool], pos: int,
+           batch: int) -> tuple[list[Config], list[int | None]]:
+    """The search's next chain from visit ``pos``: up to ``batch`` configurations, each the
+    current circuit without the next edge and without every earlier edge of the chain that is
+    predicted removed; ``bases[n]`` is the index of the configuration ``configs[n]`` extends
+    (None: ``H`` itself)."""
+    configs: list[Config] = []
+    bases: list[int | None] = []
+    base_cfg, base_idx = H, None
+    for k in range(pos, min(pos + batch, len(order))):
+        i, j = order[k]
+        configs.append(base_cfg.without(i, j))
+        bases.append(base_idx)
+        if not pred_keep[k]:  # assumed removed: the next edges are tested without it
+            base_cfg, base_idx = configs[-1], len(configs) - 1
+    return configs, bases
+
+
+def choose_batch(ctx: Scorer, candidates: list[Edge], *, tau: float, stat: dict[Edge, float], want: int = 8,
+                 repeats: int = 2) -> tuple[int, dict]:
     """Configurations per pass: B when a B-configuration pass costs under 60% of B single passes.
 
-    Best of ``repeats`` timings each, so a busy machine does not tip the choice.
+    The probes are the search's own first passes over ``candidates``: one configuration (the
+    candidates without the first edge visited) against the first chain of B (see
+    :func:`_chain`), scored through ``ctx.values`` with an empty value cache, so a probe pass
+    carries the rows, restarts and metric that a search pass does. Best of ``repeats`` timings
+    each, so a busy machine does not tip the choice; the probe's passes are not counted.
     """
-    z = ctx.dout_empty  # ∅'s change touches every sequence: a pass at full size
-    ctx._forward([z])  # warm-up
-    p0 = ctx.passes
+    order = visit_order(candidates, stat)
+    H = Config.keeping(candidates)
+    single, _ = _chain(H, order, [False] * len(order), 0, 1)
+    chain, _ = _chain(H, order, [stat.get(e, 0.0) >= tau for e in order], 0, want)
+    if len(chain) < 2:  # nothing to chain
+        return 1, {}
+    p0, cache = ctx.passes, ctx._values
 
-    def best(n: int) -> float:
+    def score(configs: list[Config]) -> None:
+        ctx._values = {}  # a fresh cache: every probe configuration is scored again
+        ctx.values(configs)
+
+    def best(configs: list[Config]) -> float:
         out = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
-            ctx._forward([z] * n)
+            score(configs)
             out = min(out, time.perf_counter() - t0)
         return out
 
-    t1 = best(1)
-    tb = best(want) if t1 * want * repeats < 30 else float("inf")  # never spend long on the probe
-    ctx.passes = p0 - 1
-    return (want if tb < 0.6 * want * t1 else 1), {"t_single_pass": t1, f"t_pass_of_{want}": tb}
+    try:
+        score(chain)  # warm-up (and any per-target caches the search will reuse)
+        t1 = best(single)
+        n = len(chain)
+        tb = best(chain) if t1 * n * repeats < 30 else float("inf")  # never spend long on the probe
+    finally:
+        ctx._values, ctx.passes = cache, p0
+    return (want if tb < 0.6 * n * t1 else 1), {"t_single_pass": t1, f"t_pass_of_{n}": tb}
 
 
 def search_circuit(ctx: AblationContext, candidates: list[Edge], *, tau: float, stat: dict[Edge, float],
@@ -231,7 +267,7 @@ def search_circuit(ctx: AblationContext, candidates: list[Edge], *, tau: float, 
     p0 = ctx.passes
     timing: dict = {}
     if batch is None:
-        batch, timing = choose_batch(ctx)
+        batch, timing = choose_batch(ctx, candidates, tau=tau, stat=stat)
     order = visit_order(candidates, stat)
     H = Config.keeping(candidates)
     (d_H,) = ctx.distance([H])
@@ -242,15 +278,7 @@ def search_circuit(ctx: AblationContext, candidates: list[Edge], *, tau: float, 
     bar = tqdm(total=len(order), desc="ablation search", disable=not progress)
     while pos < len(order):
         chain = range(pos, min(pos + batch, len(order)))
-        configs: list[Config] = []
-        bases: list[int | None] = []
-        base_cfg, base_idx = H, None
-        for k in chain:
-            i, j = order[k]
-            configs.append(base_cfg.without(i, j))
-            bases.append(base_idx)
-            if not pred_keep[k]:  # assumed removed: the next edges are tested without it
-                base_cfg, base_idx = configs[-1], len(configs) - 1
+        configs, bases = _chain(H, order, pred_keep, pos, batch)
         ds = ctx.distance(configs)
         for n, k in enumerate(chain):
             i, j = order[k]

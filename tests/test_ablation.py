@@ -291,3 +291,74 @@ def test_kl_keeps_its_digits_in_float32_on_a_large_vocabulary():
     # float32's floor: within 1% and 1e-6 of the float64 value (a difference of sums over the
     # vocabulary misses by ~1e-3 here and clamps every position to 0; one in Δ misses by ~1e-5)
     torch.testing.assert_close(got.double(), ref, rtol=1e-2, atol=1e-6)
+
+
+def _fake_clock(monkeypatch, ctx, cost):
+    """``ctx.values`` recorded, and the search module's clock advanced by ``cost(n configs)`` per call."""
+    import types
+
+    from featcircuit import search
+
+    seen: list[list[Config]] = []
+    clock = [0.0]
+    real = ctx.values
+
+    def values(configs):
+        seen.append(list(configs))
+        clock[0] += cost(len(configs))
+        return real(configs)
+
+    monkeypatch.setattr(ctx, "values", values)
+    now = lambda: clock[0]  # noqa: E731
+    monkeypatch.setattr(search, "time", types.SimpleNamespace(perf_counter=now, time=now))
+    return seen
+
+
+@pytest.mark.parametrize("ratio, picked", [(1.0, 1), (0.61, 1), (0.59, 8), (0.15, 8)])
+def test_choose_batch_probes_the_searchs_own_configurations(setup, monkeypatch, ratio, picked):
+    """The probe scores the search's first single-edge removal and its first chain of 8 (never ∅),
+    and picks chains when the chain's pass costs under 60% of 8 single ones."""
+    from featcircuit.search import choose_batch, visit_order
+
+    model, pair, task = setup
+    ctx = AblationContext(model, pair, LAYER, task.clean, "patch", task=task)
+    rk = rank_edges(ctx)
+    cands, stat = rk.order("abs")[:16], rk.stat("abs")
+    order = visit_order(cands, stat)
+    tau = sorted(stat[e] for e in order[:8])[4]  # some edges of the first chain predicted kept
+    cache, passes = dict(ctx._values), ctx.passes
+    seen = _fake_clock(monkeypatch, ctx, lambda n: 1.0 if n == 1 else ratio * 8)
+    batch, timing = choose_batch(ctx, cands, tau=tau, stat=stat)
+    assert batch == picked
+    assert timing == {"t_single_pass": pytest.approx(1.0), "t_pass_of_8": pytest.approx(ratio * 8)}
+    # the search's own configurations: the candidates without the first edge visited, and the
+    # chain H−e₁, H−e₁(−e₂ if predicted removed)… of the first 8 edges visited
+    H = Config.keeping(cands)
+    single = [H.without(*order[0])]
+    chain, base = [], H
+    for e in order[:8]:
+        chain.append(base.without(*e))
+        if stat[e] < tau:
+            base = chain[-1]
+    assert any(stat[e] >= tau for e in order[:8]) and any(stat[e] < tau for e in order[:8])
+    assert seen == [chain, single, single, chain, chain]  # warm-up, then best of 2 each
+    assert Config.empty() not in chain
+    assert ctx._values == cache and ctx.passes == passes  # the probe leaves no trace
+
+
+def test_search_with_a_chosen_batch_equals_sequential(setup, monkeypatch):
+    """When the probe picks chains (a pass costing about the same at any size), the search's
+    decisions are still the one-edge-per-pass ones."""
+    model, pair, task = setup
+    ctx = AblationContext(model, pair, LAYER, task.clean, "patch", task=task)
+    rk = rank_edges(ctx)
+    cands, stat = rk.order("abs")[:16], rk.stat("abs")
+    probe = search_circuit(ctx, cands, tau=0.0, stat=stat, batch=1, progress=False)
+    tau = float(torch.tensor([abs(v["delta"]) for v in probe.visited]).median())
+    ref = search_circuit(ctx, cands, tau=tau, stat=stat, batch=1, progress=False)
+    _fake_clock(monkeypatch, ctx, lambda n: 1.0)
+    got = search_circuit(ctx, cands, tau=tau, stat=stat, batch=None, progress=False)
+    assert got.batch == 8 and ref.batch == 1
+    assert [(v["src"], v["dst"], v["kept"], v["delta"]) for v in got.visited] == \
+        [(v["src"], v["dst"], v["kept"], v["delta"]) for v in ref.visited]
+    assert 0 < len(ref.kept) < len(cands)
