@@ -266,8 +266,10 @@ def main() -> None:
     text = replace_block(text, "baselines", baseline_table(runs))
     times = ", ".join(f"{k}: {v:.0f} s" for k, v in res["discover_seconds"].items())
     text = replace_block(text, "timing",
-                         f"`discover` wall times on this machine (pair cached; {args.jobs} runs at "
-                         f"once, each on {'one thread' if args.jobs > 1 else 'both cores'}): {times}.")
+                         f"`discover` on this machine, each run's total seconds from its summary.json "
+                         f"(`seconds.total`: the process's start and imports not included; pair cached; "
+                         f"{args.jobs} runs at once, each on "
+                         f"{'one thread' if args.jobs > 1 else 'both cores'}): {times}.")
     sweep_rows = ["| behaviour | τ (relative) | edges | F | completeness |", "|---|---|---|---|---|"]
     for name, s in runs.items():
         for f in s["circuit"]["tau_sweep"]:
