@@ -47,10 +47,9 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _width(text: str) -> float:
+def _width(text: str | float, flag: str = "--width") -> float:
     """``--width``: a multiple of d_model such as 8 or 8x, in (0, 1024]."""
-    return C.finite_float(text.removesuffix("x"), "--width", 0.0, 1024.0,
-                          lo_open=True)
+    return C.finite_float(str(text).removesuffix("x"), flag, 0.0, 1024.0, lo_open=True)
 
 
 @dataclass(kw_only=True)
@@ -268,6 +267,48 @@ def _cache_norms(folder: Path, hooks: list[str]) -> dict[str, tuple[float, float
                 acc[h][1] += n.numel()
                 acc[h][2] = max(acc[h][2], float(n.max()))
     return {h: (s / max(c, 1), m) for h, (s, c, m) in acc.items()}
+
+
+@dataclass(kw_only=True)
+class TrainPairConfig(ModelOptions):
+    """Train the paired resid + mlp dictionaries of one layer (or of several, or one site)."""
+
+    layer: int | None = option(None, check=C.nonneg_int)
+    """default: 2"""
+    layers: str | None = None
+    """train every listed layer (all, 0-3 or 1,3) from one harvest into the default pair cache"""
+    data: str = BUILTIN_DATA
+    """builtin:stdlib, a .txt or .jsonl file, a folder of text files, or a HuggingFace dataset
+    (its training split)"""
+    arch: Literal["topk", "relu", "batchtopk"] = "topk"
+    """dictionary architecture"""
+    width: float = option(8.0, check=_width)
+    """dictionary size as a multiple of d_model, e.g. 8x"""
+    k: int = option(32, check=C.positive_int, limits=(1 << 20,))
+    """active features per token (topk, batchtopk)"""
+    l1: float = option(0.1, check=C.finite_float, limits=(0.0, 1e6))
+    """L1 coefficient (relu)"""
+    jacobian: float = option(0.0, check=C.finite_float, limits=(0.0, 1e6))
+    """λ of the Jacobian sparsity penalty: train the pair jointly so resid→mlp links are sparse
+    (0: plain pair)"""
+    tokens: int = option(C.DefaultInt(1_000_000), check=C.positive_int, limits=(10**10,))
+    """training tokens"""
+    epochs: int = option(2, check=C.positive_int, limits=(10**4,))
+    """passes over the tokens"""
+    batch_size: int = option(1024, check=C.positive_int, limits=(1 << 20,))
+    """tokens per optimizer step"""
+    ckpt_every: int = option(200, check=C.positive_int, limits=(10**9,))
+    """checkpoint every N steps (a killed run resumes from the last one)"""
+    seed: int = option(0, check=C.seed)
+    """random seed (initialisation and batch order)"""
+    shuffle_rows: int = option(2**20, check=C.positive_int, limits=(1 << 40,))
+    """rows shuffled together (bounds memory when the harvest is larger: windows of shards are
+    streamed from disk)"""
+    out: str | None = None
+    """pair folder to write (resumable checkpoint beside it)"""
+    site: str | None = None
+    """train one dictionary at this site of --layer instead of the pair: attn_out | mlp_out | resid |
+    mlp | a hook name"""
 
 
 def cmd_train(args) -> None:
@@ -635,13 +676,6 @@ def cmd_steer(args) -> None:
         print(f"wrote {atomic_write_json(args.out, res)}")
 
 
-def cmd_discover(args) -> None:
-    from .discover import DiscoverConfig, discover
-
-    cfg = DiscoverConfig(**{k: v for k, v in vars(args).items() if k in DiscoverConfig.__dataclass_fields__})
-    discover(cfg)
-
-
 @dataclass(kw_only=True)
 class TasksConfig(ModelOptions):
     """The built-in behaviours and the model's accuracy on each."""
@@ -813,88 +847,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_command(sub, "harvest", HarvestConfig, cmd_harvest)
 
-    p = sub.add_parser("train", help="train the paired resid + mlp dictionaries of one layer")
-    _add_model(p)
-    p.add_argument("--layer", type=NONNEG, help="default: 2")
-    p.add_argument("--layers", help="train every listed layer (all, 0-3 or 1,3) from one harvest "
-                                    "into the default pair cache")
-    p.add_argument("--data", default=BUILTIN_DATA)
-    p.add_argument("--arch", default="topk", choices=("topk", "relu", "batchtopk"))
-    p.add_argument("--width", type=arg_type(_width), default=8.0,
-                   help="dictionary size as a multiple of d_model, e.g. 8x")
-    p.add_argument("--k", type=arg_type(C.positive_int, "--k", 1 << 20), default=32)
-    p.add_argument("--l1", type=arg_type(C.finite_float, "--l1", 0.0, 1e6), default=0.1,
-                   help="L1 coefficient (relu)")
-    p.add_argument("--jacobian", type=arg_type(C.finite_float, "--jacobian", 0.0, 1e6), default=0.0,
-                   help="λ of the Jacobian sparsity penalty: train the pair jointly so resid→mlp "
-                        "links are sparse (0: plain pair)")
-    p.add_argument("--tokens", type=arg_type(C.positive_int, "--tokens", 10**10), default=C.DefaultInt(1_000_000))
-    p.add_argument("--epochs", type=arg_type(C.positive_int, "--epochs", 10**4), default=2)
-    p.add_argument("--batch-size", type=arg_type(C.positive_int, "--batch-size", 1 << 20), default=1024)
-    p.add_argument("--ckpt-every", type=arg_type(C.positive_int, "--ckpt-every", 10**9), default=200,
-                   help="checkpoint every N steps (a killed run resumes from the last one)")
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--shuffle-rows", type=arg_type(C.positive_int, "--shuffle-rows", 1 << 40),
-                   default=2**20, help="rows shuffled together (bounds memory when the harvest "
-                                       "is larger: windows of shards are streamed from disk)")
-    p.add_argument("--out", help="pair folder to write (resumable checkpoint beside it)")
-    p.add_argument("--site", help="train one dictionary at this site of --layer instead of the pair: "
-                   "attn_out | mlp_out | resid | mlp | a hook name")
-    p.set_defaults(func=cmd_train)
+    add_command(sub, "train", TrainPairConfig, cmd_train)
 
     add_command(sub, "evaluate", EvaluateConfig, cmd_evaluate)
 
-    from .discover import DiscoverConfig
-    d = DiscoverConfig()
-    p = sub.add_parser("discover", help="the whole job: pair, edges, search, rendered circuit")
-    _add_model(p)
-    p.add_argument("--layer", type=NONNEG, default=d.layer)
-    p.add_argument("--layers", default=d.layers,
-                   help="a circuit across layers: all | A-B | A,B,… (contiguous); dictionaries of each layer "
-                        "from the default cache")
-    p.add_argument("--prompt", default=d.prompt,
-                   help="one prompt's attribution graph per position (pruned by influence) for its "
-                        "next-token prediction, across --layers (default: --layer)")
-    p.add_argument("--data", default=d.data)
-    p.add_argument("--split", default=d.split)
-    p.add_argument("--dicts", help="pair folder; default: the cached default pair (trained when absent)")
-    p.add_argument("--target", help="explain one MLP feature, e.g. mlp:123")
-    p.add_argument("--metric", default=d.metric, help="ce (next-token loss); --prompts gives logit difference")
-    p.add_argument("--prompts", help="jsonl of clean/corrupt/answer/wrong for a logit-difference metric")
-    p.add_argument("--tokens", type=arg_type(C.positive_int, "--tokens", 10**10), default=C.DefaultInt(d.tokens), help="attribution token budget")
-    p.add_argument("--eval-tokens", type=arg_type(C.positive_int, "--eval-tokens", 10**10), default=d.eval_tokens)
-    p.add_argument("--top-edges", type=arg_type(C.positive_int, "--top-edges", 10**6), default=d.top_edges, help="edges drawn in the graph")
-    p.add_argument("--node-threshold", type=NONNEG_FLOAT, default=d.node_threshold)
-    p.add_argument("--edge-threshold", type=NONNEG_FLOAT, default=d.edge_threshold)
-    p.add_argument("--task", help="a built-in behaviour (`featcircuit tasks` lists them): logit difference "
-                   "at the answer position of clean/corrupt pairs")
-    p.add_argument("--search", default=d.search, help="acdc | none")
-    p.add_argument("--tau", type=NONNEG_FLOAT, default=d.tau,
-                   help="remove an edge when it moves D by less than tau × |m(M) − m(∅)| (relative)")
-    p.add_argument("--tau-abs", type=NONNEG_FLOAT, default=d.tau_abs,
-                   help="absolute τ in the metric's units (overrides --tau)")
-    p.add_argument("--tau-sweep", default=d.tau_sweep,
-                   help="comma-separated relative τ values: the faithfulness–size frontier")
-    p.add_argument("--candidates", type=arg_type(C.positive_int, "--candidates", 10**7), default=d.candidates,
-                   help="edges handed from the ranking to the search")
-    p.add_argument("--ablation", default=d.ablation,
-                   help="auto | zero | mean | patch (auto: patch from the corrupt prompt for a task, zero otherwise)")
-    p.add_argument("--errors", default=d.errors, help="kept | ablated: error nodes outside or inside the scope")
-    p.add_argument("--rank-by", default=d.rank_by,
-                   help="auto | abs | net: candidate ranking (auto: the higher Spearman with single-edge Δ)")
-    p.add_argument("--search-tokens", type=arg_type(C.positive_int, "--search-tokens", 10**10), default=d.search_tokens,
-                   help="corpus mode: tokens for the search (and as many held out for scoring)")
-    p.add_argument("--label-tokens", type=arg_type(C.nonneg_int, "--label-tokens", 10**10), default=d.label_tokens,
-                   help="fit each node's rule label on this many training-split tokens and score it (F1) on "
-                        "held-out tokens (0: unscored token labels)")
-    p.add_argument("--evidence", type=arg_type(C.nonneg_int, "--evidence", 10**4), default=d.evidence,
-                   help="contexts per drawn edge where e_ij(t) is largest, in the report and edge_evidence.json "
-                        "(0: none)")
-    p.add_argument("--ln", default=d.ln, help="exact | frozen LayerNorm Jacobian")
-    p.add_argument("--out", help="output folder (default featcircuit-out/MODEL-LLAYER)")
-    p.add_argument("--force", action="store_true", help="replace an --out folder featcircuit did not write")
-    p.add_argument("--seed", type=SEED, default=d.seed)
-    p.set_defaults(func=cmd_discover)
+    from .discover import DiscoverConfig, discover
+    add_command(sub, "discover", DiscoverConfig, discover)
 
     p = sub.add_parser("steer", help="add or clamp one feature's decoder direction at its site: change "
                        "of a task's metric, of the next-token distribution, generated text before/after")

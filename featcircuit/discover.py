@@ -19,56 +19,105 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
+from . import checks as C
 from .behaviour import behaviour as _behaviour
 from .behaviour import fmt as _f
 from .behaviour import parse_sweep as _parse_sweep
+from .configs import option
+from .data import BUILTIN_DATA
 from .errors import UserError
 from .io import atomic_write_text, strict_json
+from .models import BUILTIN_NAME
 
-SEARCHES = ("acdc", "none")
-ABLATIONS = ("auto", "zero", "mean", "patch")
+Search = Literal["acdc", "none"]
+Ablation = Literal["auto", "zero", "mean", "patch"]
+SEARCHES: tuple[str, ...] = get_args(Search)
+ABLATIONS: tuple[str, ...] = get_args(Ablation)
 
 
 @dataclass
 class DiscoverConfig:
-    """Options of ``featcircuit discover`` (each is a flag of the same name)."""
+    """The whole job: pair, edges, search, rendered circuit.
 
-    layer: int = 2
+    One layer (``--layer``): exact resid→mlp edges, the ablation search and its faithfulness, scored
+    labels and edge evidence, the report. Several (``--layers``) or one prompt (``--prompt``): the
+    cross-layer graph of every adjacent site. Each field is a flag of the same name.
+    """
+
+    layer: int = option(2, check=C.nonneg_int)
+    """the layer whose resid→mlp circuit is found"""
     layers: str | None = None
+    """a circuit across layers: all | A-B | A,B,… (contiguous); dictionaries of each layer from the
+    default cache"""
     prompt: str | None = None
-    model: str = "stdlib-neox"
-    data: str = "builtin:stdlib"
+    """one prompt's attribution graph per position (pruned by influence) for its next-token
+    prediction, across --layers (default: --layer)"""
+    model: str = BUILTIN_NAME
+    """built-in name, HuggingFace name or local HF folder"""
+    data: str = BUILTIN_DATA
+    """builtin:stdlib, a .txt or .jsonl file, a folder of text files, or a HuggingFace dataset"""
     split: str = "heldout"
+    """train | heldout | all: the corpus tokens attributed, labelled and searched (corpus mode)"""
     dicts: str | None = None
+    """pair folder; default: the cached default pair (trained when absent)"""
     task: str | None = None
+    """a built-in behaviour (`featcircuit tasks` lists them): logit difference at the answer position
+    of clean/corrupt pairs"""
     prompts: str | None = None
+    """jsonl of clean/corrupt/answer/wrong for a logit-difference metric"""
     target: str | None = None
-    metric: str = "ce"
-    tokens: int = 16384
-    eval_tokens: int = 8192
-    top_edges: int = 30
-    node_threshold: float = 0.0
-    edge_threshold: float = 0.0
-    search: str = "acdc"
-    tau: float = 0.02
-    tau_abs: float | None = None
+    """explain one MLP feature, e.g. mlp:123"""
+    metric: Literal["ce"] = "ce"
+    """ce (next-token loss) for corpus attribution; --task and --prompts give the logit difference"""
+    tokens: int = option(C.DefaultInt(16384), check=C.positive_int, limits=(10**10,))
+    """attribution token budget"""
+    eval_tokens: int = option(8192, check=C.positive_int, limits=(10**10,))
+    """held-out tokens for dictionary quality"""
+    top_edges: int = option(30, check=C.positive_int, limits=(10**6,))
+    """edges drawn in the graph"""
+    node_threshold: float = option(0.0, check=C.finite_float, limits=(0.0,))
+    """drop drawn nodes whose |effect| on the metric is below this (nodes without one stay)"""
+    edge_threshold: float = option(0.0, check=C.finite_float, limits=(0.0,))
+    """drop drawn edges whose Σ_t |e_ij(t)| is below this"""
+    search: Search = "acdc"
+    """acdc: the ablation search; none: draw the top edges by |behavioural weight|"""
+    tau: float = option(0.02, check=C.finite_float, limits=(0.0,))
+    """remove an edge when it moves D by less than tau × |m(M) − m(∅)| (relative)"""
+    tau_abs: float | None = option(None, check=C.finite_float, limits=(0.0,))
+    """absolute τ in the metric's units (overrides --tau)"""
     tau_sweep: str | None = None
-    candidates: int = 128
-    ablation: str = "auto"
-    errors: str = "kept"
-    rank_by: str = "auto"
-    search_tokens: int = 2048
-    label_tokens: int = 32768
-    evidence: int = 5
-    ln: str = "exact"
+    """comma-separated relative τ values: the faithfulness–size frontier"""
+    candidates: int = option(128, check=C.positive_int, limits=(10**7,))
+    """edges handed from the ranking to the search"""
+    ablation: Ablation = "auto"
+    """auto: patch from the corrupt prompt for a task, zero otherwise"""
+    errors: Literal["kept", "ablated"] = "kept"
+    """error nodes outside (kept) or inside (ablated) the scope"""
+    rank_by: Literal["auto", "abs", "net"] = "auto"
+    """candidate ranking (auto: the higher Spearman with single-edge Δ)"""
+    search_tokens: int = option(2048, check=C.positive_int, limits=(10**10,))
+    """corpus mode: tokens for the search (and as many held out for scoring)"""
+    label_tokens: int = option(32768, check=C.nonneg_int, limits=(10**10,))
+    """fit each node's rule label on this many training-split tokens and score it (F1) on held-out
+    tokens (0: unscored token labels)"""
+    evidence: int = option(5, check=C.nonneg_int, limits=(10**4,))
+    """contexts per drawn edge where e_ij(t) is largest, in the report and edge_evidence.json (0: none)"""
+    ln: Literal["exact", "frozen"] = "exact"
+    """LayerNorm Jacobian of the edges: exact, or its scale frozen"""
     out: str | None = None
+    """output folder (default featcircuit-out/MODEL-LLAYER)"""
     force: bool = False
-    device: str = "auto"
-    seed: int = 0
-    progress: bool = True
+    """replace an --out folder featcircuit did not write"""
+    device: str = option("auto", check=C.device)
+    """auto | cpu | cuda | cuda:N"""
+    seed: int = option(0, check=C.seed)
+    """random seed (search order ties, random baseline)"""
+    progress: bool = option(True, cli=False)
+    """progress bars (the API may turn them off)"""
 
 
 def _parse_target(target: str, d_mlp: int) -> int:

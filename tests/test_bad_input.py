@@ -287,7 +287,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("discover-missing-model", ["discover", "--model", "{root}/no-model"], "not available locally"),
     ("discover-missing-dicts", [*X, "--dicts", "{root}/nope"], "not a folder"),
     ("discover-nan-dicts", [*X, "--dicts", "{nan_pair}", "--out", "{root}/work/d"], "NaN or infinite"),
-    ("discover-search", [*X, "--search", "greedy"], "unknown --search"),
+    ("discover-search", [*X, "--search", "greedy"], "--search: invalid choice: 'greedy' (choose from 'acdc', 'none')"),
     ("discover-candidates-0", [*X, "--candidates", "0"], "--candidates 0"),
 ]
 

@@ -111,14 +111,21 @@ def test_every_cli_config_field_is_a_documented_flag():
 
     parser = build_parser()
     subs = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    from featcircuit.discover import DiscoverConfig
+
     commands = {"harvest": cli.HarvestConfig, "evaluate": cli.EvaluateConfig, "tasks": cli.TasksConfig,
-                "render": cli.RenderConfig, "features": cli.FeaturesConfig}
+                "render": cli.RenderConfig, "features": cli.FeaturesConfig, "discover": DiscoverConfig,
+                "train": cli.TrainPairConfig}
     model = subs["model"]._subparsers._group_actions[0].choices
-    for name, cls in [*commands.items(), ("info", cli.ModelInfoConfig), ("train", cli.ModelTrainConfig)]:
-        p = model[name] if name in ("info", "train") else subs[name]
+    commands |= {"info": cli.ModelInfoConfig, "model train": cli.ModelTrainConfig}
+    for name, cls in commands.items():
+        p = model[name.removeprefix("model ")] if name in ("info", "model train") else subs[name]
         actions = {a.dest: a for a in p._actions}
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
+            if not f.metadata.get("featcircuit.cli", {}).get("cli", True):  # kept off the command line
+                assert f.name not in actions, (name, f.name)
+                continue
             assert f.name in actions, (name, f.name)
             doc = f.metadata.get("featcircuit.cli", {}).get("help") or docs.get(f.name)
             assert doc, f"{name}: field {f.name} has no docstring"

@@ -124,13 +124,13 @@ def test_target_and_prompts(setup):
     (dict(layer=7), "--layer 7 is out of range"),
     (dict(target="mlp:99999"), "unknown target feature mlp:99999"),
     (dict(target="resid:3"), "bad --target 'resid:3'"),
-    (dict(search="greedy"), "unknown --search 'greedy'"),
-    (dict(metric="bleu"), "unknown --metric 'bleu'"),
-    (dict(ablation="resample"), "unknown --ablation 'resample'"),
+    (dict(search="greedy"), "--search: invalid choice: 'greedy' (choose from 'acdc', 'none')"),
+    (dict(metric="bleu"), "--metric: invalid choice: 'bleu' (choose from 'ce')"),
+    (dict(ablation="resample"), "--ablation: invalid choice: 'resample'"),
     (dict(ablation="patch"), "--ablation patch needs corrupt prompts"),
     (dict(task="nope"), "unknown task 'nope'"),
     (dict(tau_sweep="0.1,x"), "bad --tau-sweep"),
-    (dict(errors="some"), "unknown --errors 'some'"),
+    (dict(errors="some"), "--errors: invalid choice: 'some' (choose from 'kept', 'ablated')"),
     (dict(tau=-1), "--tau"),
     (dict(candidates=0), "--candidates"),
     (dict(label_tokens=5), "--label-tokens 5 is less than one context of 128 tokens"),
@@ -160,3 +160,18 @@ def test_dictionary_for_other_layer_and_empty_prompts(setup):
     r = run(*base_args(setup, prompts=empty))
     assert r.returncode == 2 and "holds no prompts" in r.stderr
     assert not (root / "never").exists()
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(search="greedy"), "unknown --search 'greedy'"),
+    (dict(ablation="resample"), "unknown --ablation 'resample'"),
+    (dict(label_tokens=-1), "--label-tokens -1 must be >= 0"),
+    (dict(label_tokens=64), "--label-tokens 64 is less than one context"),
+])
+def test_api_config_is_checked_before_any_work(change, match):
+    """The Python API gets the same checks as the command line (which argparse does first)."""
+    from featcircuit.discover import DiscoverConfig, discover
+    from featcircuit.errors import UserError
+
+    with pytest.raises(UserError, match=match):
+        discover(DiscoverConfig(progress=False, **change))
