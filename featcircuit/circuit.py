@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from .ablation import AblationContext
+from .ablation import AblationContext, Edge
 from .errors import UserError
 from .faithfulness import curves, end_points, random_order
 from .search import compare_statistics, rank_edges, relative_tau, search_circuit, single_edge_deltas
@@ -49,6 +49,9 @@ class CircuitConfig:
     batch: int | None = None
     """configurations per forward pass; None = chosen by measured cost"""
     seed: int = 0
+    skip: Callable[[Edge], bool] | None = None
+    """edges never handed to the search (e.g. those touching dense features); they stay in the
+    scope, so the circuit is scored with them ablated"""
 
 
 def _ablation(cfg: CircuitConfig, is_task: bool) -> str:
@@ -96,7 +99,8 @@ def search_and_score(make: Callable, rank: Callable, search_beh, eval_beh, cfg: 
         sa, sn = cmp["spearman_abs"], cmp["spearman_net"]
         by = "net" if (sn is not None and (sa is None or sn > sa)) else "abs"
     stat = ranking.stat(by)
-    cands = ranking.order(by)[: cfg.candidates]
+    order = ranking.order(by)
+    cands = (order if cfg.skip is None else [e for e in order if not cfg.skip(e)])[: cfg.candidates]
     tau = cfg.tau_abs if cfg.tau_abs is not None else relative_tau(ctx, cfg.tau)
     batch = cfg.batch if cfg.batch is not None or hasattr(ctx, "dout_empty") else 1
     res = search_circuit(ctx, cands, tau=tau, stat=stat, batch=batch, progress=progress)
@@ -116,7 +120,7 @@ def search_and_score(make: Callable, rank: Callable, search_beh, eval_beh, cfg: 
     by_delta = {(v["src"], v["dst"]): v["delta"] for v in res.visited}
     kept_set, cand_set = set(kept), set(cands)
     removed = sorted((e for e in cands if e not in kept_set), key=lambda e: -by_delta[e])
-    rest = [e for e in ranking.order(by) if e not in cand_set]  # the scope past the candidates
+    rest = [e for e in order if e not in cand_set]  # the scope past the candidates
     search_order = sorted(kept, key=lambda e: -by_delta[e]) + removed + rest
     single_order = [cands[k] for k in sorted(range(len(cands)), key=lambda k: -singles[k])] + rest
     orders = {"search": search_order, "attribution (net)": ranking.order("net"),

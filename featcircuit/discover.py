@@ -101,6 +101,9 @@ class DiscoverConfig:
     """candidate ranking (auto: the higher Spearman with single-edge Δ)"""
     search_tokens: int = option(2048, check=C.positive_int, limits=(10**10,))
     """corpus mode: tokens for the search (and as many held out for scoring)"""
+    exclude_dense: bool = False
+    """hand no edge that touches a dense feature (active on > 10% of the corpus tokens) to the
+    search; such edges stay in the scope, so they count as ablated when the circuit is scored"""
     label_tokens: int = option(32768, check=C.nonneg_int, limits=(10**10,))
     """fit each node's rule label on this many training-split tokens and score it (F1) on held-out
     tokens (0: unscored token labels)"""
@@ -200,6 +203,9 @@ def _check_cross_options(cfg: DiscoverConfig) -> None:
             raise UserError("--prompt is empty: give the text whose next-token prediction to explain")
     if cfg.dicts is not None or cfg.target is not None:
         raise UserError("--dicts and --target take one layer's pair: use --layer L without --layers/--prompt")
+    if cfg.exclude_dense:
+        raise UserError("--exclude-dense takes one layer's feature statistics: use --layer L without "
+                        "--layers/--prompt")
     if cfg.errors != "kept":
         raise UserError("--errors ablated is not supported with --layers: error nodes stay clean across layers")
     if cfg.ablation == "mean":
@@ -339,7 +345,8 @@ def discover(cfg: DiscoverConfig) -> dict:
     found = None
     if cfg.search == "acdc":
         ccfg = CircuitConfig(ablation=cfg.ablation, errors=cfg.errors, candidates=cfg.candidates, tau=cfg.tau,
-                             tau_abs=cfg.tau_abs, tau_sweep=sweep, rank_by=cfg.rank_by, seed=cfg.seed)
+                             tau_abs=cfg.tau_abs, tau_sweep=sweep, rank_by=cfg.rank_by, seed=cfg.seed,
+                             skip=_dense_edges(stats) if cfg.exclude_dense else None)
         found = find_circuit(model, pair, layer, beh_search, beh_eval, ccfg, progress=cfg.progress)
     t_search = time.time() - t0 - t_setup - t_attr
 
@@ -447,6 +454,14 @@ def discover(cfg: DiscoverConfig) -> dict:
     print(f"\nwrote {len(names)} files to {out}/: " + ", ".join(names))
     print(f"done in {summary['seconds']['total']:.1f}s")
     return summary
+
+
+def _dense_edges(stats):
+    """``skip(edge)``: whether a resid→mlp edge touches a feature active on > 10% of the tokens."""
+    from .stats import DENSE_FREQ
+
+    dr, dm = stats["resid"].dense(DENSE_FREQ).tolist(), stats["mlp"].dense(DENSE_FREQ).tolist()
+    return lambda e: dm[e[1]] or (e[0] >= 0 and dr[e[0]])
 
 
 def _scored_labels(cfg: DiscoverConfig, model, pair, layer: int, corpus, nodes: list[tuple[str, int]]):

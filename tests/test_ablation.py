@@ -199,6 +199,20 @@ def test_planted_circuit_faithfulness_and_search(neox_dir):
     res = search_circuit(ctx, rk.order("abs")[:10], tau=1e-6 * abs(ctx.gap), stat=rk.stat("abs"),
                          progress=False)
     assert set(res.kept) == set(planted_edges)
+    # an edge the caller keeps out of the candidates (discover --exclude-dense) is never searched,
+    # yet stays in the scope: the circuit is scored with it ablated, so it explains less
+    from featcircuit.circuit import CircuitConfig, find_circuit
+
+    base = dict(ablation="zero", candidates=10, tau=1e-6, rank_by="abs", batch=1)
+    full = find_circuit(model, pair, LAYER, tokens, tokens, CircuitConfig(**base), progress=False)
+    assert {tuple(e) for e in full["circuit"]} == set(planted_edges)
+    assert full["heldout"]["faithfulness"] == pytest.approx(1.0, abs=1e-9)
+    skip = CircuitConfig(**base, skip=lambda e: e == (i1, j1))
+    cut = find_circuit(model, pair, LAYER, tokens, tokens, skip, progress=False)
+    assert [i1, j1] not in cut["candidates"] and [tuple(e) for e in cut["circuit"]] == [(i2, j1)]
+    assert cut["scope"]["size_heldout"] == full["scope"]["size_heldout"]
+    one = end_points(ctx, [(i2, j1)])["faithfulness"]
+    assert cut["heldout"]["faithfulness"] == pytest.approx(one) and one < 1 - 1e-6
 
 
 @pytest.mark.parametrize("batch", [1, 4])

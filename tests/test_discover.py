@@ -167,6 +167,7 @@ def test_dictionary_for_other_layer_and_empty_prompts(setup):
     (dict(ablation="resample"), "unknown --ablation 'resample'"),
     (dict(label_tokens=-1), "--label-tokens -1 must be >= 0"),
     (dict(label_tokens=64), "--label-tokens 64 is less than one context"),
+    (dict(exclude_dense=True, layers="2-3"), "--exclude-dense takes one layer"),
 ])
 def test_api_config_is_checked_before_any_work(change, match):
     """The Python API gets the same checks as the command line (which argparse does first)."""
