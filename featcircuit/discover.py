@@ -471,7 +471,7 @@ def _scored_labels(cfg: DiscoverConfig, model, pair, layer: int, corpus, nodes: 
     it is the held-out split), so each label's F1 says how well it predicts where the feature fires
     on text it was not fitted on. ``--label-tokens 0``: unscored token labels, summary None.
     """
-    if not cfg.label_tokens:
+    if not cfg.label_tokens or not nodes:
         return None, None
     from .data import load_tokens
     from .labels import label_pair, node_f1_distribution

@@ -98,6 +98,32 @@ def baseline_table(runs: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def label_table(runs: dict[str, dict]) -> str:
+    """Per run: held-out F1 of the scored rule labels of the drawn feature nodes, and dense nodes."""
+    import statistics
+
+    rows = ["| behaviour | feature nodes drawn | label F1 median (quartiles) | F1 ≥ 0.6 | \"every token\" F1 "
+            "(median) | dense nodes (> 10% of tokens) |", "|---|---|---|---|---|---|"]
+    pooled: dict[str, float] = {}
+    for name, s in runs.items():
+        lab = s.get("labels")
+        if not lab or not lab["circuit_nodes"].get("n"):
+            rows.append(f"| {name} | {len((lab or {}).get('nodes', {}))} | n/a | n/a | n/a | n/a |")
+            continue
+        d = lab["circuit_nodes"]
+        rows.append(f"| {name} | {d['n'] + d['n_unscored']} | {f2(d['median'])} "
+                    f"({f2(d['q1'])}–{f2(d['q3'])}) | {d['frac_ge_0.6']:.0%} | {f2(d['median_base_f1'])} | "
+                    f"{len(lab['dense_nodes'])} |")
+        if name.startswith("task"):
+            pooled.update({n: v["f1"] for n, v in lab["nodes"].items() if v["f1"] is not None})
+    if pooled:
+        v = sorted(pooled.values())
+        q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3  # numpy's
+        rows.append(f"| all task circuits (unique nodes) | {len(v)} | {f2(statistics.median(v))} "
+                    f"({f2(q[0])}–{f2(q[2])}) | {sum(x >= 0.6 for x in v) / len(v):.0%} | | |")
+    return "\n".join(rows)
+
+
 def cross_table(runs: dict[str, dict], layers: str) -> str:
     """Per task: the cross-layer circuit's size, held-out F and completeness, against the cheap orders."""
     rows = [f"| task (layers {layers}) | scope \\|S\\| | edges | edge types | m(M) | m(∅) | F | "
@@ -264,6 +290,7 @@ def main() -> None:
     text = replace_block(text, "tasks", task_table(tasks))
     text = replace_block(text, "circuits", circuit_table(runs))
     text = replace_block(text, "baselines", baseline_table(runs))
+    text = replace_block(text, "labels", label_table(runs))
     times = ", ".join(f"{k}: {v:.0f} s" for k, v in res["discover_seconds"].items())
     text = replace_block(text, "timing",
                          f"`discover` on this machine, each run's total seconds from its summary.json "
@@ -285,7 +312,7 @@ def main() -> None:
                                  str(ROOT) + "/", "").strip() + "\n```\n\n"
                              + timing_line(timing, one_timing, args))
     readme.write_text(text)
-    print(f"updated {readme} (blocks: tasks, circuits, baselines, sweep, timing, crosslayer) in "
+    print(f"updated {readme} (blocks: tasks, circuits, baselines, labels, sweep, timing, crosslayer) in "
           f"{time.time() - t0:.0f}s")
 
 
