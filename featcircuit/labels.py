@@ -527,16 +527,16 @@ def label_pair(model, pair, layer: int, train_tokens: Tensor, heldout_tokens: Te
     Fitted on ``train_tokens`` (use the training split), scored on ``heldout_tokens``; both
     indexes come from :func:`featcircuit.stats.feature_index` (cached).
     """
-    from .stats import feature_index
+    from .stats import feature_indexes
 
     tok = getattr(model, "tokenizer", None)
     tc, hc = token_contexts(train_tokens, tok), token_contexts(heldout_tokens, tok)
+    sites = [s for s in ("resid", "mlp") if features is None or s in features]
+    trs = feature_indexes(model, pair, train_tokens, layer, sites, cache_dir=cache_dir, progress=progress)
+    hos = feature_indexes(model, pair, heldout_tokens, layer, sites, cache_dir=cache_dir, progress=progress)
     out = {}
-    for site in ("resid", "mlp"):
-        if features is not None and site not in features:
-            continue
-        tr = feature_index(model, pair, train_tokens, layer, site, cache_dir=cache_dir, progress=progress)
-        ho = feature_index(model, pair, heldout_tokens, layer, site, cache_dir=cache_dir, progress=progress)
+    for site in sites:
+        tr, ho = trs[site], hos[site]
         out[site] = fit_labels(tr, ho, tok, None if features is None else features[site],
                                threshold_frac=threshold_frac, train_ctx=tc, heldout_ctx=hc,
                                progress=progress, **fit_kw)

@@ -67,9 +67,9 @@ def collect_stats(model, pair, tokens: Tensor, layer: int, *, k: int = LABEL_K, 
 
     mask = lens_mask(model, token_counts(tokens, model.W_U.shape[1])) if lens > 0 else None
     out = {}
-    for name in ("resid", "mlp"):
-        idx = feature_index(model, pair, tokens, layer, name, cache_dir=cache_dir, progress=progress,
-                            batch_size=batch_size)
+    indexes = feature_indexes(model, pair, tokens, layer, cache_dir=cache_dir, progress=progress,
+                              batch_size=batch_size)  # one pass for both sites on a cold cache
+    for name, idx in indexes.items():
         top = None
         if mask is not None:
             top = lens_top_ids(model, feature_directions(model, pair, layer, name), mask, lens)
@@ -183,32 +183,44 @@ def default_cache_dir() -> Path:
 def build_index(model, dictionary, hook: str, tokens: Tensor, *, site: str = "", layer: int = -1,
                 batch_size: int = 16, progress: bool = False) -> FeatureIndex:
     """One pass over ``tokens``: every nonzero code of ``dictionary`` at ``hook`` (positions >= 1)."""
+    return build_indexes(model, {site: (dictionary, hook)}, tokens, layer=layer, batch_size=batch_size,
+                         progress=progress)[site]
+
+
+def build_indexes(model, dicts: dict[str, tuple], tokens: Tensor, *, layer: int = -1, batch_size: int = 16,
+                  progress: bool = False) -> dict[str, FeatureIndex]:
+    """``{site: FeatureIndex}`` of several ``{site: (dictionary, hook)}`` from one pass over ``tokens``."""
     from .activations import harvest
 
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
         raise UserError("feature analysis needs a [n_seq, n_ctx >= 2] token tensor, got "
                         f"{tuple(tokens.shape)}")
     n_ctx = tokens.shape[1]
-    dev = dictionary.W_dec.device
-    feats, poss, vals = [], [], []
-    for s in tqdm(range(0, len(tokens), batch_size), desc=f"feature index ({site or hook})",
+    hooks = sorted({hook for _, hook in dicts.values()})
+    found: dict[str, tuple[list, list, list]] = {site: ([], [], []) for site in dicts}
+    for s in tqdm(range(0, len(tokens), batch_size), desc=f"feature index ({', '.join(dicts)})",
                   disable=not progress):
         b = tokens[s:s + batch_size]
-        x = harvest(model, b, [hook], batch_size=len(b), progress=False)[hook][:, 1:]
-        codes = dictionary.encode(x.flatten(0, 1).to(dev)).float().cpu()
-        row, f = torch.nonzero(codes > 0, as_tuple=True)
-        flat = (s + row // (n_ctx - 1)) * n_ctx + row % (n_ctx - 1) + 1
-        feats.append(f)
-        poss.append(flat)
-        vals.append(codes[row, f])
-    f, p, v = torch.cat(feats), torch.cat(poss), torch.cat(vals)
-    order = torch.argsort(f * tokens.numel() + p)
-    f, p, v = f[order], p[order], v[order]
-    d_sae = dictionary.W_dec.shape[0]
-    offsets = torch.zeros(d_sae + 1, dtype=torch.long)
-    offsets[1:] = torch.cumsum(torch.bincount(f, minlength=d_sae), 0)
-    return FeatureIndex(site, layer, hook, tokens.long().cpu(), offsets, p, v,
-                        token_counts(tokens, int(model.W_U.shape[1])))
+        acts = harvest(model, b, hooks, batch_size=len(b), progress=False)
+        for site, (dictionary, hook) in dicts.items():
+            x = acts[hook][:, 1:]
+            codes = dictionary.encode(x.flatten(0, 1).to(dictionary.W_dec.device)).float().cpu()
+            row, f = torch.nonzero(codes > 0, as_tuple=True)
+            feats, poss, vals = found[site]
+            feats.append(f)
+            poss.append((s + row // (n_ctx - 1)) * n_ctx + row % (n_ctx - 1) + 1)
+            vals.append(codes[row, f])
+    counts = token_counts(tokens, int(model.W_U.shape[1]))
+    out = {}
+    for site, (dictionary, hook) in dicts.items():
+        f, p, v = (torch.cat(xs) for xs in found[site])
+        order = torch.argsort(f * tokens.numel() + p)
+        f, p, v = f[order], p[order], v[order]
+        d_sae = dictionary.W_dec.shape[0]
+        offsets = torch.zeros(d_sae + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(torch.bincount(f, minlength=d_sae), 0)
+        out[site] = FeatureIndex(site, layer, hook, tokens.long().cpu(), offsets, p, v, counts)
+    return out
 
 
 def feature_index(model, pair, tokens: Tensor, layer: int, site: str, *,
@@ -218,30 +230,48 @@ def feature_index(model, pair, tokens: Tensor, layer: int, site: str, *,
 
     ``cache_dir``: None for :func:`default_cache_dir`, a folder, or False for no cache.
     """
+    return feature_indexes(model, pair, tokens, layer, (site,), cache_dir=cache_dir, progress=progress,
+                           batch_size=batch_size)[site]
+
+
+def feature_indexes(model, pair, tokens: Tensor, layer: int, sites=("resid", "mlp"), *,
+                    cache_dir: str | Path | Literal[False] | None = None,
+                    progress: bool = False, batch_size: int = 16) -> dict[str, FeatureIndex]:
+    """``{site: FeatureIndex}`` of several of ``pair``'s dictionaries: cached ones are read, the
+    others come from one shared pass over ``tokens`` (then cached); ``cache_dir`` as for
+    :func:`feature_index`."""
     from .io import atomic_save_torch
     from .models import model_name
 
-    d, hook = _site_dict(model, pair, layer, site)
     name = model_name(model)
-    key = index_key(d, hook, tokens, name)
-    path = None
-    if cache_dir is not False:
-        folder = Path(cache_dir) if cache_dir else default_cache_dir()
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
-        path = folder / f"{safe}-L{layer}-{site}-{key}.pt"
-        if path.is_file():
-            try:
-                raw = torch.load(path, weights_only=True)
-                if raw.get("version") == INDEX_VERSION and raw.get("key") == key:
-                    return FeatureIndex.from_dict(raw)
-            except Exception:  # a corrupt or foreign cache file is rebuilt, never trusted
-                pass
-    idx = build_index(model, d, hook, tokens, site=site, layer=layer, progress=progress,
-                      batch_size=batch_size)
-    idx.key = key
-    if path is not None:
-        atomic_save_torch(idx.to_dict(), path)
-    return idx
+    out: dict[str, FeatureIndex] = {}
+    todo: dict[str, tuple] = {}
+    paths: dict[str, tuple[Path | None, str]] = {}
+    for site in sites:
+        d, hook = _site_dict(model, pair, layer, site)
+        key = index_key(d, hook, tokens, name)
+        path = None
+        if cache_dir is not False:
+            folder = Path(cache_dir) if cache_dir else default_cache_dir()
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
+            path = folder / f"{safe}-L{layer}-{site}-{key}.pt"
+            if path.is_file():
+                try:
+                    raw = torch.load(path, weights_only=True)
+                    if raw.get("version") == INDEX_VERSION and raw.get("key") == key:
+                        out[site] = FeatureIndex.from_dict(raw)
+                        continue
+                except Exception:  # a corrupt or foreign cache file is rebuilt, never trusted
+                    pass
+        todo[site], paths[site] = (d, hook), (path, key)
+    if todo:
+        for site, idx in build_indexes(model, todo, tokens, layer=layer, batch_size=batch_size,
+                                       progress=progress).items():
+            path, idx.key = paths[site]
+            if path is not None:
+                atomic_save_torch(idx.to_dict(), path)
+            out[site] = idx
+    return {site: out[site] for site in sites}
 
 
 def _site_dict(model, pair, layer: int, site: str):

@@ -442,3 +442,35 @@ def test_stats_read_off_the_index_equal_codes_of_a_cached_forward(neox, tmp_path
             live = v[f] > 0
             assert sorted(st.top_pos[f][live].tolist()) == sorted(pos[i[f][live]].tolist()) or \
                 len(set(v[f][live].tolist())) < int(live.sum())  # ties may pick other positions
+
+
+def test_both_indexes_of_a_cold_cache_come_from_one_pass(neox, tmp_path, monkeypatch):
+    """feature_indexes reads what is cached and builds the rest in one shared pass: each index still
+    holds exactly the nonzero codes of a run_with_cache forward."""
+    import featcircuit.activations as acts
+    from featcircuit.stats import feature_indexes
+
+    pair = random_pair(neox, 1, k=3, width=2)
+    tokens = text_tokens(neox)[:6]
+    calls = []
+    real = acts.harvest
+    monkeypatch.setattr(acts, "harvest", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
+    idx = feature_indexes(neox, pair, tokens, 1, cache_dir=tmp_path, batch_size=4)
+    assert len(calls) == 2 and all(len(h) == 2 for h in calls)  # 6 sequences in batches of 4, both hooks
+    _, cache = neox.run_with_cache(tokens)
+    n_ctx = tokens.shape[1]
+    for site, d in zip(pair_sites(neox, 1), (pair.resid, pair.mlp)):
+        codes = d.encode(cache[site.hook][:, 1:].flatten(0, 1))
+        row, f = torch.nonzero(codes > 0, as_tuple=True)
+        pos = (row // (n_ctx - 1)) * n_ctx + row % (n_ctx - 1) + 1
+        order = torch.argsort(f * tokens.numel() + pos)
+        got = idx[site.name]
+        assert torch.equal(got.pos, pos[order])
+        torch.testing.assert_close(got.val, codes[row, f][order], rtol=1e-5, atol=1e-6)
+        assert torch.equal(got.offsets[1:] - got.offsets[:-1], torch.bincount(f, minlength=d.W_dec.shape[0]))
+    calls.clear()
+    again = feature_indexes(neox, pair, tokens, 1, cache_dir=tmp_path, batch_size=4)
+    assert calls == [] and torch.equal(again["mlp"].pos, idx["mlp"].pos)  # read from the cache
+    (tmp_path / next(p.name for p in tmp_path.iterdir() if "-resid-" in p.name)).unlink()
+    feature_indexes(neox, pair, tokens, 1, cache_dir=tmp_path, batch_size=4)
+    assert len(calls) == 2 and all(len(h) == 1 for h in calls)  # only the missing site is rebuilt
