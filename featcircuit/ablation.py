@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .adapters import as_pair
+from .adapters import as_pair, held_code
 from .errors import UserError
 from .sites import mlp_parts, pair_sites
 
@@ -167,7 +167,7 @@ class AblationContext(Scorer):
             if errors == "ablated":
                 x_empty = x_empty - self.err_coef
             self.x_empty = x_empty
-            self.f_empty = self._pre_all(x_empty) * self.mask
+            self.f_empty = self._pre_all(x_empty)
             self._d_r = self.coef.shape[1]
             nzs = [self.coef != 0]
             if errors == "ablated":
@@ -211,9 +211,17 @@ class AblationContext(Scorer):
     # ---- ablated MLP features ------------------------------------------------------------
 
     def _pre_all(self, x: Tensor) -> Tensor:
+        """Every clean-active MLP feature's code at inputs ``x [N, d]`` (row-aligned with the clean
+        run), its mask held; zero where it is inactive in the clean run."""
         M = self.pair.mlp
-        z = self.parts.hidden(x)
-        return torch.relu(M.pre_acts(z)) if hasattr(M, "pre_acts") else M.encode(z)
+        if hasattr(M, "pre_acts"):
+            return torch.relu(M.pre_acts(self.parts.hidden(x))) * self.mask
+        rows, k = torch.nonzero(self.mask, as_tuple=True)
+        out = torch.zeros_like(self.f)
+        for s in range(0, len(rows), 8192):  # bounded memory: [chunk, d_mlp]
+            r, kc = rows[s:s + 8192], k[s:s + 8192]
+            out[r, kc] = held_code(M, self.parts.hidden(x[r]), kc, self.parts.hidden(self.x[r]), self.f[r, kc])
+        return out
 
     def rows(self, j: int) -> Tensor:
         """Token indices where MLP feature j is active in the clean run."""
@@ -251,7 +259,7 @@ class AblationContext(Scorer):
         todo = [k for k in dict.fromkeys(keys) if k not in self._acts]
         if not todo:
             return
-        xs, js, where = [], [], []
+        xs, js, rs, where = [], [], [], []
         for key in todo:
             j, kind, srcs = key
             rows = self.rows(j)
@@ -268,19 +276,20 @@ class AblationContext(Scorer):
                 xs.append(self.x_empty[pr] + self._contrib(pr, srcs) if kind == "keep"
                           else self.x[pr] - self._contrib(pr, srcs))
                 js.append(torch.full((len(pr),), j, dtype=torch.long, device=pr.device))
+                rs.append(pr)
                 where.append((key, part))
         if not xs:
             return
-        x, jj = torch.cat(xs), torch.cat(js)
+        x, jj, rr = torch.cat(xs), torch.cat(js), torch.cat(rs)
         M = self.pair.mlp
         pre = torch.empty(len(x), dtype=x.dtype, device=x.device)
         for s in range(0, len(x), 8192):  # bounded memory: [chunk, d_mlp]
             z = self.parts.hidden(x[s:s + 8192])
-            jc = jj[s:s + 8192]
+            jc, rc = jj[s:s + 8192], rr[s:s + 8192]
             if hasattr(M, "pre_acts"):  # each row's own target pre-activation, mask held
                 pre[s:s + 8192] = torch.relu(((z - M.b_dec) * M.W_enc.T[jc]).sum(-1) + M.b_enc[jc])
-            else:  # any module: its encode(), mask held
-                pre[s:s + 8192] = M.encode(z).gather(1, jc[:, None])[:, 0]
+            else:  # any module: linearised at the clean input, mask held
+                pre[s:s + 8192] = held_code(M, z, jc, self.parts.hidden(self.x[rc]), self.f[rc, jc])
         k = 0
         for key, part in where:
             n = int(part.sum())

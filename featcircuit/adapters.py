@@ -54,6 +54,20 @@ class ModuleDictionary(torch.nn.Module):
         return torch.stack(cols, 1)
 
 
+def held_code(M, z: Tensor, k: Tensor, z0: Tensor, f0: Tensor) -> Tensor:
+    """Feature ``k[r]``'s code at input ``z[r]`` with its clean mask held (``[n]``).
+
+    The clean TopK/ReLU mask is kept and the code re-read through the feature's pre-activation.
+    A featcircuit Dictionary reads its own affine pre-activation; any other module is linearised
+    at its clean input ``z0[r]`` (clean code ``f0[r]``): ``f0 + ∂f_k/∂z·(z − z0)``, which is the
+    same number whenever the module's active codes are affine in z, as a sparse dictionary's are.
+    """
+    if hasattr(M, "pre_acts") and hasattr(M, "W_enc"):
+        return torch.relu(((z - M.b_dec) * M.W_enc.T[k]).sum(-1) + M.b_enc[k])
+    cols = M.enc_cols(z0, k[:, None])[:, 0]  # ∂f_k/∂z at the clean input, one vjp
+    return torch.relu(f0 + ((z - z0) * cols).sum(-1))
+
+
 def as_dictionary(d, d_in: int):
     """``d`` itself if it is a featcircuit Dictionary, else a :class:`ModuleDictionary` around it."""
     if isinstance(d, (Dictionary, ModuleDictionary)):
@@ -68,4 +82,15 @@ def as_dictionary(d, d_in: int):
 def as_pair(pair, d_resid: int, d_mlp: int) -> Pair:
     """A :class:`Pair` of attribution-ready dictionaries from any (resid, mlp) pair of modules."""
     resid, mlp = pair
+    if isinstance(pair, Pair) and isinstance(resid, (Dictionary, ModuleDictionary)) \
+            and isinstance(mlp, (Dictionary, ModuleDictionary)):
+        return pair  # already ready: keep the object (and anything cached on it)
     return Pair(as_dictionary(resid, d_resid), as_dictionary(mlp, d_mlp))
+
+
+def layer_pair(model, pair, layer: int) -> Pair:
+    """:func:`as_pair` at the widths of ``layer``'s resid and mlp sites of ``model``."""
+    from .sites import pair_sites
+
+    r, m = pair_sites(model, layer)
+    return as_pair(pair, r.width, m.width)

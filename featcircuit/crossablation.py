@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .ablation import Config, Edge, Scorer, _capture_tail, restart_logits, restart_metric
+from .adapters import held_code
 from .edges import ERR, active_rows, coefficients, edges_into, out_grad
 from .errors import UserError
 from .replacement import Replacement, SiteKey
@@ -292,13 +293,12 @@ class CrossContext(Scorer):
         M = rep.dictionary(site)
         kk = k[rows[go]]
         out = torch.empty(len(go), dtype=x.dtype)
+        x0 = None if hasattr(M, "W_enc") else self.tr.acts[("resid", L)][n[rows[go]], t[rows[go]]]
         for s0 in range(0, len(go), 8192):  # bounded memory: [chunk, d_mlp]
             z = rep.parts[L].hidden(x[s0:s0 + 8192])
             kc = kk[s0:s0 + 8192]
-            if hasattr(M, "pre_acts") and hasattr(M, "W_enc"):
-                out[s0:s0 + 8192] = torch.relu(((z - M.b_dec) * M.W_enc.T[kc]).sum(-1) + M.b_enc[kc])
-            else:
-                out[s0:s0 + 8192] = M.encode(z).gather(1, kc[:, None])[:, 0]
+            z0 = z if x0 is None else rep.parts[L].hidden(x0[s0:s0 + 8192])  # the clean input (modules)
+            out[s0:s0 + 8192] = held_code(M, z, kc, z0, code[go[s0:s0 + 8192]])
         return code.index_copy(0, go, out)
 
     def _x_out(self, cfg: Config) -> Tensor:

@@ -162,8 +162,11 @@ def _stats_on_cpu(d, rows: Tensor, device) -> dict:
 def evaluate_pair(model, pair: Pair, tokens: Tensor, layer: int, *, batch_size: int = 16,
                   progress: bool = True) -> dict:
     """Quality of a dictionary pair on ``tokens`` (BOS positions excluded from every number)."""
+    from .adapters import layer_pair
+
     _check_tokens(tokens)
     r_site, m_site = pair_sites(model, layer)
+    pair = layer_pair(model, pair, layer)  # any module with encode/decode works
     device = next(model.parameters()).device
     flat = _site_rows(model, tokens, (r_site, m_site), batch_size)
     dicts = {r_site.hook: pair.resid, m_site.hook: pair.mlp}
@@ -208,8 +211,11 @@ def evaluate_layers(model, pairs: Mapping[int, Pair], tokens: Tensor, *, batch_s
     if not pairs:
         raise UserError("evaluate_layers needs at least one layer's pair")
     device = next(model.parameters()).device
+    from .adapters import layer_pair
+
     layers = sorted(pairs)
     sites = {layer: pair_sites(model, layer) for layer in layers}
+    pairs = {layer: layer_pair(model, pairs[layer], layer) for layer in layers}
     flat = _site_rows(model, tokens, [s for pr in sites.values() for s in pr], batch_size)
     dicts, groups, per = {}, {}, []
     for layer in layers:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .ablation import _run_tail
+from .adapters import held_code
 from .crossablation import CrossContext
 from .edges import ERR, edges_into_out
 from .search import EdgeRanking
@@ -50,10 +51,8 @@ def code_grads(cx: CrossContext) -> dict[int, Tensor]:
                 x = tr.acts[("resid", L)][n, t].index_add(0, E.row, dc[:, None] * D[E.src])
                 M = rep.dictionary(site)
                 z = rep.parts[L].hidden(x)
-                if hasattr(M, "pre_acts") and hasattr(M, "W_enc"):
-                    new = torch.relu(((z - M.b_dec) * M.W_enc.T[k]).sum(-1) + M.b_enc[k])
-                else:
-                    new = M.encode(z).gather(1, k[:, None])[:, 0]
+                z0 = z if hasattr(M, "W_enc") else rep.parts[L].hidden(tr.acts[("resid", L)][n, t])
+                new = held_code(M, z, k, z0, code.detach())
             delta = new - code.detach() + leaves[si]
             dcode[si] = torch.zeros_like(tr.codes[site]).index_put((n, t, k), delta)
         L = cx.layer

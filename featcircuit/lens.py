@@ -30,6 +30,9 @@ def feature_directions(model, pair, layer: int, site: str, features: Sequence[in
     if site not in SITES:
         raise UserError(f"unknown site {site!r}: use resid or mlp")
     check_layer(model, layer)
+    from .adapters import layer_pair
+
+    pair = layer_pair(model, pair, layer)  # any module with encode/decode works
     d = pair.resid if site == "resid" else pair.mlp
     W = d.W_dec.detach() if features is None else d.W_dec.detach()[torch.as_tensor(list(features),
                                                                                      dtype=torch.long)]

@@ -167,6 +167,10 @@ def _digest(*parts) -> str:
 def index_key(dictionary, hook: str, tokens: Tensor, model_name: str) -> str:
     """Cache key of an index: the dictionary's weights, the hook, the model name and the tokens."""
     d = dictionary
+    if not hasattr(d, "cfg"):  # a wrapped module: every tensor of its state, by name
+        state = sorted(d.state_dict().items())
+        return _digest(INDEX_VERSION, model_name, hook, type(getattr(d, "module", d)).__qualname__,
+                       *[x for k, t in state for x in (k, t)], tokens.to(torch.int64))
     return _digest(INDEX_VERSION, model_name, hook, d.W_enc, d.W_dec, d.b_enc, d.b_dec,
                    getattr(d, "threshold", torch.zeros(())), d.cfg.architecture, d.cfg.k,
                    tokens.to(torch.int64))
@@ -187,6 +191,7 @@ def build_index(model, dictionary, hook: str, tokens: Tensor, *, site: str = "",
                          progress=progress)[site]
 
 
+@torch.no_grad()
 def build_indexes(model, dicts: dict[str, tuple], tokens: Tensor, *, layer: int = -1, batch_size: int = 16,
                   progress: bool = False) -> dict[str, FeatureIndex]:
     """``{site: FeatureIndex}`` of several ``{site: (dictionary, hook)}`` from one pass over ``tokens``."""
@@ -275,8 +280,11 @@ def feature_indexes(model, pair, tokens: Tensor, layer: int, sites=("resid", "ml
 
 
 def _site_dict(model, pair, layer: int, site: str):
+    from .adapters import layer_pair
+
     if site not in _SITE_INDEX:
         raise UserError(f"unknown site {site!r}: use resid or mlp")
+    pair = layer_pair(model, pair, layer)  # any module with encode/decode works
     return (pair.resid if site == "resid" else pair.mlp), pair_sites(model, layer)[_SITE_INDEX[site]].hook
 
 

@@ -109,6 +109,9 @@ class Steering:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise UserError(f"steering mode {self.mode!r} is unknown: use {' or '.join(MODES)}")
+        from .adapters import as_dictionary
+
+        self.dictionary = as_dictionary(self.dictionary, self.site.width)  # any module with encode/decode
         d_sae = int(self.dictionary.W_dec.shape[0])
         if not isinstance(self.feature, int) or not 0 <= self.feature < d_sae:
             raise UserError(f"feature {self.feature} is out of range: the {self.site.name} dictionary of "

@@ -164,3 +164,17 @@ def screenshot_report(html_path: str | Path, png: str | Path, *, node: str | Non
         Path(png).parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(png))
         return driver.get_log("browser")
+
+
+class Foreign(torch.nn.Module):
+    """A user's dictionary: only encode/decode, none of featcircuit's weight names."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.inner = d
+
+    def encode(self, x):
+        return self.inner.encode(x)
+
+    def decode(self, c):
+        return self.inner.decode(c)

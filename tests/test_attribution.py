@@ -6,7 +6,7 @@ import torch
 from featcircuit import load_model
 from featcircuit.attribution import attribute_edges, batch_edges, node_effects
 from featcircuit.sites import mlp_parts, pair_sites
-from helpers import autograd_edges, random_pair, random_resid
+from helpers import Foreign, autograd_edges, random_pair, random_resid
 
 
 def closed_dense(parts, R, M, x, ln):
@@ -119,27 +119,13 @@ def test_splice_keeps_logits_and_effects_match_finite_differences(neox64):
     torch.testing.assert_close(eff["resid"], (eff["a"] * eff["grad_a"]).sum(0))
 
 
-class _Foreign(torch.nn.Module):
-    """A user's dictionary: only encode/decode, no featcircuit weights names."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.inner = d
-
-    def encode(self, x):
-        return self.inner.encode(x)
-
-    def decode(self, c):
-        return self.inner.decode(c)
-
-
 def test_any_module_with_encode_decode(neox):
     layer = 1
     pair = random_pair(neox, layer, arch="topk")
     tokens, _ = random_resid(neox, layer, n=2)
     ours = attribute_edges(neox, pair, tokens, layer=layer, progress=False)
-    theirs = attribute_edges(neox, (_Foreign(pair.resid), _Foreign(pair.mlp)), tokens, layer=layer,
+    theirs = attribute_edges(neox, (Foreign(pair.resid), Foreign(pair.mlp)), tokens, layer=layer,
                              progress=False)
     torch.testing.assert_close(theirs.to_dense(), ours.to_dense(), rtol=1e-5, atol=1e-6)
-    eff = node_effects(neox, (_Foreign(pair.resid), _Foreign(pair.mlp)), tokens, layer=layer)
+    eff = node_effects(neox, (Foreign(pair.resid), Foreign(pair.mlp)), tokens, layer=layer)
     torch.testing.assert_close(eff["logits"], neox(tokens), rtol=1e-5, atol=1e-5)
