@@ -218,15 +218,17 @@ def _chain(H: Config, order: list[Edge], pred_keep: list[bool], pos: int,
     return configs, bases
 
 
-def choose_batch(ctx: Scorer, candidates: list[Edge], *, tau: float, stat: dict[Edge, float], want: int = 8,
-                 repeats: int = 2) -> tuple[int, dict]:
+def choose_batch(ctx: Scorer, candidates: list[Edge], *, tau: float, stat: dict[Edge, float],
+                 want: int = 8) -> tuple[int, dict]:
     """Configurations per pass: B when a B-configuration pass costs under 60% of B single passes.
 
     The probes are the search's own first passes over ``candidates``: one configuration (the
     candidates without the first edge visited) against the first chain of B (see
     :func:`_chain`), scored through ``ctx.values`` with an empty value cache, so a probe pass
-    carries the rows, restarts and metric that a search pass does. Best of ``repeats`` timings
-    each, so a busy machine does not tip the choice; the probe's passes are not counted.
+    carries the rows, restarts and metric that a search pass does. After a warm-up chain the
+    timings alternate single, chain, single, and the chain is set against the faster single:
+    other work on the machine only slows a pass down, so a busy spell tips the choice to one
+    configuration per pass (the safe one) rather than to chains. The probe's passes are not counted.
     """
     order = visit_order(candidates, stat)
     H = Config.keeping(candidates)
@@ -240,19 +242,17 @@ def choose_batch(ctx: Scorer, candidates: list[Edge], *, tau: float, stat: dict[
         ctx._values = {}  # a fresh cache: every probe configuration is scored again
         ctx.values(configs)
 
-    def best(configs: list[Config]) -> float:
-        out = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            score(configs)
-            out = min(out, time.perf_counter() - t0)
-        return out
+    def timed(configs: list[Config]) -> float:
+        t0 = time.perf_counter()
+        score(configs)
+        return time.perf_counter() - t0
 
+    n = len(chain)
     try:
         score(chain)  # warm-up (and any per-target caches the search will reuse)
-        t1 = best(single)
-        n = len(chain)
-        tb = best(chain) if t1 * n * repeats < 30 else float("inf")  # never spend long on the probe
+        s1 = timed(single)
+        tb = timed(chain) if s1 * n < 30 else float("inf")  # never spend long on the probe
+        t1 = min(s1, timed(single))
     finally:
         ctx._values, ctx.passes = cache, p0
     return (want if tb < 0.6 * n * t1 else 1), {"t_single_pass": t1, f"t_pass_of_{n}": tb}

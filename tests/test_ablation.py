@@ -355,9 +355,25 @@ def test_choose_batch_probes_the_searchs_own_configurations(setup, monkeypatch, 
         if stat[e] < tau:
             base = chain[-1]
     assert any(stat[e] >= tau for e in order[:8]) and any(stat[e] < tau for e in order[:8])
-    assert seen == [chain, single, single, chain, chain]  # warm-up, then best of 2 each
+    assert seen == [chain, single, chain, single]  # warm-up, then alternating
     assert Config.empty() not in chain
     assert ctx._values == cache and ctx.passes == passes  # the probe leaves no trace
+
+
+def test_a_busy_spell_during_the_probe_picks_one_configuration_per_pass(setup, monkeypatch):
+    """Other work slows whatever pass it overlaps: a spell over the first single and the chain must
+    not make chains look cheap (with chains truly 1.0× of 8 singles, the right pick is 1)."""
+    from featcircuit.search import choose_batch
+
+    model, pair, task = setup
+    ctx = AblationContext(model, pair, LAYER, task.clean, "patch", task=task)
+    rk = rank_edges(ctx)
+    cands, stat = rk.order("abs")[:16], rk.stat("abs")
+    calls = iter(range(100))
+    busy = {1: 10.0, 2: 10.0}  # the 2nd and 3rd passes of the probe run ten times slower
+    _fake_clock(monkeypatch, ctx, lambda n: (0.1 if n == 1 else 0.8) * busy.get(next(calls), 1.0))
+    batch, timing = choose_batch(ctx, cands, tau=0.0, stat=stat)
+    assert batch == 1 and timing == {"t_single_pass": pytest.approx(0.1), "t_pass_of_8": pytest.approx(8.0)}
 
 
 def test_search_with_a_chosen_batch_equals_sequential(setup, monkeypatch):
