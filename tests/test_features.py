@@ -240,7 +240,7 @@ def test_index_is_cached_per_dictionary(neox, tmp_path, monkeypatch):
     nz = torch.nonzero(dense > 0)
     assert torch.equal(p, nz[:, 0] * tokens.shape[1] + nz[:, 1] + 1)
     torch.testing.assert_close(v, dense[dense > 0])
-    monkeypatch.setattr(F, "build_index", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rebuilt")))
+    monkeypatch.setattr(F, "build_indexes", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rebuilt")))
     b = feature_index(neox, pair, tokens, 1, "mlp", cache_dir=tmp_path)
     assert torch.equal(a.pos, b.pos) and torch.equal(a.val, b.val) and a.key == b.key
     with torch.no_grad():
