@@ -57,6 +57,8 @@ def main() -> None:
     p.add_argument("--top", type=int, default=30, help="top edges whose ends are the circuit nodes")
     p.add_argument("--threshold-frac", type=float, default=0.0,
                    help="a feature fires above this fraction of its max (0: any nonzero code)")
+    p.add_argument("--max-clauses", type=int, default=3,
+                   help="clauses a rule may join with 'or' (1: one atom or one conjunction)")
     p.add_argument("--out", default="docs/labels")
     p.add_argument("--model", default="stdlib-neox")
     p.add_argument("--dicts", help="pair folder (default: the cached default pair of the built-in model)")
@@ -81,8 +83,9 @@ def main() -> None:
     heldout = load_tokens(BUILTIN_DATA, model, n_tokens=args.heldout_tokens, split="heldout")
     print(f"pair {pair_path}; labels fitted on {train.numel():,} training tokens, scored on "
           f"{heldout.numel():,} held-out tokens; fires = activation > {args.threshold_frac:g}·max")
-    labels = label_pair(model, pair, layer, train, heldout, threshold_frac=args.threshold_frac, progress=True)
-    again = label_pair(model, pair, layer, train, heldout, threshold_frac=args.threshold_frac)
+    kw = dict(threshold_frac=args.threshold_frac, max_clauses=args.max_clauses)
+    labels = label_pair(model, pair, layer, train, heldout, progress=True, **kw)
+    again = label_pair(model, pair, layer, train, heldout, **kw)
     deterministic = json.dumps(labels, sort_keys=True) == json.dumps(again, sort_keys=True)
     t_labels = time.time() - t0
 
@@ -93,6 +96,7 @@ def main() -> None:
             "dense kept out": candidate_edges(table, args.top, by="weight", stats=stats, exclude_dense=True)}
     summary: dict = {"layer": layer, "pair": str(pair_path), "train_tokens": int(train.numel()),
                      "heldout_tokens": int(heldout.numel()), "threshold_frac": args.threshold_frac,
+                     "max_clauses": args.max_clauses,
                      "deterministic": deterministic, "dense_limit": DENSE_FREQ,
                      "dense": {s: [{"feature": f, "freq": float(stats[s].freq[f])} for f in v]
                                for s, v in dense.items()}, "dictionaries": {}, "circuits": {}}
