@@ -180,8 +180,6 @@ def _check_options(cfg: DiscoverConfig) -> None:
 
 def _check_label_options(cfg: DiscoverConfig) -> None:
     """Scored labels need a context's worth of tokens and data with a train and a held-out split."""
-    from .data import BUILTIN_DATA
-
     if cfg.label_tokens < 128:
         raise UserError(f"--label-tokens {cfg.label_tokens} is less than one context of 128 tokens: use 0 "
                         "(unscored token labels) or at least 128")
