@@ -366,7 +366,7 @@ def discover(cfg: DiscoverConfig) -> dict:
     scored, label_summary = _scored_labels(cfg, model, pair, layer, corpus, nodes)
     labels = labels_for(nodes, stats, corpus, tok, layer, scored=scored)
     evidence = None
-    if cfg.evidence:  # where each drawn edge is largest on the corpus tokens, and its mean per co-activation
+    if cfg.evidence and len(gtab):  # where each drawn edge is largest on the corpus, its mean per co-activation
         from .evidence import edge_evidence
 
         evidence = edge_evidence(model, pair, corpus, layer, list(zip(gtab.src.tolist(), gtab.dst.tolist())),
