@@ -229,8 +229,12 @@ def main() -> None:
     for item in timed.items():
         t1 = time.time()
         printed[item[0]] = one(item, alone=True)
-        if item[0] not in reused:  # a reused run was not timed here
-            walls[item[0]] = round(time.time() - t1, 1)  # the process, start and imports included
+        wall_file = OUT / item[0] / "wall_seconds.txt"
+        if item[0] not in reused:  # the process, start and imports included; kept for a later --reuse
+            walls[item[0]] = round(time.time() - t1, 1)
+            wall_file.write_text(f"{walls[item[0]]}\n")
+        elif wall_file.is_file():  # a reused run keeps the wall time measured when it ran
+            walls[item[0]] = float(wall_file.read_text())
     printed = {k.removeprefix("task-"): v for k, v in printed.items()}
     cross_runs = {n: json.loads((OUT / f"cross-{n}" / "summary.json").read_text()) for n in cross}
     timing = json.loads((OUT / "cross-timing" / "summary.json").read_text())
