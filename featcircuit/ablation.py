@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .adapters import as_pair, held_code
+from .adapters import as_pair, held_code, reads_pre_acts
 from .errors import UserError
 from .sites import mlp_parts, pair_sites
 
@@ -214,7 +214,7 @@ class AblationContext(Scorer):
         """Every clean-active MLP feature's code at inputs ``x [N, d]`` (row-aligned with the clean
         run), its mask held; zero where it is inactive in the clean run."""
         M = self.pair.mlp
-        if hasattr(M, "pre_acts"):
+        if reads_pre_acts(M):  # every feature at once
             return torch.relu(M.pre_acts(self.parts.hidden(x))) * self.mask
         rows, k = torch.nonzero(self.mask, as_tuple=True)
         out = torch.zeros_like(self.f)
@@ -286,10 +286,8 @@ class AblationContext(Scorer):
         for s in range(0, len(x), 8192):  # bounded memory: [chunk, d_mlp]
             z = self.parts.hidden(x[s:s + 8192])
             jc, rc = jj[s:s + 8192], rr[s:s + 8192]
-            if hasattr(M, "pre_acts"):  # each row's own target pre-activation, mask held
-                pre[s:s + 8192] = torch.relu(((z - M.b_dec) * M.W_enc.T[jc]).sum(-1) + M.b_enc[jc])
-            else:  # any module: linearised at the clean input, mask held
-                pre[s:s + 8192] = held_code(M, z, jc, self.parts.hidden(self.x[rc]), self.f[rc, jc])
+            z0 = None if reads_pre_acts(M) else self.parts.hidden(self.x[rc])  # a module's clean input
+            pre[s:s + 8192] = held_code(M, z, jc, z0, self.f[rc, jc])  # each row's own target, mask held
         k = 0
         for key, part in where:
             n = int(part.sum())

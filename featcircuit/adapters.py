@@ -54,16 +54,24 @@ class ModuleDictionary(torch.nn.Module):
         return torch.stack(cols, 1)
 
 
-def held_code(M, z: Tensor, k: Tensor, z0: Tensor, f0: Tensor) -> Tensor:
+def reads_pre_acts(M) -> bool:
+    """Whether dictionary ``M`` has its own affine pre-activation (a featcircuit Dictionary)."""
+    return hasattr(M, "pre_acts") and hasattr(M, "W_enc")
+
+
+def held_code(M, z: Tensor, k: Tensor, z0: Tensor | None, f0: Tensor) -> Tensor:
     """Feature ``k[r]``'s code at input ``z[r]`` with its clean mask held (``[n]``).
 
     The clean TopK/ReLU mask is kept and the code re-read through the feature's pre-activation.
-    A featcircuit Dictionary reads its own affine pre-activation; any other module is linearised
-    at its clean input ``z0[r]`` (clean code ``f0[r]``): ``f0 + ∂f_k/∂z·(z − z0)``, which is the
-    same number whenever the module's active codes are affine in z, as a sparse dictionary's are.
+    A featcircuit Dictionary reads its own affine pre-activation (``z0`` unused, may be None);
+    any other module is linearised at its clean input ``z0[r]`` (clean code ``f0[r]``):
+    ``f0 + ∂f_k/∂z·(z − z0)``, which is the same number whenever the module's active codes are
+    affine in z, as a sparse dictionary's are.
     """
-    if hasattr(M, "pre_acts") and hasattr(M, "W_enc"):
+    if reads_pre_acts(M):
         return torch.relu(((z - M.b_dec) * M.W_enc.T[k]).sum(-1) + M.b_enc[k])
+    if z0 is None:
+        raise ValueError("held_code: a module without its own pre-activation needs its clean input z0")
     cols = M.enc_cols(z0, k[:, None])[:, 0]  # ∂f_k/∂z at the clean input, one vjp
     return torch.relu(f0 + ((z - z0) * cols).sum(-1))
 

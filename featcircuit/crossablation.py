@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .ablation import Config, Edge, Scorer, _capture_tail, restart_logits, restart_metric
-from .adapters import held_code
+from .adapters import held_code, reads_pre_acts
 from .edges import ERR, active_rows, coefficients, edges_into, out_grad
 from .errors import UserError
 from .replacement import Replacement, SiteKey
@@ -293,11 +293,11 @@ class CrossContext(Scorer):
         M = rep.dictionary(site)
         kk = k[rows[go]]
         out = torch.empty(len(go), dtype=x.dtype)
-        x0 = None if hasattr(M, "W_enc") else self.tr.acts[("resid", L)][n[rows[go]], t[rows[go]]]
+        x0 = None if reads_pre_acts(M) else self.tr.acts[("resid", L)][n[rows[go]], t[rows[go]]]
         for s0 in range(0, len(go), 8192):  # bounded memory: [chunk, d_mlp]
             z = rep.parts[L].hidden(x[s0:s0 + 8192])
             kc = kk[s0:s0 + 8192]
-            z0 = z if x0 is None else rep.parts[L].hidden(x0[s0:s0 + 8192])  # the clean input (modules)
+            z0 = None if x0 is None else rep.parts[L].hidden(x0[s0:s0 + 8192])  # a module's clean input
             out[s0:s0 + 8192] = held_code(M, z, kc, z0, code[go[s0:s0 + 8192]])
         return code.index_copy(0, go, out)
 

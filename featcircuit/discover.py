@@ -363,7 +363,7 @@ def discover(cfg: DiscoverConfig) -> dict:
     gtab = sel.select(sel.order(by)[: cfg.top_edges])
     nodes = sorted({("resid", i) for i in gtab.src.tolist() if i >= 0} | {("mlp", j) for j in gtab.dst.tolist()})
     tok = model.tokenizer
-    scored, label_summary = _scored_labels(cfg, model, pair, layer, corpus, nodes)
+    scored, label_summary = _scored_labels(cfg, model, pair, layer, corpus, nodes, stats)
     labels = labels_for(nodes, stats, corpus, tok, layer, scored=scored)
     evidence = None
     if cfg.evidence and len(gtab):  # where each drawn edge is largest on the corpus, its mean per co-activation
@@ -462,7 +462,7 @@ def _dense_edges(stats):
     return lambda e: dm[e[1]] or (e[0] >= 0 and dr[e[0]])
 
 
-def _scored_labels(cfg: DiscoverConfig, model, pair, layer: int, corpus, nodes: list[tuple[str, int]]):
+def _scored_labels(cfg: DiscoverConfig, model, pair, layer: int, corpus, nodes: list[tuple[str, int]], stats):
     """(``{site: {feature: label}}`` or None, summary): rule labels of the graph's feature nodes.
 
     Fitted on ``--label-tokens`` of the training split, scored on held-out tokens (the corpus when
@@ -482,8 +482,7 @@ def _scored_labels(cfg: DiscoverConfig, model, pair, layer: int, corpus, nodes: 
     scored = label_pair(model, pair, layer, fit_on, scored_on, features=feats, progress=cfg.progress)
     ids = [f"{site}{layer}/{f}" for site, f in nodes]
     dist = node_f1_distribution(scored, ids)
-    dense = [f"{site}{layer}/{f}" for site, f in nodes
-             if scored[site][f]["n_fire"] > DENSE_FREQ * scored_on.shape[0] * (scored_on.shape[1] - 1)]
+    dense = [f"{site}{layer}/{f}" for site, f in nodes if bool(stats[site].dense(DENSE_FREQ)[f])]  # the graph's flag
     return scored, {"fit_tokens": int(fit_on.numel()), "fit_split": "train", "scored_tokens": int(scored_on.numel()),
                     "scored_split": "heldout", "circuit_nodes": dist, "dense_nodes": dense,
                     "nodes": {i: {k: scored[s][f][k] for k in ("text", "f1", "precision", "recall", "base_f1")}

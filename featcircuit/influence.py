@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .ablation import _run_tail
-from .adapters import held_code
+from .adapters import held_code, reads_pre_acts
 from .crossablation import CrossContext
 from .edges import ERR, edges_into_out
 from .search import EdgeRanking
@@ -51,7 +51,7 @@ def code_grads(cx: CrossContext) -> dict[int, Tensor]:
                 x = tr.acts[("resid", L)][n, t].index_add(0, E.row, dc[:, None] * D[E.src])
                 M = rep.dictionary(site)
                 z = rep.parts[L].hidden(x)
-                z0 = z if hasattr(M, "W_enc") else rep.parts[L].hidden(tr.acts[("resid", L)][n, t])
+                z0 = None if reads_pre_acts(M) else rep.parts[L].hidden(tr.acts[("resid", L)][n, t])
                 new = held_code(M, z, k, z0, code.detach())
             delta = new - code.detach() + leaves[si]
             dcode[si] = torch.zeros_like(tr.codes[site]).index_put((n, t, k), delta)

@@ -372,10 +372,7 @@ class _Fitter:
             best = f1
             if rule[0][0] == "any":
                 break
-            m = np.ones(self.ctx.n, dtype=bool)
-            for atom in rule:
-                m &= self.mask(atom)
-            covered |= m
+            covered |= self.predict([rule])
         return _merge(clauses), best
 
     def predict(self, clauses: Sequence[Sequence[tuple[str, tuple[int, ...]]]]) -> np.ndarray:
