@@ -291,6 +291,8 @@ class TrainPairConfig(ModelOptions):
     jacobian: float = option(0.0, check=C.finite_float, limits=(0.0, 1e6))
     """λ of the Jacobian sparsity penalty: train the pair jointly so resid→mlp links are sparse
     (0: plain pair)"""
+    jacobian_tokens: int = option(64, check=C.positive_int, limits=(1 << 20,))
+    """rows of each batch the Jacobian penalty is estimated on (an unbiased subsample)"""
     tokens: int = option(C.DefaultInt(1_000_000), check=C.positive_int, limits=(10**10,))
     """training tokens"""
     epochs: int = option(2, check=C.positive_int, limits=(10**4,))
@@ -322,7 +324,7 @@ def cmd_train(args) -> None:
     cfg = TrainConfig(architecture=args.arch, width=args.width, k=args.k, tokens=args.tokens,
                       epochs=args.epochs, batch_size=args.batch_size, l1_coefficient=args.l1,
                       seed=args.seed, ckpt_every=args.ckpt_every, jacobian=args.jacobian,
-                      shuffle_rows=args.shuffle_rows)
+                      jacobian_tokens=args.jacobian_tokens, shuffle_rows=args.shuffle_rows)
     if getattr(args, "site", None) is not None:
         return _train_site(args, cfg)
     _layers_arg(args)  # a bad --layers fails here, before anything is loaded

@@ -78,8 +78,9 @@ class TrainConfig:
     ckpt_every: int = 200
     jacobian: float = 0.0
     """λ of the Jacobian sparsity penalty λ·mean_t ‖J_t‖₁ (0: plain pair; DESIGN §14)"""
-    jacobian_tokens: int = 128
-    """rows of each batch the Jacobian penalty is estimated on (an unbiased subsample)"""
+    jacobian_tokens: int = 64
+    """rows of each batch the Jacobian penalty is estimated on (an unbiased subsample; 64 keeps a
+    step at about 1.25× a plain one, ``benchmarks/bench_jacobian.py``)"""
     shuffle_rows: int = 2**20
     """rows shuffled together: the whole harvest when it fits, else windows of shards this size
     (bounds training memory; see :mod:`featcircuit.shards`)"""
@@ -96,6 +97,8 @@ class TrainConfig:
 
 # Fields added after pairs were first cached: left out of a config's key while they hold their
 # default, so every pair cached before they existed keeps its folder (and checkpoints resume).
+# (jacobian_tokens was 128 when Jacobian pairs were first cached: the key keeps that reference, so
+# a pair cached then keeps its folder and one trained on the current default of 64 gets its own.)
 _KEY_OPTIONAL = {"jacobian": 0.0, "jacobian_tokens": 128, "shuffle_rows": 2**20}
 
 

@@ -229,6 +229,9 @@ def test_cache_key_unchanged_for_plain_pairs(neox, monkeypatch, tmp_path):
     plain = T.TrainConfig(jacobian=0.0, jacobian_tokens=7)
     assert pair_dir(neox, 1, plain, "builtin:stdlib").name.endswith(h)
     assert not pair_dir(neox, 1, T.TrainConfig(jacobian=0.1), "builtin:stdlib").name.endswith(h)
+    # a Jacobian pair cached when the subsample default was 128 rows keeps its key; today's 64 is in it
+    assert "jacobian_tokens" not in T.config_key(T.TrainConfig(jacobian=0.1, jacobian_tokens=128))
+    assert T.config_key(T.TrainConfig(jacobian=0.1))["jacobian_tokens"] == T.TrainConfig.jacobian_tokens
     # a larger shuffle window trains the same batches while the harvest fits the default one
     assert pair_dir(neox, 1, T.TrainConfig(shuffle_rows=2**22), "builtin:stdlib").name.endswith(h)
     assert not pair_dir(neox, 1, T.TrainConfig(shuffle_rows=2**16), "builtin:stdlib").name.endswith(h)
