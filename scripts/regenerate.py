@@ -318,6 +318,11 @@ def main() -> None:
     readme.write_text(text)
     print(f"updated {readme} (blocks: tasks, circuits, baselines, labels, sweep, timing, crosslayer) in "
           f"{time.time() - t0:.0f}s")
+    if names:  # the report's pictures, of the same run the README prints
+        shots = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshots.py"),
+                                str(OUT / f"task-{names[0]}")], cwd=ROOT, capture_output=True, text=True)
+        print(shots.stdout.strip() if shots.returncode == 0 else
+              f"regenerate: no screenshots ({shots.stderr.strip().splitlines()[-1:]})")
 
 
 if __name__ == "__main__":
