@@ -1,0 +1,153 @@
+"""Regenerate the README's figures that are not circuit runs: dictionary quality, several layers
+spliced at once, steering, and the benchmarks' printouts.
+
+    .venv/bin/python scripts/readme_blocks.py [--only quality,layers,steer,bench]   (about 6 minutes)
+
+Each block is rewritten from a fresh run of the command it names (``featcircuit evaluate``,
+``featcircuit steer``, ``benchmarks/bench_*.py``), between ``<!-- results:NAME -->`` and
+``<!-- /results:NAME -->`` (:func:`regenerate.replace_block`), so no figure there is copied by
+hand. ``scripts/regenerate.py`` does the same for the circuit runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from regenerate import replace_block  # noqa: E402
+
+STEERS = [  # (what the table says, the extra flags): one feature, three interventions
+    ("`--scale 4 --positions last`", ["--scale", "4", "--positions", "last"]),
+    ("`--mode clamp --value 0 --positions last`", ["--mode", "clamp", "--value", "0", "--positions", "last"]),
+    ("`--scale 10` (all positions)", ["--scale", "10"]),
+]
+STEER_FEATURE, STEER_TASK, STEER_PROMPT = "mlp2/0", "is-not-none", "    if value is not"
+BENCHES = ["bench_harvest.py", "bench_attribution.py", "bench_training.py"]
+
+
+def featcircuit(args: list[str]) -> str:
+    """stdout of ``featcircuit ARGS`` (the package of this checkout); exits on failure."""
+    r = subprocess.run([sys.executable, "-m", "featcircuit", *args], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"readme_blocks: featcircuit {' '.join(args)} failed:\n{r.stderr[-2000:]}")
+    return r.stdout
+
+
+def default_pair_dir(layer: int) -> str:
+    """The cached default pair of ``layer`` (trained when absent, as discover would)."""
+    from featcircuit import load_model
+    from featcircuit.pairs import default_pair
+
+    _, path = default_pair(load_model(), layer, progress=False)
+    return str(path)
+
+
+def quality_block(layer: int = 2, tokens: int = 8192) -> str:
+    """``featcircuit evaluate`` of the default pair: one row per site and both spliced."""
+    pair = default_pair_dir(layer)
+    ev = json.loads(featcircuit(["evaluate", "--dicts", pair, "--tokens", str(tokens), "--json"]))
+    s, d = ev["sites"], ev["downstream"]
+    from featcircuit import load_model
+    from featcircuit.sites import pair_sites
+
+    hooks = {site.name: site.hook for site in pair_sites(load_model(), layer)}
+    rows = ["| site | L0 | variance explained | cos-sim | dead | dense (>10%) | CE recovered vs zero "
+            "| vs mean |", "|---|---|---|---|---|---|---|---|"]
+    for k in ("resid", "mlp"):
+        q, c = s[k], d[k]
+        rows.append(f"| {k} (`{hooks[k]}`) | {q['l0']:.0f} | {q['variance_explained']:.3f} | "
+                    f"{q['cos_sim']:.3f} | {q['dead_frac']:.3f} | {q['dense_frac']:.3f} | "
+                    f"{c['recovered_vs_zero']:.3f} | {c['recovered_vs_mean']:.3f} |")
+    b = d["both"]
+    rows.append(f"| both spliced | | | | | | {b['recovered_vs_zero']:.3f} | {b['recovered_vs_mean']:.3f} |")
+    return (f"`featcircuit evaluate --dicts PAIR --tokens {tokens}` on the default layer-{layer} pair, "
+            f"{s['resid']['n_tokens']:,} held-out tokens (BOS excluded):\n\n" + "\n".join(rows) +
+            f"\n\nClean CE {d['ce_clean']:.3f} nats/token; with both dictionaries spliced "
+            f"{b['ce_spliced']:.3f} (KL {b['kl_spliced']:.3f}).")
+
+
+def layers_block(layers: str = "0,2") -> str:
+    """``featcircuit evaluate --layers``: each layer's pair spliced, then all of them at once."""
+    ev = json.loads(featcircuit(["evaluate", "--layers", layers, "--json"]))
+    rows = ["| spliced | CE | KL | recovered vs zero | vs mean |", "|---|---|---|---|---|"]
+    spliced = [(f"layer {r['layer']}, both", r["downstream"]["both"]) for r in ev["layers"]]
+    spliced.append((f"all {len(ev['all']['sites'])} dictionaries at once", ev["all"]))
+    for name, r in spliced:
+        rows.append(f"| {name} | {r['ce_spliced']:.3f} | {r['kl_spliced']:.3f} | "
+                    f"{r['recovered_vs_zero']:.3f} | {r['recovered_vs_mean']:.3f} |")
+    each = sum(r["kl_spliced"] for _, r in spliced[:-1])
+    together = ev["all"]["kl_spliced"]
+    word = "exceeds" if together > each else "does not exceed"
+    return (f"`featcircuit evaluate --layers {layers}` ({ev['n_tokens']:,} held-out tokens, clean CE "
+            f"{ev['ce_clean']:.3f}):\n\n" + "\n".join(rows) +
+            f"\n\nThe KL of all of them spliced together ({together:.3f}) {word} the sum of the layers' own "
+            f"({each:.3f}).")
+
+
+def steer_block() -> str:
+    """Three interventions on one feature: the task's logit difference, KL, greedy text."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, (what, flags) in enumerate(STEERS):
+            out = Path(tmp) / f"{k}.json"
+            featcircuit(["steer", STEER_FEATURE, "--task", STEER_TASK, "--prompt", STEER_PROMPT, *flags,
+                         "--out", str(out)])
+            rows.append((what, json.loads(out.read_text())))
+    first = rows[0][1]
+    ta = first["typical_activation"]
+    head = (f"| intervention on `{STEER_FEATURE}` (typical activation {ta['mean_active']:.2f}, fires on "
+            f"{ta['freq']:.1%} of tokens) | logit diff. | Δ | KL at the answer | "
+            "greedy text from the prompt |")
+    lines = [f"`featcircuit steer {STEER_FEATURE} --task {STEER_TASK} --prompt {STEER_PROMPT!r} …` on "
+             f"the default layer-2 pair ({first['task']['pairs']} pairs, clean logit difference "
+             f"{first['task']['before']:+.2f}):", "", head, "|---|---|---|---|---|"]
+    for what, r in rows:
+        t, g = r["task"], r["generation"]
+        if r["mode"] == "add":
+            what = f"{what} (add {r['value']:.2f}·d_j)"
+        text = "unchanged" if g["after"] == g["before"] else "`" + g["after"][:48].replace("\n", "\\n") + "…`"
+        lines.append(f"| {what} | {t['after']:+.2f} | {t['delta']:+.2f} | {r['next_token_task']['kl']:.3f} | "
+                     f"{text} |")
+    rose = ", ".join(f"`{x['token']}`" for x in first["next_token_task"]["rose"][:2])
+    lines += ["", f"Tokens that rose most at the answer when the feature is added ({rows[0][0]}): {rose}."]
+    return "\n".join(lines)
+
+
+def bench_block() -> str:
+    """The benchmarks' own printouts, one after the other."""
+    outs = []
+    for b in BENCHES:
+        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / b)], cwd=ROOT, capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            sys.exit(f"readme_blocks: {b} failed:\n{r.stderr[-2000:]}")
+        outs.append(r.stdout.strip())
+    return "```\n" + "\n".join(outs) + "\n```"
+
+
+BLOCKS = {"quality": quality_block, "layers": layers_block, "steer": steer_block, "bench": bench_block}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=",".join(BLOCKS), help=f"comma-separated: {', '.join(BLOCKS)}")
+    args = ap.parse_args()
+    names = [n for n in args.only.split(",") if n]
+    bad = [n for n in names if n not in BLOCKS]
+    if bad:
+        sys.exit(f"readme_blocks: unknown block {bad[0]!r}; known: {', '.join(BLOCKS)}")
+    readme = ROOT / "README.md"
+    for n in names:
+        body = BLOCKS[n]()
+        readme.write_text(replace_block(readme.read_text(), n, body))
+        print(f"updated {readme} (block {n})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
