@@ -16,8 +16,8 @@
    ``--growth`` tokens with a fixed shuffle window, so peak memory should not move;
 4. the machine's fp32 matmul peak ([batch, 2048] @ [2048, 16384], best of 3) and the fraction of
    it the mlp dictionary's training step reaches at Pythia-70m's mlp width with 16k features
-   (FLOPs counted: encoder forward and weight gradient 4·B·d·m, sparse decode and its
-   gradients 6·B·k·d).
+   (FLOPs the step performs, :func:`step_flops`: from 4,096 features the encoder's weight
+   gradient comes from the picks alone, :mod:`featcircuit.sparse_encoder`).
 
 Prints a table and writes ``docs/scale/scale-<device>.json``. Activations of random-weights
 models are not a real model's: the timings are the point, not the variance explained.
@@ -48,6 +48,22 @@ SHAPES = {
     "pythia-160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                         intermediate_size=3072),
 }
+
+
+def sparse_encoder_grad(d_sae: int, device: str) -> bool:
+    """Whether the trainer takes the TopK encoder's gradient from the picks (featcircuit.sparse_encoder)."""
+    from featcircuit.dictionary import DictConfig, Dictionary
+    from featcircuit.sparse_encoder import use_sparse_grad
+
+    return use_sparse_grad(Dictionary(DictConfig(d_in=1, d_sae=d_sae, k=1)), device)
+
+
+def step_flops(B: int, d: int, m: int, k: int, sparse: bool) -> int:
+    """Matmul FLOPs a TopK step performs: encoder forward 2·B·d·m; its weight gradient 2·B·d·m
+    dense, or 2·B·k·d from the picks (AuxK picks not counted: on a CPU none run while no latent is
+    dead, as in these short runs; CUDA's sync-free AuxK always runs them, so there it undercounts);
+    sparse decode and its gradients 6·B·k·d."""
+    return 2 * B * d * m + (2 * B * k * d if sparse else 2 * B * d * m) + 6 * B * k * d
 
 
 def build_model(name: str, folder: Path, device: str):
@@ -207,7 +223,8 @@ def main() -> None:
                                   shuffle_rows=max(args.batch, args.tokens // 2), ckpt_every=10**9)
                 pair, step, added = timed_training(model, layer, acts, cfg, dev)
                 B = args.batch
-                mlp_flops = 4 * B * m.width * d_sae + 6 * B * args.k * m.width
+                sparse = sparse_encoder_grad(d_sae, str(dev))
+                mlp_flops = step_flops(B, m.width, d_sae, args.k, sparse)
                 mlp_rate = mlp_flops / step["mlp"] / 1e9
                 at = torch.randint(1, 50304, (max(1, args.attr_tokens // (n_ctx - 1)), n_ctx),
                                    generator=torch.Generator().manual_seed(1))
@@ -218,6 +235,7 @@ def main() -> None:
                 row = dict(model=mname, d_resid=r.width, d_mlp=m.width, d_sae=d_sae, batch=B, k=args.k,
                            train_tok_s=B / (step["resid"] + step["mlp"]), resid_tok_s=B / step["resid"],
                            mlp_tok_s=B / step["mlp"], mlp_gflop_s=mlp_rate, frac_of_peak=mlp_rate / peak,
+                           sparse_encoder_grad=sparse, mlp_flops_performed=mlp_flops,
                            train_peak_added_mb=added / 2**20, attr_tok_s=attr_tps,
                            harvest_tok_s=harvest_tps)
                 rows.append(row)

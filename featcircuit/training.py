@@ -45,6 +45,7 @@ from .errors import UserError
 from .io import atomic_save_state, load_state
 from .shards import CacheRows, MemoryRows, RowStream, source_stats
 from .sites import MLPParts, pair_sites
+from .sparse_encoder import selected_pre, use_sparse_grad
 
 CKPT_FILE = "train_state.safetensors"
 
@@ -136,11 +137,15 @@ def _loss(d: Dictionary, x: Tensor, cfg: TrainConfig, dead: Tensor, l1_scale: fl
     arch = d.cfg.architecture
     n_glob = len(x) if red is None or n_global is None else n_global
     amp = x.is_cuda and amp_enabled()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+    sparse = use_sparse_grad(d, x.device)  # wide TopK on a CPU: the encoder's gradient from the picks
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp), \
+            torch.set_grad_enabled(torch.is_grad_enabled() and not sparse):
         pre = d.pre_acts(x)  # the [B, d_in] @ [d_in, d_sae] matmul: bf16 on CUDA
     pre = pre.float()
     if arch == "topk":
         acts, idx = F.relu(pre).topk(d.cfg.k, dim=-1, sorted=False)
+        if sparse:  # the same values, with gradients through the picked pre-activations only
+            acts = F.relu(selected_pre(d, x, idx, pre))
         if keep is not None:
             keep.update(acts=acts, idx=idx)
         recon = d.decode_sparse(acts, idx)
@@ -182,6 +187,8 @@ def _loss(d: Dictionary, x: Tensor, cfg: TrainConfig, dead: Tensor, l1_scale: fl
         k_aux = cap if sync_free(x) else min(cap, int(dead.sum()))
         dead_pre = pre.masked_fill(~dead, -torch.inf)
         a_acts, a_idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
+        if sparse:  # live picks (CUDA's fixed k_aux) read -inf above: relu makes them 0, here too
+            a_acts = selected_pre(d, x, a_idx, pre).masked_fill(~dead[a_idx], -torch.inf)
         e_hat = d.decode_sparse(F.relu(a_acts), a_idx) - d.b_dec
         e = err.detach()
         aux = (e_hat - e).pow(2).sum() / _centered_sq(e, red, n_glob)

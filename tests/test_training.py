@@ -222,3 +222,48 @@ def test_train_layer_rerun_is_done_also_for_older_pair_folders(neox_dir, tmp_pat
     capsys.readouterr()
     assert main(argv) == 0
     assert "already trained" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+@pytest.mark.parametrize("n_dead", [0, 3, 12, 256])  # 3 < k_aux = 8: sync-free picks live latents too
+def test_sparse_encoder_gradient_equals_autograd(monkeypatch, sync_free, n_dead):
+    """The wide-dictionary step (encoder gradient from the picks alone) has autograd's gradients."""
+    import featcircuit.sparse_encoder as S
+
+    d = Dictionary(DictConfig(d_in=16, d_sae=256, architecture="topk", k=4), seed=0)
+    with torch.no_grad():  # a nonzero b_dec: the weight gradient reads x − b_dec
+        d.b_dec.copy_(torch.randn(16, generator=torch.Generator().manual_seed(2)))
+        d.b_enc.copy_(0.1 * torch.randn(256, generator=torch.Generator().manual_seed(3)))
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    dead = torch.zeros(256, dtype=torch.bool)
+    dead[torch.randperm(256, generator=torch.Generator().manual_seed(1))[:n_dead]] = True
+    monkeypatch.setattr(T, "SYNC_FREE", sync_free)
+    grads = []
+    for sparse in (False, True):  # False: plain autograd through d.pre_acts
+        monkeypatch.setattr(S, "SPARSE_GRAD", sparse)
+        d.zero_grad(set_to_none=True)
+        loss = T._loss(d, x, T.TrainConfig(k=4), dead, 1.0)[0]
+        loss.backward()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in d.named_parameters()}))
+    assert grads[1][0] == grads[0][0]  # the same forward values
+    for n in grads[0][1]:
+        torch.testing.assert_close(grads[1][1][n], grads[0][1][n], rtol=1e-5, atol=1e-6)
+
+
+def test_selected_pre_input_gradient_and_gating():
+    from featcircuit.sparse_encoder import MIN_WIDTH, selected_pre, use_sparse_grad
+
+    d = Dictionary(DictConfig(d_in=8, d_sae=64, architecture="topk", k=3), seed=0)
+    x = torch.randn(10, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    idx = torch.randint(0, 64, (10, 5), generator=torch.Generator().manual_seed(1))
+    w = torch.randn(10, 5, generator=torch.Generator().manual_seed(2))
+    ref = torch.autograd.grad((d.pre_acts(x).gather(-1, idx) * w).sum(), [x, d.W_enc, d.b_enc, d.b_dec])
+    with torch.no_grad():
+        pre = d.pre_acts(x)
+    got = torch.autograd.grad((selected_pre(d, x, idx, pre) * w).sum(), [x, d.W_enc, d.b_enc, d.b_dec])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not use_sparse_grad(Dictionary(DictConfig(d_in=8, d_sae=MIN_WIDTH // 2, k=3), seed=0))
+    assert use_sparse_grad(Dictionary(DictConfig(d_in=8, d_sae=MIN_WIDTH, k=3), seed=0))
+    assert not use_sparse_grad(Dictionary(DictConfig(d_in=8, d_sae=MIN_WIDTH, k=3), seed=0), "cuda")
+    assert not use_sparse_grad(Dictionary(DictConfig(d_in=8, d_sae=MIN_WIDTH, architecture="relu"), seed=0))
