@@ -28,7 +28,7 @@ STEERS = [  # (what the table says, the extra flags): one feature, three interve
     ("`--scale 10` (all positions)", ["--scale", "10"]),
 ]
 STEER_FEATURE, STEER_TASK, STEER_PROMPT = "mlp2/0", "is-not-none", "    if value is not"
-BENCHES = ["bench_harvest.py", "bench_attribution.py", "bench_training.py"]
+BENCHES = ["bench_harvest.py", "bench_attribution.py", "bench_training.py", "bench_sparse_grad.py"]
 
 
 def featcircuit(args: list[str]) -> str:
@@ -57,15 +57,16 @@ def quality_block(layer: int = 2, tokens: int = 8192) -> str:
     from featcircuit.sites import pair_sites
 
     hooks = {site.name: site.hook for site in pair_sites(load_model(), layer)}
-    rows = ["| site | L0 | variance explained | cos-sim | dead | dense (>10%) | CE recovered vs zero "
-            "| vs mean |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| site | L0 | variance explained | cos-sim | dead | dense (>10%) | KL spliced | "
+            "CE recovered vs zero | vs mean |", "|---|---|---|---|---|---|---|---|---|"]
     for k in ("resid", "mlp"):
         q, c = s[k], d[k]
         rows.append(f"| {k} (`{hooks[k]}`) | {q['l0']:.0f} | {q['variance_explained']:.3f} | "
                     f"{q['cos_sim']:.3f} | {q['dead_frac']:.3f} | {q['dense_frac']:.3f} | "
-                    f"{c['recovered_vs_zero']:.3f} | {c['recovered_vs_mean']:.3f} |")
+                    f"{c['kl_spliced']:.3f} | {c['recovered_vs_zero']:.3f} | {c['recovered_vs_mean']:.3f} |")
     b = d["both"]
-    rows.append(f"| both spliced | | | | | | {b['recovered_vs_zero']:.3f} | {b['recovered_vs_mean']:.3f} |")
+    rows.append(f"| both spliced | | | | | | {b['kl_spliced']:.3f} | {b['recovered_vs_zero']:.3f} | "
+                f"{b['recovered_vs_mean']:.3f} |")
     return (f"`featcircuit evaluate --dicts PAIR --tokens {tokens}` on the default layer-{layer} pair, "
             f"{s['resid']['n_tokens']:,} held-out tokens (BOS excluded):\n\n" + "\n".join(rows) +
             f"\n\nClean CE {d['ce_clean']:.3f} nats/token; with both dictionaries spliced "
@@ -86,8 +87,8 @@ def layers_block(layers: str = "0,2") -> str:
     word = "exceeds" if together > each else "does not exceed"
     return (f"`featcircuit evaluate --layers {layers}` ({ev['n_tokens']:,} held-out tokens, clean CE "
             f"{ev['ce_clean']:.3f}):\n\n" + "\n".join(rows) +
-            f"\n\nThe KL of all of them spliced together ({together:.3f}) {word} the sum of the layers' own "
-            f"({each:.3f}).")
+            f"\n\nThe KL of all of them spliced together ({together:.4f}) {word} the sum of the layers' own "
+            f"({each:.4f}).")
 
 
 def steer_block() -> str:
@@ -127,7 +128,7 @@ def bench_block() -> str:
                            text=True)
         if r.returncode != 0:
             sys.exit(f"readme_blocks: {b} failed:\n{r.stderr[-2000:]}")
-        outs.append(r.stdout.strip())
+        outs.append(f"=== {b}\n" + r.stdout.strip().replace(str(Path.home()), "~"))
     return "```\n" + "\n".join(outs) + "\n```"
 
 

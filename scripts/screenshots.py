@@ -19,18 +19,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def best_labelled_node(run: Path) -> str:
-    """The drawn feature node with the highest held-out label F1 in ``run/summary.json``."""
-    nodes = json.loads((run / "summary.json").read_text())["labels"]["nodes"]  # {node: label}
-    scored = {n: lab["f1"] for n, lab in nodes.items() if lab.get("f1") is not None}
+    """The feature node drawn in ``run/graph.json`` whose label has the highest held-out F1."""
+    nodes = json.loads((run / "graph.json").read_text())["nodes"]
+    scored = {n["id"]: n["label_f1"] for n in nodes if n.get("feature") is not None
+              and n.get("label_f1") is not None}
     if not scored:
-        raise SystemExit(f"screenshots: {run}/summary.json has no scored label")
+        raise SystemExit(f"screenshots: no drawn node of {run}/graph.json has a scored label "
+                         "(discover --label-tokens 0?)")
     return max(scored, key=lambda n: scored[n])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", nargs="?", default=str(ROOT / "featcircuit-out" / "readme" / "task-is-not-none"),
-                    help="a discover output folder (report.html, summary.json)")
+                    help="a discover output folder (report.html, graph.json)")
     ap.add_argument("--node", help="the node whose card is shown (default: the best-labelled node)")
     ap.add_argument("--docs", default=str(ROOT / "docs"))
     args = ap.parse_args()
