@@ -19,11 +19,11 @@ import argparse
 import time
 
 import torch
-from _timing import best_time
+from _timing import best_time, training_step
 
 import featcircuit.sparse_encoder as S
 from featcircuit.dictionary import DictConfig, Dictionary
-from featcircuit.training import TrainConfig, _loss
+from featcircuit.training import TrainConfig
 
 SHAPES = [("built-in mlp", 512, 1024), ("Pythia-70m mlp", 2048, 4096), ("Pythia-70m mlp", 2048, 16384)]
 
@@ -49,13 +49,7 @@ def main() -> None:
         cfg = TrainConfig(k=k)
         dead = torch.zeros(m, dtype=torch.bool)
 
-        def step() -> None:
-            loss, *_ = _loss(dct, x, cfg, dead, 1.0)
-            opt.zero_grad()
-            loss.backward()
-            dct.remove_gradient_parallel_to_decoder_directions()
-            opt.step()
-            dct.set_decoder_norm_to_unit_norm()
+        step = training_step(dct, x, cfg, dead, opt)
 
         best = {False: float("inf"), True: float("inf")}
         for mode in best:  # one warm-up each

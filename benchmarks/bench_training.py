@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _timing import best_time
+from _timing import best_time, training_step
 
 from featcircuit.dictionary import DictConfig, Dictionary
-from featcircuit.training import TrainConfig, _loss
+from featcircuit.training import TrainConfig
 
 
 def main() -> None:
@@ -41,13 +41,7 @@ def main() -> None:
             cfg = TrainConfig(architecture=arch, k=k)
             dead = torch.zeros(m, dtype=torch.bool)
 
-            def step():
-                loss, *_ = _loss(dct, x, cfg, dead, 1.0)
-                opt.zero_grad()
-                loss.backward()
-                dct.remove_gradient_parallel_to_decoder_directions()
-                opt.step()
-                dct.set_decoder_norm_to_unit_norm()
+            step = training_step(dct, x, cfg, dead, opt)
 
             t = best_time(step, args.steps)
             flops = 4 * B * d * m + (6 * B * m * d if arch == "relu" else 6 * B * k * d)
