@@ -48,28 +48,16 @@ def pair_dir(model, layer: int, config: TrainConfig, data: str = BUILTIN_DATA) -
 
 def default_pair(model, layer: int, config: TrainConfig | None = None, data: str = BUILTIN_DATA,
                  progress: bool = True) -> tuple[Pair, Path]:
-    """(pair, its folder): the cached default pair, trained with ``config`` on ``data`` when absent."""
+    """(pair, its folder): the cached default pair, trained with ``config`` on ``data`` when absent.
+
+    Trained by :func:`default_pairs` (a harvest to disk, streamed), the one path every command
+    takes: a pair trained in memory instead differs at float rounding (the harvest's batching), and
+    over a full training run that grows into other features, so which command filled the cache
+    first would decide the figures.
+    """
     check_layer(model, layer)
-    config = config or TrainConfig()
-    folder = pair_dir(model, layer, config, data)
-    r, m = pair_sites(model, layer)
-    device = next(model.parameters()).device
-    if (folder / "pair" / "mlp" / "cfg.json").exists():
-        return load_pair(folder / "pair", expect_model=model_name(model), expect_layer=layer,
-                         d_resid=r.width, d_mlp=m.width, device=device), folder / "pair"
-    # a second process asking for the same pair waits for the first, then loads its result
-    with folder_lock(folder):
-        if (folder / "pair" / "mlp" / "cfg.json").exists():
-            return load_pair(folder / "pair", expect_model=model_name(model), expect_layer=layer,
-                             d_resid=r.width, d_mlp=m.width, device=device), folder / "pair"
-        n_seq = -(-config.tokens // (config.n_ctx - 1))
-        tokens = load_tokens(data, model, n_ctx=config.n_ctx, n_tokens=n_seq * config.n_ctx,
-                             split="train")
-        torch.manual_seed(config.seed)
-        pair = train_pair(model, layer, tokens, config, out=folder / "pair", ckpt_dir=folder,
-                          progress=progress)
-        (folder / CKPT_FILE).unlink(missing_ok=True)  # the pair is saved; the checkpoint is spent
-    return pair, folder / "pair"
+    pair, folder = default_pairs(model, [layer], config, data, progress=progress)[layer]
+    return pair, folder
 
 
 def parse_layers(spec: str, n: int) -> list[int]:

@@ -267,3 +267,21 @@ def test_selected_pre_input_gradient_and_gating():
     assert use_sparse_grad(Dictionary(DictConfig(d_in=8, d_sae=MIN_WIDTH, k=3), seed=0))
     assert not use_sparse_grad(Dictionary(DictConfig(d_in=8, d_sae=MIN_WIDTH, k=3), seed=0), "cuda")
     assert not use_sparse_grad(Dictionary(DictConfig(d_in=8, d_sae=MIN_WIDTH, architecture="relu"), seed=0))
+
+
+def test_default_pair_is_the_pair_train_layers_makes(neox_dir, tmp_path, monkeypatch):
+    """discover's lazily trained pair and `train --layers`' pair are one path, bit for bit."""
+    import featcircuit.pairs as P
+    from featcircuit.models import load_model
+
+    model = load_model(str(neox_dir), "cpu")
+    data = _text_folder(tmp_path / "text")
+    cfg = T.TrainConfig(width=2.0, k=4, tokens=1200, epochs=1, batch_size=100)
+    monkeypatch.setenv("FEATCIRCUIT_CACHE", str(tmp_path / "a"))
+    one, _ = P.default_pair(model, 1, cfg, data=data, progress=False)
+    monkeypatch.setenv("FEATCIRCUIT_CACHE", str(tmp_path / "b"))
+    both = P.default_pairs(model, [0, 1], cfg, data=data, progress=False)
+    for site in ("resid", "mlp"):
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            torch.testing.assert_close(getattr(getattr(one, site), name),
+                                       getattr(getattr(both[1][0], site), name), rtol=0, atol=0)
