@@ -482,7 +482,8 @@ def _scored_labels(cfg: DiscoverConfig, model, pair, layer: int, corpus, nodes: 
     scored = label_pair(model, pair, layer, fit_on, scored_on, features=feats, progress=cfg.progress)
     ids = [f"{site}{layer}/{f}" for site, f in nodes]
     dist = node_f1_distribution(scored, ids)
-    dense = [f"{site}{layer}/{f}" for site, f in nodes if bool(stats[site].dense(DENSE_FREQ)[f])]  # the graph's flag
+    flags = {site: stats[site].dense(DENSE_FREQ) for site in ("resid", "mlp")}  # the graph's dense flags
+    dense = [f"{site}{layer}/{f}" for site, f in nodes if bool(flags[site][f])]
     return scored, {"fit_tokens": int(fit_on.numel()), "fit_split": "train", "scored_tokens": int(scored_on.numel()),
                     "scored_split": "heldout", "circuit_nodes": dist, "dense_nodes": dense,
                     "nodes": {i: {k: scored[s][f][k] for k in ("text", "f1", "precision", "recall", "base_f1")}

@@ -56,8 +56,7 @@ def default_pair(model, layer: int, config: TrainConfig | None = None, data: str
     first would decide the figures.
     """
     check_layer(model, layer)
-    pair, folder = default_pairs(model, [layer], config, data, progress=progress)[layer]
-    return pair, folder
+    return default_pairs(model, [layer], config, data, progress=progress)[layer]
 
 
 def parse_layers(spec: str, n: int) -> list[int]:

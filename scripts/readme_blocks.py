@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from regenerate import replace_block  # noqa: E402
+from regenerate import run as featcircuit  # noqa: E402  (`featcircuit ARGS`, exits on failure)
 
 STEERS = [  # (what the table says, the extra flags): one feature, three interventions
     ("`--scale 4 --positions last`", ["--scale", "4", "--positions", "last"]),
@@ -29,14 +30,6 @@ STEERS = [  # (what the table says, the extra flags): one feature, three interve
 ]
 STEER_FEATURE, STEER_TASK, STEER_PROMPT = "mlp2/0", "is-not-none", "    if value is not"
 BENCHES = ["bench_harvest.py", "bench_attribution.py", "bench_training.py", "bench_sparse_grad.py"]
-
-
-def featcircuit(args: list[str]) -> str:
-    """stdout of ``featcircuit ARGS`` (the package of this checkout); exits on failure."""
-    r = subprocess.run([sys.executable, "-m", "featcircuit", *args], cwd=ROOT, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"readme_blocks: featcircuit {' '.join(args)} failed:\n{r.stderr[-2000:]}")
-    return r.stdout
 
 
 def default_pair_dir(layer: int) -> str:
