@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,6 +37,9 @@ from .errors import UserError
 from .sites import mlp_parts, pair_sites
 
 ABLATIONS = ("zero", "mean", "patch")
+FILL_ROWS = 2**18  # (target, token) rows per _fill chunk: bounds its [rows, k] gathers
+DENSE_DOUT = 2**24  # dout as one [N, d_M] × [d_M, d] matmul up to this many elements of the change
+DOUT_CROSSOVER = 128  # ... and when its (token, j) pairs fill more than 1/this of it
 ERR = -1  # source index of the residual error ε_R
 Edge = tuple[int, int]  # (src i, dst j)
 
@@ -71,10 +75,14 @@ class Config:
 
     @staticmethod
     def _of(default: str, kind: str, edges: Iterable[Edge]) -> Config:
-        by: dict[int, set] = {}
-        for i, j in edges:
-            by.setdefault(int(j), set()).add(int(i))
-        return Config(default, tuple((j, kind, frozenset(s)) for j, s in sorted(by.items())))
+        e = np.asarray(list(edges), dtype=np.int64).reshape(-1, 2)
+        if not len(e):
+            return Config(default)
+        e = e[np.argsort(e[:, 1], kind="stable")]  # grouped by target: curves build 10⁵-edge configs
+        js, starts = np.unique(e[:, 1], return_index=True)
+        src, ends = e[:, 0].tolist(), [*starts[1:].tolist(), len(e)]
+        return Config(default, tuple((j, kind, frozenset(src[a:b]))
+                                     for j, a, b in zip(js.tolist(), starts.tolist(), ends)))
 
     def without(self, i: int, j: int) -> Config:
         """This configuration with edge (i, j) ablated as well."""
@@ -169,10 +177,14 @@ class AblationContext(Scorer):
             self.x_empty = x_empty
             self.f_empty = self._pre_all(x_empty)
             self._d_r = self.coef.shape[1]
-            nzs = [self.coef != 0]
-            if errors == "ablated":
-                nzs.append(self.err_coef.abs().sum(-1, keepdim=True) > 0)
-            self._nonzero = torch.cat(nzs, 1)  # [N, d_R(+1)]
+            # each token's sources that carry something, as (index, coefficient) lists: a sparse
+            # code has k of d_R, so counting and summing a configuration's sources reads k, not d_R
+            s_max = max(1, int((self.coef != 0).sum(-1).max())) if len(self.coef) else 1
+            on, self._src_idx = self.coef.abs().topk(min(s_max, self._d_r), dim=-1)
+            self._src_on = on > 0  # [N, s]
+            self._src_val = self.coef.gather(1, self._src_idx) * self._src_on
+            self._err_on = (self.err_coef.abs().sum(-1) > 0) & (errors == "ablated")  # [N]
+            self._n_src = self._src_on.sum(1) + self._err_on
             self._tail = _capture_tail(model, layer, self.tokens)
             # a feature's change reaches the residual through W_dec·W_out: one [m, d] map, not two
             self._dec_out = M.W_dec @ self.parts.W_out
@@ -183,9 +195,13 @@ class AblationContext(Scorer):
                 self.clean_p = self.clean_logp.exp()
             self.dout_empty = (self.f_empty - self.f) @ self._dec_out  # [N, d_model]
         self.passes = 0
-        self._rows: dict[int, Tensor] = {}
+        self._enc_t = M.W_enc.T.contiguous() if reads_pre_acts(M) else None
+        jm, rm = torch.nonzero(self.mask.T, as_tuple=True)  # (target, token), by target
+        self._by_target = rm
+        self._target_off = torch.zeros(self.mask.shape[1] + 1, dtype=torch.long, device=rm.device)
+        self._target_off[1:] = torch.cumsum(torch.bincount(jm, minlength=self.mask.shape[1]), 0)
+        self._n_rows: list[int] = (self._target_off[1:] - self._target_off[:-1]).tolist()
         self._acts: dict[tuple, Tensor] = {}
-        self._col_memo: dict[frozenset, Tensor] = {}
         self._values: dict[Config, float] = {}
         self.m_full = self.values([Config.full()])[0]
         self.m_empty = self.values([Config.empty()])[0]
@@ -225,95 +241,100 @@ class AblationContext(Scorer):
 
     def rows(self, j: int) -> Tensor:
         """Token indices where MLP feature j is active in the clean run."""
-        if j not in self._rows:
-            self._rows[j] = torch.nonzero(self.mask[:, j]).flatten()
-        return self._rows[j]
+        return self._by_target[self._target_off[j]:self._target_off[j + 1]]
 
-    def _cols(self, srcs: frozenset) -> Tensor:
-        """Columns of ``_nonzero`` for a source set (the error last), sorted; memoised per set."""
-        if srcs not in self._col_memo:
-            self._col_memo[srcs] = torch.tensor(sorted(self._d_r if i == ERR else i for i in srcs
-                                                       if i >= 0 or self.errors == "ablated"),
-                                                dtype=torch.long, device=self.x.device)
-        return self._col_memo[srcs]
+    def _key_rows(self, keys: list[tuple[int, str, frozenset]]) -> tuple[Tensor, Tensor, Tensor]:
+        """Every key's active tokens at once: (rows ``[T]``, key index per row, rows per key)."""
+        j = torch.tensor([k[0] for k in keys], dtype=torch.long, device=self.x.device)
+        n = self._target_off[j + 1] - self._target_off[j]
+        kid = torch.repeat_interleave(torch.arange(len(keys), device=j.device), n)
+        first = torch.cumsum(n, 0) - n  # each key's first slot in the concatenation
+        at = self._target_off[j][kid] + torch.arange(len(kid), device=j.device) - first[kid]
+        return self._by_target[at], kid, n
 
-    def _contrib(self, rows: Tensor, srcs: frozenset) -> Tensor:
-        idx = self._cols(srcs)
-        idx = idx[idx < self._d_r]  # features only: the error's term is added below
-        out = self.coef[rows][:, idx] @ self.W_R[idx]
-        if ERR in srcs:
-            out = out + self.err_coef[rows]
-        return out
-
+    @torch.no_grad()  # the dictionaries' parameters may require grad: no graph here
     def target_acts(self, j: int, kind: str, srcs: frozenset) -> Tensor:
         """MLP feature j's activation on its active tokens when it reads the configured input."""
         self._fill([(j, kind, srcs)])
         return self._acts[(j, kind, srcs)]
 
     def _fill(self, keys: list[tuple[int, str, frozenset]]) -> None:
-        """Compute and cache the activations of several configured targets in one batch.
+        """Compute and cache the activations of several configured targets, all keys at once.
 
         Only tokens where a configuration keeps some but not all of the sources that carry
         anything there are recomputed; the others read the clean or the all-ablated value.
+        Keys go in chunks of bounded rows and membership-matrix size (a curve point lists 10⁴).
         """
         todo = [k for k in dict.fromkeys(keys) if k not in self._acts]
-        if not todo:
-            return
-        xs, js, rs, where = [], [], [], []
-        for key in todo:
-            j, kind, srcs = key
-            rows = self.rows(j)
-            nz = self._nonzero[rows]  # [n, d_R(+1)] sources carrying something at each token
-            cols = self._cols(srcs)
-            hit = nz[:, cols].sum(1) if len(cols) else torch.zeros(len(rows), dtype=torch.long, device=rows.device)
-            total = nz.sum(1)
-            none_kept = hit == 0 if kind == "keep" else hit == total
-            all_kept = hit == total if kind == "keep" else hit == 0
-            self._acts[key] = torch.where(none_kept, self.f_empty[rows, j], self.f[rows, j])
-            part = ~(none_kept | all_kept)
-            if part.any():
-                pr = rows[part]
-                xs.append(self.x_empty[pr] + self._contrib(pr, srcs) if kind == "keep"
-                          else self.x[pr] - self._contrib(pr, srcs))
-                js.append(torch.full((len(pr),), j, dtype=torch.long, device=pr.device))
-                rs.append(pr)
-                where.append((key, part))
-        if not xs:
-            return
-        x, jj, rr = torch.cat(xs), torch.cat(js), torch.cat(rs)
-        M = self.pair.mlp
-        pre = torch.empty(len(x), dtype=x.dtype, device=x.device)
-        for s in range(0, len(x), 8192):  # bounded memory: [chunk, d_mlp]
-            z = self.parts.hidden(x[s:s + 8192])
-            jc, rc = jj[s:s + 8192], rr[s:s + 8192]
-            z0 = None if reads_pre_acts(M) else self.parts.hidden(self.x[rc])  # a module's clean input
-            pre[s:s + 8192] = held_code(M, z, jc, z0, self.f[rc, jc])  # each row's own target, mask held
-        k = 0
-        for key, part in where:
-            n = int(part.sum())
-            out = self._acts[key].clone()
-            out[part] = pre[k:k + n]
-            self._acts[key] = out
-            k += n
+        n_rows = self._n_rows
+        per = max(1, 2**24 // (self._d_r + 1))
+        s = 0
+        while s < len(todo):
+            chunk: list[tuple[int, str, frozenset]] = []
+            rows = 0
+            while s < len(todo) and len(chunk) < per and (not chunk or rows + n_rows[todo[s][0]] <= FILL_ROWS):
+                rows += n_rows[todo[s][0]]
+                chunk.append(todo[s])
+                s += 1
+            self._fill_chunk(chunk)
 
+    def _fill_chunk(self, keys: list[tuple[int, str, frozenset]]) -> None:
+        dev = self.x.device
+        R, kid, n = self._key_rows(keys)
+        J = torch.tensor([k[0] for k in keys], dtype=torch.long, device=dev)[kid]
+        keep = torch.tensor([k[1] == "keep" for k in keys], device=dev)[kid]
+        # membership [K, d_R + 1] of each key's sources (the last column: ε_R, in scope if ablated)
+        lens = torch.tensor([len(k[2]) for k in keys], dtype=torch.long, device=dev)
+        src = torch.tensor([i for k in keys for i in k[2]], dtype=torch.long, device=dev)
+        src = torch.where(src < 0, self._d_r, src)
+        mem = torch.zeros(len(keys), self._d_r + 1, dtype=torch.bool, device=dev)
+        mem[torch.repeat_interleave(torch.arange(len(keys), device=dev), lens), src] = True
+        idx = self._src_idx[R]
+        inset = mem[kid[:, None], idx] & self._src_on[R]  # [T, s] listed sources present
+        err = mem[kid, self._d_r] & self._err_on[R]  # ε_R listed and carrying something (ablated only)
+        hit = inset.sum(1) + err
+        total = self._n_src[R]
+        none_kept = torch.where(keep, hit == 0, hit == total)
+        all_kept = torch.where(keep, hit == total, hit == 0)
+        val = torch.where(none_kept, self.f_empty[R, J], self.f[R, J])
+        part = torch.nonzero(~(none_kept | all_kept))[:, 0]
+        M = self.pair.mlp
+        for s in range(0, len(part), 8192):  # bounded memory: [chunk, d_mlp]
+            p = part[s:s + 8192]
+            pr, jc = R[p], J[p]
+            # Σ over the listed sources present of coef_i·r_i, row by row, from the k nonzeros
+            c = torch.nn.functional.embedding_bag(idx[p], self.W_R, mode="sum",
+                                                  per_sample_weights=self._src_val[pr] * inset[p])
+            c = c + self.err_coef[pr] * err[p, None]
+            x = torch.where(keep[p, None], self.x_empty[pr] + c, self.x[pr] - c)
+            z0 = None if reads_pre_acts(M) else self.parts.hidden(self.x[pr])  # a module's clean input
+            val[p] = held_code(M, self.parts.hidden(x), jc, z0, self.f[pr, jc],  # its own target, mask held
+                               self._enc_t)
+        for key, v in zip(keys, torch.split(val, n.tolist())):
+            self._acts[key] = v
+
+    @torch.no_grad()  # the dictionaries' parameters may require grad: no graph here
     def dout(self, cfg: Config) -> Tensor:
         """Change of the MLP's output ``Δz·W_out [N, d_model]`` under ``cfg`` (ε_M kept)."""
         W = self._dec_out
         out = self.dout_empty.clone() if cfg.default == "empty" else torch.zeros_like(self.dout_empty)
-        rows, js, vals = [], [], []
-        self._fill([t for t in cfg.targets if len(self.rows(t[0]))])
-        for j, kind, srcs in cfg.targets:
-            r = self.rows(j)
-            if len(r) == 0:
-                continue
-            dflt = self.f_empty[r, j] if cfg.default == "empty" else self.f[r, j]
-            rows.append(r)
-            js.append(torch.full_like(r, j))
-            vals.append(self._acts[(j, kind, srcs)] - dflt)
-        if rows:  # one scatter for every listed target: Σ_j (f'_j − f_j^default)·m_j·W_out
-            v = torch.cat(vals)
-            out.index_add_(0, torch.cat(rows), v[:, None] * W[torch.cat(js)])
-        return out
+        keys = [t for t in cfg.targets if self._n_rows[t[0]]]
+        if not keys:
+            return out
+        self._fill(keys)
+        r, kid, _ = self._key_rows(keys)
+        jj = torch.tensor([k[0] for k in keys], dtype=torch.long, device=r.device)[kid]
+        dflt = self.f_empty[r, jj] if cfg.default == "empty" else self.f[r, jj]
+        v = torch.cat([self._acts[k] for k in keys]) - dflt
+        # Σ_j (f'_j − f_j^default)·m_j·W_out: a gather of W's rows per (token, j), or, when the
+        # (token, j) pairs fill more than 1/128 of [N, d_M] (the measured crossover on CPU is near
+        # 1/160), a dense [N, d_M] change times W: each (token, j) is listed once, so one matmul
+        dense = out.shape[0] * W.shape[0]
+        if len(r) * DOUT_CROSSOVER > dense and dense <= DENSE_DOUT:
+            delta = torch.zeros(out.shape[0], W.shape[0], dtype=v.dtype, device=v.device)
+            delta[r, jj] = v
+            return out.addmm_(delta, W)
+        return out.index_add_(0, r, v[:, None] * W[jj])
 
     # ---- the forward and the metric ------------------------------------------------------
 
@@ -333,6 +354,7 @@ class AblationContext(Scorer):
         self.passes += passes
         return out
 
+    @torch.no_grad()  # the dictionaries' parameters may require grad: no graph here
     def values(self, configs: list[Config]) -> list[float]:
         """The metric m for each configuration (cached): logit difference, user metric or KL."""
         todo = list(dict.fromkeys(c for c in configs if c not in self._values))

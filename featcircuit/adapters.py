@@ -59,17 +59,19 @@ def reads_pre_acts(M) -> bool:
     return hasattr(M, "pre_acts") and hasattr(M, "W_enc")
 
 
-def held_code(M, z: Tensor, k: Tensor, z0: Tensor | None, f0: Tensor) -> Tensor:
+def held_code(M, z: Tensor, k: Tensor, z0: Tensor | None, f0: Tensor, enc_t: Tensor | None = None) -> Tensor:
     """Feature ``k[r]``'s code at input ``z[r]`` with its clean mask held (``[n]``).
 
     The clean TopK/ReLU mask is kept and the code re-read through the feature's pre-activation.
     A featcircuit Dictionary reads its own affine pre-activation (``z0`` unused, may be None);
     any other module is linearised at its clean input ``z0[r]`` (clean code ``f0[r]``):
     ``f0 + ∂f_k/∂z·(z − z0)``, which is the same number whenever the module's active codes are
-    affine in z, as a sparse dictionary's are.
+    affine in z, as a sparse dictionary's are. ``enc_t``: ``W_enc.T`` made contiguous once by a
+    caller that calls often (its rows gather 3× faster than the transposed view's).
     """
     if reads_pre_acts(M):
-        return torch.relu(((z - M.b_dec) * M.W_enc.T[k]).sum(-1) + M.b_enc[k])
+        w = M.W_enc.T[k] if enc_t is None else enc_t.index_select(0, k)
+        return torch.relu(((z - M.b_dec) * w).sum(-1) + M.b_enc[k])
     if z0 is None:
         raise ValueError("held_code: a module without its own pre-activation needs its clean input z0")
     cols = M.enc_cols(z0, k[:, None])[:, 0]  # ∂f_k/∂z at the clean input, one vjp

@@ -16,6 +16,7 @@ C ⊂ S, with m the behaviour's metric:
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Sequence
@@ -60,9 +61,13 @@ def curves(ctx: AblationContext, orders: dict[str, list[Edge]], extra_sizes: Seq
     sizes = sorted(set(frac_sizes) | {s for s in extra_sizes if 0 < s <= n})
     out: dict = {"scope_size": n, "fractions": list(fractions), "sizes": sizes, "orders": {}}
     in_scope = set(scope)
+    top = max((s for s in sizes if s < n), default=0)  # the whole scope is Config.full/empty
     for name, order in orders.items():
-        seen = set(order)
-        full = [e for e in order if e in in_scope] + [e for e in scope if e not in seen]
+        def rest(order=order):  # runs only if the order names fewer than `top` scope edges
+            seen = set(order)
+            yield from (e for e in scope if e not in seen)
+
+        full = list(itertools.islice(itertools.chain((e for e in order if e in in_scope), rest()), top))
         cfgs = []
         for s in sizes:
             kept = full[:s]

@@ -91,9 +91,21 @@ def setup(neox_dir):
     return model, pair, task
 
 
-@pytest.mark.parametrize("ablation, errors", [("zero", "kept"), ("mean", "kept"), ("patch", "kept"),
-                                              ("patch", "ablated"), ("mean", "ablated")])
-def test_values_equal_independent_reference(setup, ablation, errors):
+@pytest.mark.parametrize("ablation, errors, path", [
+    ("zero", "kept", "auto"), ("mean", "kept", "auto"), ("patch", "kept", "auto"),
+    ("patch", "ablated", "auto"), ("mean", "ablated", "auto"),
+    ("patch", "ablated", "small"), ("mean", "kept", "small"),
+    ("patch", "ablated", "dense"), ("zero", "kept", "dense")])
+def test_values_equal_independent_reference(setup, ablation, errors, path, monkeypatch):
+    """``small``: one (target, token) row per fill chunk and dout by scatter; ``dense``: dout always
+    by the dense [N, d_M] matmul."""
+    import featcircuit.ablation as ab
+
+    if path == "small":
+        monkeypatch.setattr(ab, "FILL_ROWS", 1)
+        monkeypatch.setattr(ab, "DENSE_DOUT", 0)
+    if path == "dense":
+        monkeypatch.setattr(ab, "DOUT_CROSSOVER", 10**12)
     model, pair, task = setup
     ctx = AblationContext(model, pair, LAYER, task.clean, ablation, task=task, errors=errors)
     scope = ctx.scope()
