@@ -195,7 +195,7 @@ class AblationContext(Scorer):
                 self.clean_p = self.clean_logp.exp()
             self.dout_empty = (self.f_empty - self.f) @ self._dec_out  # [N, d_model]
         self.passes = 0
-        self._enc_t = M.W_enc.T.contiguous() if reads_pre_acts(M) else None
+        self._enc_t = M.W_enc.detach().T.contiguous() if reads_pre_acts(M) else None
         jm, rm = torch.nonzero(self.mask.T, as_tuple=True)  # (target, token), by target
         self._by_target = rm
         self._target_off = torch.zeros(self.mask.shape[1] + 1, dtype=torch.long, device=rm.device)
@@ -279,6 +279,7 @@ class AblationContext(Scorer):
             self._fill_chunk(chunk)
 
     def _fill_chunk(self, keys: list[tuple[int, str, frozenset]]) -> None:
+        """:meth:`_fill` for one chunk of keys: every (key, active token) row in one set of ops."""
         dev = self.x.device
         R, kid, n = self._key_rows(keys)
         J = torch.tensor([k[0] for k in keys], dtype=torch.long, device=dev)[kid]

@@ -288,7 +288,23 @@ def _quality(model, pair, pair_path: Path, tokens: torch.Tensor, layer: int, pro
 
 
 def discover(cfg: DiscoverConfig) -> dict:
-    """Run the pipeline and write its files into the output folder; returns the summary dict."""
+    """Run the pipeline and write its files into the output folder; returns the summary dict.
+
+    Under ``torchrun`` every rank runs it, the corpus attribution's batches shared out over them,
+    and rank 0 alone writes and prints.
+    """
+    from . import distributed as D
+
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    _check_options(cfg)
+    if D.init(cfg.device) and not D.is_writer():
+        return _follow(cfg, t0)
+    return _run(cfg, t0)
+
+
+def _run(cfg: DiscoverConfig, t0: float) -> dict:
+    """The pipeline after the options are checked (module docstring, steps 1–5)."""
     from .attribution import attribute_edges
     from .checks import discover_out, staged_output
     from .circuit import CircuitConfig, find_circuit
@@ -300,11 +316,9 @@ def discover(cfg: DiscoverConfig) -> dict:
     from .models import load_model, model_name
     from .pairs import default_pair
     from .report import write_report
+    from .sharded_edges import attribute_edges_sharded
     from .sites import check_layer, pair_sites
 
-    t0 = time.time()
-    torch.manual_seed(cfg.seed)
-    _check_options(cfg)
     if cfg.layers is not None or cfg.prompt is not None:
         from .crossdiscover import discover_layers
 
@@ -334,10 +348,10 @@ def discover(cfg: DiscoverConfig) -> dict:
     if task is not None:  # edges and their behavioural weights on the behaviour itself
         table = attribute_edges(model, pair, beh_search.clean, layer=layer, ln=cfg.ln, metric=beh_search.metric,
                                 batch_size=len(beh_search), progress=cfg.progress)  # the metric reads every pair
-    else:
+    else:  # under torchrun each rank attributes its share of the batches; every rank gets the sum
         from .attribution import default_metric
-        table = attribute_edges(model, pair, corpus, layer=layer, ln=cfg.ln, metric=default_metric,
-                                progress=cfg.progress)
+        table = attribute_edges_sharded(model, pair, corpus, layer=layer, ln=cfg.ln, metric=default_metric,
+                                        progress=cfg.progress)
     t_attr = time.time() - t0 - t_setup
 
     found = None
@@ -452,6 +466,19 @@ def discover(cfg: DiscoverConfig) -> dict:
     print(f"\nwrote {len(names)} files to {out}/: " + ", ".join(names))
     print(f"done in {summary['seconds']['total']:.1f}s")
     return summary
+
+
+def _follow(cfg: DiscoverConfig, t0: float) -> dict:
+    """A torchrun rank other than 0: the same run, so that its collectives pair with rank 0's (the
+    corpus attribution's batches are shared out), with its files in a temporary folder and its
+    printout dropped; rank 0 writes the one set of outputs."""
+    import contextlib
+    import dataclasses
+    import io
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="featcircuit-rank-") as tmp, contextlib.redirect_stdout(io.StringIO()):
+        return _run(dataclasses.replace(cfg, out=str(Path(tmp) / "out"), force=True, progress=False), t0)
 
 
 def _dense_edges(stats):

@@ -1,7 +1,8 @@
 """Regenerate the README's figures that are not circuit runs: dictionary quality, several layers
-spliced at once, steering, and the benchmarks' printouts.
+spliced at once, steering, the benchmarks' printouts, scale, two ranks against one, the peer.
 
-    .venv/bin/python scripts/readme_blocks.py [--only quality,layers,steer,bench]   (about 6 minutes)
+    .venv/bin/python scripts/readme_blocks.py [--only quality,layers,steer,bench,scale,dist,peer]
+    (about 20 minutes in all; scale alone about 10)
 
 Each block is rewritten from a fresh run of the command it names (``featcircuit evaluate``,
 ``featcircuit steer``, ``benchmarks/bench_*.py``), between ``<!-- results:NAME -->`` and
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -125,7 +127,48 @@ def bench_block() -> str:
     return "```\n" + "\n".join(outs) + "\n```"
 
 
-BLOCKS = {"quality": quality_block, "layers": layers_block, "steer": steer_block, "bench": bench_block}
+def _script(args: list[str], env: dict | None = None) -> str:
+    """A benchmark's printout (``$ command`` first, the home folder as ``~``); exits on failure."""
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                       env=None if env is None else {**os.environ, **env})
+    if r.returncode != 0:
+        sys.exit(f"readme_blocks: {args[0]} failed:\n{r.stderr[-2000:]}")
+    pin = " ".join(f"{k}={v}" for k, v in (env or {}).items())
+    shown = f"$ {pin + ' ' if pin else ''}.venv/bin/python {' '.join(args)}"
+    return shown + "\n" + r.stdout.strip().replace(str(Path.home()), "~").replace(str(ROOT) + "/", "")
+
+
+def scale_block() -> str:
+    """``benchmarks/bench_scale.py``: Pythia-70m/160m shapes, 4k–32k features, memory with tokens."""
+    return "```\n" + _script(["benchmarks/bench_scale.py", "--growth", "8192", "32768"]) + "\n```"
+
+
+def dist_block() -> str:
+    """``benchmarks/dist_vs_single.py``: two torchrun ranks against one process, the pairs compared."""
+    return "```\n" + _script(["benchmarks/dist_vs_single.py"], env={"OMP_NUM_THREADS": "1"}) + "\n```"
+
+
+def peer_block() -> str:
+    """The table of ``docs/scale/peer_saelens.json`` (``benchmarks/peer_saelens/run.py`` writes it in
+    its own venv, with SAELens installed; this block only formats the file)."""
+    d = json.loads((ROOT / "docs" / "scale" / "peer_saelens.json").read_text())
+    rows = ["| model | site | d_in → d_sae | train rows | featcircuit tok/s | SAELens tok/s | ratio | "
+            "held-out FVE featcircuit / SAELens |", "|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        model = r["model"] + (" (random weights)" if r.get("random_weights") else "")
+        rows.append(f"| {model} | {r['site']} | {r['d_in']:,} → {r['d_sae']:,} | {r['train_rows']:,} | "
+                    f"{r['featcircuit_tok_s']:,.0f} | {r['saelens_tok_s']:,.0f} | "
+                    f"{r['featcircuit_tok_s'] / r['saelens_tok_s']:.1f}× | "
+                    f"{r['featcircuit_fve']:.3f} / {r['saelens_fve']:.3f} |")
+    a = d["args"]
+    head = (f"`benchmarks/peer_saelens/run.py` ({d['rows'][0]['saelens']}, {d['threads']} threads, "
+            f"TopK k = {a['k']}, batch {a['batch']:,}, the same harvested activations for both trainers, "
+            f"{d['rows'][0]['heldout_rows']:,} held-out tokens; `docs/scale/peer_saelens.json`):")
+    return head + "\n\n" + "\n".join(rows)
+
+
+BLOCKS = {"quality": quality_block, "layers": layers_block, "steer": steer_block, "bench": bench_block,
+          "scale": scale_block, "dist": dist_block, "peer": peer_block}
 
 
 def main() -> None:

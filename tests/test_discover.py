@@ -3,8 +3,10 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from featcircuit.graph import CircuitGraph
 from featcircuit.training import TrainConfig, train_pair
@@ -176,3 +178,32 @@ def test_api_config_is_checked_before_any_work(change, match):
 
     with pytest.raises(UserError, match=match):
         discover(DiscoverConfig(progress=False, **change))
+
+
+def test_discover_under_torchrun_writes_what_one_process_writes(setup, tmp_path):
+    """Two torchrun ranks (gloo): the corpus attribution's batches shared out, rank 0 writing alone,
+    and the files the same as one process's — the same circuit, the same drawn edges and weights."""
+    outs = {}
+    for name, launch in (("one", [sys.executable, "-m", "featcircuit"]),
+                         ("two", [str(Path(sys.executable).parent / "torchrun"), "--standalone",
+                                  "--nproc-per-node", "2", "-m", "featcircuit"])):
+        args = [str(a) for a in base_args(setup)]
+        args[args.index("--out") + 1] = str(tmp_path / name)
+        r = subprocess.run([*launch, *args], capture_output=True, text=True,
+                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("wrote ") == 1  # one rank printed and wrote
+        outs[name] = tmp_path / name
+    assert sorted(p.name for p in outs["one"].iterdir()) == sorted(p.name for p in outs["two"].iterdir())
+    s1, s2 = (json.loads((outs[n] / "summary.json").read_text()) for n in ("one", "two"))
+    for k in ("n_tokens_attributed", "n_edges_attributed"):
+        assert s1[k] == s2[k], k
+    c1, c2 = s1["circuit"], s2["circuit"]
+    for k in ("size", "m_full", "m_empty", "m_circuit", "faithfulness", "completeness"):
+        assert c1[k] == pytest.approx(c2[k], rel=1e-6, abs=1e-9), k
+    e1, e2 = (json.loads((outs[n] / "edges.json").read_text()) for n in ("one", "two"))
+    assert e1["src"] == e2["src"] and e1["dst"] == e2["dst"] and e1["count"] == e2["count"]
+    for k in ("weight", "abs_weight", "behav_weight"):
+        torch.testing.assert_close(torch.tensor(e2[k]), torch.tensor(e1[k]), rtol=1e-5, atol=1e-7)
+    g1, g2 = (CircuitGraph.load_json(outs[n] / "graph.json").g for n in ("one", "two"))
+    assert sorted(g1.edges) == sorted(g2.edges)

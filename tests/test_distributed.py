@@ -52,7 +52,7 @@ def _train_worker(rank, world, init, model_dir, acts, out, ckpt, cfg, die_at):
 
 def _edges_worker(rank, world, init, model_dir, out):
     from featcircuit import load_model
-    from test_attribution import random_pair
+    from helpers import random_pair
 
     _join(rank, world, init)
     model = load_model(model_dir, device="cpu")
@@ -115,7 +115,7 @@ def test_killed_rank_resumes_to_the_same_pair(neox_dir, harvested, tmp_path):
 
 
 def test_sharded_edge_table_equals_one_process(neox, neox_dir, tmp_path):
-    from test_attribution import random_pair
+    from helpers import random_pair
 
     out = tmp_path / "edges.json"
     _spawn(_edges_worker, (str(neox_dir), str(out)), tmp_path)
@@ -133,7 +133,7 @@ def test_sharded_edge_table_equals_one_process(neox, neox_dir, tmp_path):
 
 
 def test_merge_of_token_halves_is_the_whole_table(neox):
-    from test_attribution import random_pair
+    from helpers import random_pair
 
     pair, toks = random_pair(neox, 1), _tokens(neox, n=8)
     kw = dict(layer=1, batch_size=4, progress=False, metric=default_metric)
