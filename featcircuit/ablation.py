@@ -75,7 +75,13 @@ class Config:
 
     @staticmethod
     def _of(default: str, kind: str, edges: Iterable[Edge]) -> Config:
-        e = np.asarray(list(edges), dtype=np.int64).reshape(-1, 2)
+        edges = list(edges)
+        if len(edges) < 512:  # the search's configurations: a dict is faster than numpy's setup
+            by: dict[int, set] = {}
+            for i, j in edges:
+                by.setdefault(int(j), set()).add(int(i))
+            return Config(default, tuple((j, kind, frozenset(s)) for j, s in sorted(by.items())))
+        e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
         if not len(e):
             return Config(default)
         e = e[np.argsort(e[:, 1], kind="stable")]  # grouped by target: curves build 10⁵-edge configs

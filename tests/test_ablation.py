@@ -174,6 +174,17 @@ def test_config_algebra():
     assert c.without(3, 7) == Config.keeping([(1, 5), (2, 5)])
     assert Config.full().without(4, 2) == Config.removing([(4, 2)])
     assert Config.removing([(4, 2)]).without(5, 2) == Config.removing([(4, 2), (5, 2)])
+    # small and large edge lists (two ways of grouping) give each target its set of sources
+    g = torch.Generator().manual_seed(0)
+    edges = list(zip(torch.randint(-1, 300, (3000,), generator=g).tolist(),
+                     torch.randint(0, 200, (3000,), generator=g).tolist()))
+    for n in (0, 7, 600, 3000):
+        by: dict[int, set] = {}
+        for i, j in edges[:n]:
+            by.setdefault(j, set()).add(i)
+        c = Config.keeping(edges[:n])
+        assert c.default == "empty" and [t[0] for t in c.targets] == sorted(by)
+        assert all(kind == "keep" and srcs == by[j] for j, kind, srcs in c.targets)
 
 
 def test_planted_circuit_faithfulness_and_search(neox_dir):
