@@ -82,8 +82,6 @@ class Config:
                 by.setdefault(int(j), set()).add(int(i))
             return Config(default, tuple((j, kind, frozenset(s)) for j, s in sorted(by.items())))
         e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
-        if not len(e):
-            return Config(default)
         e = e[np.argsort(e[:, 1], kind="stable")]  # grouped by target: curves build 10⁵-edge configs
         js, starts = np.unique(e[:, 1], return_index=True)
         src, ends = e[:, 0].tolist(), [*starts[1:].tolist(), len(e)]
@@ -270,15 +268,18 @@ class AblationContext(Scorer):
         Only tokens where a configuration keeps some but not all of the sources that carry
         anything there are recomputed; the others read the clean or the all-ablated value.
         Keys go in chunks of bounded rows and membership-matrix size (a curve point lists 10⁴).
+        ε_R in a source set counts only with ``errors="ablated"``; kept errors are outside the scope.
         """
         todo = [k for k in dict.fromkeys(keys) if k not in self._acts]
         n_rows = self._n_rows
         per = max(1, 2**24 // (self._d_r + 1))
+        # rows per chunk: each row gathers its source list (k long for a sparse code, d_R under mean)
+        cap = max(1, min(FILL_ROWS, 2**24 // self._src_idx.shape[1]))
         s = 0
         while s < len(todo):
             chunk: list[tuple[int, str, frozenset]] = []
             rows = 0
-            while s < len(todo) and len(chunk) < per and (not chunk or rows + n_rows[todo[s][0]] <= FILL_ROWS):
+            while s < len(todo) and len(chunk) < per and (not chunk or rows + n_rows[todo[s][0]] <= cap):
                 rows += n_rows[todo[s][0]]
                 chunk.append(todo[s])
                 s += 1
@@ -339,7 +340,7 @@ class AblationContext(Scorer):
         dense = out.shape[0] * W.shape[0]
         if len(r) * DOUT_CROSSOVER > dense and dense <= DENSE_DOUT:
             delta = torch.zeros(out.shape[0], W.shape[0], dtype=v.dtype, device=v.device)
-            delta[r, jj] = v
+            delta.index_put_((r, jj), v, accumulate=True)  # a target listed twice adds, as below
             return out.addmm_(delta, W)
         return out.index_add_(0, r, v[:, None] * W[jj])
 

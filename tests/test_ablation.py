@@ -97,8 +97,8 @@ def setup(neox_dir):
     ("patch", "ablated", "small"), ("mean", "kept", "small"),
     ("patch", "ablated", "dense"), ("zero", "kept", "dense")])
 def test_values_equal_independent_reference(setup, ablation, errors, path, monkeypatch):
-    """``small``: one (target, token) row per fill chunk and dout by scatter; ``dense``: dout always
-    by the dense [N, d_M] matmul."""
+    """``small``: one target per fill chunk and dout by scatter; ``dense``: dout always by the
+    dense [N, d_M] matmul."""
     import featcircuit.ablation as ab
 
     if path == "small":
