@@ -247,14 +247,14 @@ class AblationContext(Scorer):
         """Token indices where MLP feature j is active in the clean run."""
         return self._by_target[self._target_off[j]:self._target_off[j + 1]]
 
-    def _key_rows(self, keys: list[tuple[int, str, frozenset]]) -> tuple[Tensor, Tensor, Tensor]:
-        """Every key's active tokens at once: (rows ``[T]``, key index per row, rows per key)."""
+    def _key_rows(self, keys: list[tuple[int, str, frozenset]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Every key's active tokens at once: (rows ``[T]``, key index and target per row, rows per key)."""
         j = torch.tensor([k[0] for k in keys], dtype=torch.long, device=self.x.device)
         n = self._target_off[j + 1] - self._target_off[j]
         kid = torch.repeat_interleave(torch.arange(len(keys), device=j.device), n)
         first = torch.cumsum(n, 0) - n  # each key's first slot in the concatenation
         at = self._target_off[j][kid] + torch.arange(len(kid), device=j.device) - first[kid]
-        return self._by_target[at], kid, n
+        return self._by_target[at], kid, j[kid], n
 
     @torch.no_grad()  # the dictionaries' parameters may require grad: no graph here
     def target_acts(self, j: int, kind: str, srcs: frozenset) -> Tensor:
@@ -288,8 +288,7 @@ class AblationContext(Scorer):
     def _fill_chunk(self, keys: list[tuple[int, str, frozenset]]) -> None:
         """:meth:`_fill` for one chunk of keys: every (key, active token) row in one set of ops."""
         dev = self.x.device
-        R, kid, n = self._key_rows(keys)
-        J = torch.tensor([k[0] for k in keys], dtype=torch.long, device=dev)[kid]
+        R, kid, J, n = self._key_rows(keys)
         keep = torch.tensor([k[1] == "keep" for k in keys], device=dev)[kid]
         # membership [K, d_R + 1] of each key's sources (the last column: ε_R, in scope if ablated)
         lens = torch.tensor([len(k[2]) for k in keys], dtype=torch.long, device=dev)
@@ -330,8 +329,7 @@ class AblationContext(Scorer):
         if not keys:
             return out
         self._fill(keys)
-        r, kid, _ = self._key_rows(keys)
-        jj = torch.tensor([k[0] for k in keys], dtype=torch.long, device=r.device)[kid]
+        r, _, jj, _ = self._key_rows(keys)
         dflt = self.f_empty[r, jj] if cfg.default == "empty" else self.f[r, jj]
         v = torch.cat([self._acts[k] for k in keys]) - dflt
         # Σ_j (f'_j − f_j^default)·m_j·W_out: a gather of W's rows per (token, j), or, when the

@@ -115,27 +115,26 @@ def steer_block() -> str:
     return "\n".join(lines)
 
 
-def bench_block() -> str:
-    """The benchmarks' own printouts, one after the other."""
-    outs = []
-    for b in BENCHES:
-        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / b)], cwd=ROOT, capture_output=True,
-                           text=True)
-        if r.returncode != 0:
-            sys.exit(f"readme_blocks: {b} failed:\n{r.stderr[-2000:]}")
-        outs.append(f"=== {b}\n" + r.stdout.strip().replace(str(Path.home()), "~"))
-    return "```\n" + "\n".join(outs) + "\n```"
-
-
-def _script(args: list[str], env: dict | None = None) -> str:
-    """A benchmark's printout (``$ command`` first, the home folder as ``~``); exits on failure."""
+def _output(args: list[str], env: dict | None = None) -> str:
+    """A script's printout (the home folder as ``~``); exits on failure."""
     r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                        env=None if env is None else {**os.environ, **env})
     if r.returncode != 0:
         sys.exit(f"readme_blocks: {args[0]} failed:\n{r.stderr[-2000:]}")
+    return r.stdout.strip().replace(str(Path.home()), "~")
+
+
+def bench_block() -> str:
+    """The benchmarks' own printouts, one after the other."""
+    outs = [f"=== {b}\n" + _output([str(ROOT / "benchmarks" / b)]) for b in BENCHES]
+    return "```\n" + "\n".join(outs) + "\n```"
+
+
+def _script(args: list[str], env: dict | None = None) -> str:
+    """A benchmark's printout under its ``$ command`` line (paths relative to the repository)."""
     pin = " ".join(f"{k}={v}" for k, v in (env or {}).items())
     shown = f"$ {pin + ' ' if pin else ''}.venv/bin/python {' '.join(args)}"
-    return shown + "\n" + r.stdout.strip().replace(str(Path.home()), "~").replace(str(ROOT) + "/", "")
+    return shown + "\n" + _output(args, env).replace(str(ROOT) + "/", "")
 
 
 def scale_block() -> str:

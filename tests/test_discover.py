@@ -28,10 +28,11 @@ def setup(neox, neox_dir, tmp_path_factory):
     return root, data, neox_dir
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "featcircuit", *map(str, args)], capture_output=True,
-                          text=True,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+
+
+def run(*args, launch=(sys.executable, "-m", "featcircuit")):
+    return subprocess.run([*launch, *map(str, args)], capture_output=True, text=True, env=ENV)
 
 
 def base_args(setup, layer=1, **kw):
@@ -184,13 +185,12 @@ def test_discover_under_torchrun_writes_what_one_process_writes(setup, tmp_path)
     """Two torchrun ranks (gloo): the corpus attribution's batches shared out, rank 0 writing alone,
     and the files the same as one process's — the same circuit, the same drawn edges and weights."""
     outs = {}
-    for name, launch in (("one", [sys.executable, "-m", "featcircuit"]),
-                         ("two", [str(Path(sys.executable).parent / "torchrun"), "--standalone",
-                                  "--nproc-per-node", "2", "-m", "featcircuit"])):
+    torchrun = (str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                "-m", "featcircuit")
+    for name, launch in (("one", (sys.executable, "-m", "featcircuit")), ("two", torchrun)):
         args = [str(a) for a in base_args(setup)]
         args[args.index("--out") + 1] = str(tmp_path / name)
-        r = subprocess.run([*launch, *args], capture_output=True, text=True,
-                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+        r = run(*args, launch=launch)
         assert r.returncode == 0, r.stderr[-3000:]
         assert r.stdout.count("wrote ") == 1  # one rank printed and wrote
         outs[name] = tmp_path / name
