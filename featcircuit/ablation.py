@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .adapters import as_pair, held_code, reads_pre_acts
 from .errors import UserError
+from .restart import capture_tail, restart_logits, restart_metric
 from .sites import mlp_parts, pair_sites
 
 ABLATIONS = ("zero", "mean", "patch")
@@ -162,6 +163,8 @@ class AblationContext(Scorer):
             self.err = self.x - R.decode(self.a)  # ε_R
             self.f = M.encode(z)
             self.mask = self.f != 0
+            # a foreign module is linearised at its clean input: the harvested z, kept for it alone
+            self._z = None if reads_pre_acts(M) else z
             if ablation == "patch":
                 xc = harvest(model, corrupt.to(dev), [r.hook], batch_size=64, progress=False)[r.hook]
                 xc = xc[:, 1:].to(dev).flatten(0, 1)
@@ -189,7 +192,7 @@ class AblationContext(Scorer):
             self._src_val = self.coef.gather(1, self._src_idx) * self._src_on
             self._err_on = (self.err_coef.abs().sum(-1) > 0) & (errors == "ablated")  # [N]
             self._n_src = self._src_on.sum(1) + self._err_on
-            self._tail = _capture_tail(model, layer, self.tokens)
+            self._tail = capture_tail(model, layer, self.tokens)
             # a feature's change reaches the residual through W_dec·W_out: one [m, d] map, not two
             self._dec_out = M.W_dec @ self.parts.W_out
             (self.clean_logits,) = self._forward([torch.zeros(len(z), self._dec_out.shape[1], dtype=z.dtype,
@@ -236,11 +239,12 @@ class AblationContext(Scorer):
         M = self.pair.mlp
         if reads_pre_acts(M):  # every feature at once
             return torch.relu(M.pre_acts(self.parts.hidden(x))) * self.mask
+        assert self._z is not None  # kept for every module without its own pre-activation
         rows, k = torch.nonzero(self.mask, as_tuple=True)
         out = torch.zeros_like(self.f)
         for s in range(0, len(rows), 8192):  # bounded memory: [chunk, d_mlp]
             r, kc = rows[s:s + 8192], k[s:s + 8192]
-            out[r, kc] = held_code(M, self.parts.hidden(x[r]), kc, self.parts.hidden(self.x[r]), self.f[r, kc])
+            out[r, kc] = held_code(M, self.parts.hidden(x[r]), kc, self._z[r], self.f[r, kc])
         return out
 
     def rows(self, j: int) -> Tensor:
@@ -314,7 +318,7 @@ class AblationContext(Scorer):
                                                   per_sample_weights=self._src_val[pr] * inset[p])
             c = c + self.err_coef[pr] * err[p, None]
             x = torch.where(keep[p, None], self.x_empty[pr] + c, self.x[pr] - c)
-            z0 = None if reads_pre_acts(M) else self.parts.hidden(self.x[pr])  # a module's clean input
+            z0 = None if self._z is None else self._z[pr]
             val[p] = held_code(M, self.parts.hidden(x), jc, z0, self.f[pr, jc],  # its own target, mask held
                                self._enc_t)
         for key, v in zip(keys, torch.split(val, n.tolist())):
@@ -368,181 +372,3 @@ class AblationContext(Scorer):
             for c, v in zip(todo, restart_metric(self, [self._resid_change(self.dout(c)) for c in todo])):
                 self._values[c] = v
         return [self._values[c] for c in configs]
-
-
-
-# ---- restarting the forward after the layer ------------------------------------------------
-
-
-def restart_logits(model, layer: int, tokens: Tensor, tail, d_resids: list[Tensor], last: bool,
-                   max_rows: int = 512, clean: Tensor | None = None) -> tuple[list[Tensor], int]:
-    """Logits per residual change ``d_resid [n, ctx, d]`` added after block ``layer``, and passes.
-
-    Restarts at block ``layer + 1`` from the captured clean residual (``tail``); without one, a
-    forward with a hook at ``blocks.{layer}.hook_resid_post``. ``last``: only the last position's
-    logits (a task's metric reads nothing else). With the ``clean`` logits, only the sequences a
-    change touches run again (a configuration usually moves a few prompts); the others are clean.
-    """
-    rows, passes = restart_rows(model, layer, tokens, tail, d_resids, last, max_rows, sparse=clean is not None)
-    if clean is None:
-        return [lg for _, lg in rows], passes
-    out = []
-    for seqs, lg in rows:
-        o = clean.clone()
-        o[seqs] = lg
-        out.append(o)
-    return out, passes
-
-
-def restart_rows(model, layer: int, tokens: Tensor, tail, d_resids: list[Tensor], last: bool,
-                 max_rows: int = 512, sparse: bool = True) -> tuple[list[tuple[Tensor, Tensor]], int]:
-    """Per change, (the sequences it touches, their logits); every sequence unless ``sparse``."""
-    n_seq, n_ctx = tokens.shape
-    vocab = int(model.cfg.d_vocab)
-    per_rows = max_rows if last else max(1, min(max_rows, 2**26 // (n_ctx * vocab)))
-    every = torch.arange(n_seq, device=tokens.device)
-    todo = [torch.nonzero(d.flatten(1).any(1))[:, 0] if sparse else every for d in d_resids]
-    out: list[tuple[Tensor, Tensor]] = []
-    passes = 0
-    k = 0
-    while k < len(todo):  # batches of at most per_rows sequences (one change may exceed it)
-        batch: list[int] = []
-        rows = 0
-        while k < len(todo) and (not batch or rows + len(todo[k]) <= per_rows):
-            batch.append(k)
-            rows += len(todo[k])
-            k += 1
-        if rows == 0:
-            out += [(todo[i], d_resids[i].new_zeros(0, 1 if last else n_ctx, vocab)) for i in batch]
-            continue
-        seq = torch.cat([todo[i] for i in batch])
-        dr = torch.cat([d_resids[i][todo[i]] for i in batch])
-        with torch.no_grad():
-            logits = _rows_logits(model, layer, tokens, tail, seq, dr, last)
-        passes += 1
-        o = 0
-        for i in batch:
-            out.append((todo[i], logits[o:o + len(todo[i])]))
-            o += len(todo[i])
-    return out, passes
-
-
-def restart_metric(ctx, d_resids: list[Tensor]) -> list[float]:
-    """The metric of a context per residual change after its layer, rerunning only what changed.
-
-    Next-token KL sums over the changed sequences alone (an unchanged one contributes exactly 0);
-    a task's or user's metric reads the clean logits with the changed sequences put in.
-    """
-    kl = ctx.task is None and ctx.user_metric is None
-    if not kl:
-        logits, passes = restart_logits(ctx.model, ctx.layer, ctx.tokens, ctx._tail, d_resids,
-                                        ctx.task is not None, ctx.max_rows, clean=ctx.clean_logits)
-        ctx.passes += passes
-        return [metric_value(ctx, lg) for lg in logits]
-    rows, passes = restart_rows(ctx.model, ctx.layer, ctx.tokens, ctx._tail, d_resids, False, ctx.max_rows)
-    ctx.passes += passes
-    n_pos = ctx.clean_p.shape[0] * ctx.clean_p.shape[1]
-    out = []
-    for seqs, lg in rows:
-        if len(seqs) == 0:
-            out.append(0.0)
-            continue
-        every = len(seqs) == len(ctx.clean_p)  # no gather (a copy) when every sequence moved
-        pick = slice(None) if every else seqs
-        out.append(float(kl_positions(ctx.clean_logp[pick], ctx.clean_p[pick], lg[:, 1:]).sum() / n_pos))
-    return out
-
-
-def _rows_logits(model, layer: int, tokens: Tensor, tail, seq: Tensor, d: Tensor, last: bool) -> Tensor:
-    """Logits of sequences ``seq`` with ``d [len(seq), ctx, d]`` added after block ``layer``."""
-    if tail is not None:
-        return _run_tail(tail, d, last, seq)
-
-    def hook(act: Tensor, hook=None) -> Tensor:
-        return act + d.to(act.dtype)
-
-    logits = model.run_with_hooks(tokens[seq], fwd_hooks=[(f"blocks.{layer}.hook_resid_post", hook)])
-    return logits[:, -1:] if last else logits
-
-
-def kl_positions(clean_logp: Tensor, clean_p: Tensor, logits: Tensor) -> Tensor:
-    """KL(clean ‖ changed) per position from the changed logits ``[..., V]``, clamped at 0.
-
-    ``Σ p (log p − log q)`` term by term: each term is a difference of two log-probabilities, so a
-    small KL keeps its digits in float32 (a difference of sums over the vocabulary would not).
-    """
-    return (clean_p * (clean_logp - logits.log_softmax(-1))).sum(-1).clamp_min(0)
-
-
-def metric_value(ctx, logits: Tensor) -> float:
-    """A task's or user's metric of a context on logits (KL is :func:`restart_metric`'s own)."""
-    if ctx.task is not None:
-        return float(ctx.task.metric(logits))
-    return float(ctx.user_metric(logits, ctx.tokens))
-
-
-
-
-def _capture_tail(model, layer: int, tokens: Tensor):
-    """The HF blocks after ``layer``, their clean call arguments, and the residual they read.
-
-    Returns None (the caller falls back to a full forward with a hook) when the model's blocks
-    cannot be driven this way; the check compares the restarted forward with the clean one.
-    """
-    try:
-        blocks = [model.blocks[k].original_component for k in range(layer + 1, model.cfg.n_layers)]
-        ln_f, head = model.ln_final.original_component, model.unembed.original_component
-        entry = blocks[0] if blocks else ln_f
-        cap: dict = {}
-
-        def pre(mod, args, kwargs):
-            cap["x"], cap["kwargs"] = args[0], dict(kwargs)
-
-        h = entry.register_forward_pre_hook(pre, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                clean = model(tokens)
-        finally:
-            h.remove()
-        kw = {k: v for k, v in cap["kwargs"].items()
-              if k not in ("layer_past", "past_key_values", "past_key_value", "cache_position")}
-        if "use_cache" in kw:
-            kw["use_cache"] = False
-        tail = (blocks, ln_f, head, cap["x"].detach(), kw)
-        with torch.no_grad():
-            again = _run_tail(tail, torch.zeros(1, *cap["x"].shape, dtype=cap["x"].dtype,
-                                                device=cap["x"].device), False)
-        if again.shape == clean.shape and torch.allclose(again, clean, rtol=1e-4, atol=1e-4):
-            return tail
-    except Exception:  # any architecture this generic restart does not fit
-        pass
-    return None
-
-
-def _run_tail(tail, d_resid: Tensor, last_only: bool, seq: Tensor | None = None) -> Tensor:
-    """Logits of the blocks after the layer from the clean residual plus a change.
-
-    ``d_resid [B, n, ctx, d]`` changes every sequence B times over; with ``seq``, ``d_resid
-    [len(seq), ctx, d]`` changes the sequences ``seq`` (repeats allowed).
-    """
-    blocks, ln_f, head, x, kw = tail
-    n = x.shape[0]
-    if seq is None:
-        seq = torch.arange(n, device=x.device).repeat(d_resid.shape[0])
-        d_resid = d_resid.flatten(0, 1)
-
-    def pick(v):
-        if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n and n > 1:
-            return v[seq]
-        if isinstance(v, tuple):
-            return tuple(pick(t) for t in v)
-        return v
-
-    kwb = {k: pick(v) for k, v in kw.items()}
-    h = x[seq] + d_resid
-    for blk in blocks:
-        h = blk(h, **kwb)
-        h = h[0] if isinstance(h, tuple) else h
-    if last_only:
-        h = h[:, -1:]
-    return head(ln_f(h))

@@ -29,11 +29,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .ablation import Config, Edge, Scorer, _capture_tail, restart_logits, restart_metric
+from .ablation import Config, Edge, Scorer
 from .adapters import held_code, reads_pre_acts
 from .edges import ERR, active_rows, coefficients, edges_into, out_grad
 from .errors import UserError
 from .replacement import Replacement, SiteKey
+from .restart import capture_tail, restart_logits, restart_metric
 
 CROSS_ABLATIONS = ("zero", "patch")
 X_EMPTY_BYTES = 256 << 20  # above this, x_∅ per MLP row is not kept (configs add from x instead)
@@ -71,7 +72,7 @@ class CrossContext(Scorer):
             self.tr = rep.trace(self.tokens)
             base = rep.trace(corrupt.to(dev)) if corrupt is not None and ablation == "patch" else None
             self.co = coefficients(self.tr, base)
-            self._tail = _capture_tail(self.model, self.layer, self.tokens)
+            self._tail = capture_tail(self.model, self.layer, self.tokens)
             rep.n_forward += 1  # capturing the restart point is one more full forward
         self.sites = list(rep.sites)
         self.si = {s: i for i, s in enumerate(self.sites)}
@@ -293,11 +294,12 @@ class CrossContext(Scorer):
         M = rep.dictionary(site)
         kk = k[rows[go]]
         out = torch.empty(len(go), dtype=x.dtype)
-        x0 = None if reads_pre_acts(M) else self.tr.acts[("resid", L)][n[rows[go]], t[rows[go]]]
+        # a foreign module is linearised at its clean input, the traced mid-MLP activation
+        z_clean = None if reads_pre_acts(M) else self.tr.acts[site][n[rows[go]], t[rows[go]]]
         for s0 in range(0, len(go), 8192):  # bounded memory: [chunk, d_mlp]
             z = rep.parts[L].hidden(x[s0:s0 + 8192])
             kc = kk[s0:s0 + 8192]
-            z0 = None if x0 is None else rep.parts[L].hidden(x0[s0:s0 + 8192])  # a module's clean input
+            z0 = None if z_clean is None else z_clean[s0:s0 + 8192]
             out[s0:s0 + 8192] = held_code(M, z, kc, z0, code[go[s0:s0 + 8192]])
         return code.index_copy(0, go, out)
 

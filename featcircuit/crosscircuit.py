@@ -154,14 +154,14 @@ def prompt_graph(rep: Replacement, tokens: torch.Tensor, metric, meta: dict, *, 
     ``tokens [1, ctx]``; ``metric(logits)`` the scalar the graph explains (a logit, or a task's
     logit difference). Nodes are ``site{L}/{f}@t``, errors ``site{L}/err@t``, ``emb@t``, ``out@t``.
     """
-    from .ablation import _capture_tail
+    from .restart import capture_tail
 
     if tokens.shape[0] != 1:
         raise UserError(f"a prompt graph takes one prompt, got {tokens.shape[0]}")
     tr = rep.trace(tokens)
     co = coefficients(tr)
     L = rep.layers[-1]
-    tail = _capture_tail(rep.model, L, tr.tokens)
+    tail = capture_tail(rep.model, L, tr.tokens)
     rep.n_forward += 1
     g = out_grad(rep.model, L, tr.tokens, tail, metric, tr.acts[("resid", L)].shape[-1])
     # per-position node graph with |e| weights; influence from out back, normalised per target

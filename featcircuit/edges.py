@@ -221,16 +221,16 @@ def all_edges(rep: Replacement, tr: Trace, co: Coefs, g_out: Tensor | None) -> I
 def out_grad(model, layer: int, tokens: Tensor, tail, metric: Callable[[Tensor], Tensor], d: int) -> Tensor:
     """``∂m/∂x_out [n, ctx, d]`` at the residual after block ``layer``, through the real model.
 
-    ``tail`` is :func:`featcircuit.ablation._capture_tail`'s restart (None: a full forward with
+    ``tail`` is :func:`featcircuit.restart.capture_tail`'s restart (None: a full forward with
     a hook at ``blocks.{layer}.hook_resid_post``).
     """
-    from .ablation import _run_tail
+    from .restart import run_tail
 
     p = next(model.parameters())
     delta = torch.zeros(1, *tokens.shape, d, dtype=p.dtype, device=p.device, requires_grad=True)
     with torch.enable_grad():
         if tail is not None:
-            logits = _run_tail(tail, delta, False)
+            logits = run_tail(tail, delta, False)
         else:
             def hook(act, hook=None):
                 return act + delta[0]

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .ablation import _run_tail
 from .adapters import held_code, reads_pre_acts
 from .crossablation import CrossContext
 from .edges import ERR, edges_into_out
+from .restart import run_tail
 from .search import EdgeRanking
 
 
@@ -51,7 +51,7 @@ def code_grads(cx: CrossContext) -> dict[int, Tensor]:
                 x = tr.acts[("resid", L)][n, t].index_add(0, E.row, dc[:, None] * D[E.src])
                 M = rep.dictionary(site)
                 z = rep.parts[L].hidden(x)
-                z0 = None if reads_pre_acts(M) else rep.parts[L].hidden(tr.acts[("resid", L)][n, t])
+                z0 = None if reads_pre_acts(M) else tr.acts[site][n, t]  # a module's clean input
                 new = held_code(M, z, k, z0, code.detach())
             delta = new - code.detach() + leaves[si]
             dcode[si] = torch.zeros_like(tr.codes[site]).index_put((n, t, k), delta)
@@ -61,7 +61,7 @@ def code_grads(cx: CrossContext) -> dict[int, Tensor]:
         dzo = dcode[mi] @ rep.decoder(("mlp", L)) @ rep.parts[L].W_out
         dxo = rep.step(L, tr, dx, dzo)
         if cx._tail is not None:
-            logits = _run_tail(cx._tail, dxo[None], cx.task is not None)
+            logits = run_tail(cx._tail, dxo[None], cx.task is not None)
         else:
             logits = cx.model.run_with_hooks(cx.tokens, fwd_hooks=[(
                 f"blocks.{L}.hook_resid_post", lambda a, hook=None: a + dxo)])

@@ -142,7 +142,7 @@ def test_corpus_kl_equals_independent_reference(setup):
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=1e-7, atol=1e-10)
     assert min(ours) > 1e-6  # far from the 0 that an unchanged run gives
     # a change after the layer that touches one sequence: the KL is still the mean over all of them
-    from featcircuit.ablation import restart_metric
+    from featcircuit.restart import restart_metric
 
     one = torch.zeros(*task.clean.shape, model.cfg.d_model, dtype=torch.float64)
     one[1, 2:] = 0.5 * torch.randn(task.clean.shape[1] - 2, model.cfg.d_model, dtype=torch.float64,
@@ -286,7 +286,7 @@ def test_curves_end_points(setup):
 @pytest.mark.parametrize("last", [True, False])
 def test_restart_runs_only_changed_sequences_and_equals_a_hooked_forward(setup, last):
     """restart_logits with the clean logits reruns only the sequences a change touches."""
-    from featcircuit.ablation import _capture_tail, restart_logits
+    from featcircuit.restart import capture_tail, restart_logits
 
     model, _, task = setup
     tokens = task.clean
@@ -297,8 +297,8 @@ def test_restart_runs_only_changed_sequences_and_equals_a_hooked_forward(setup, 
     one[2, 3:] = torch.randn(ctx - 3, d, generator=g, dtype=torch.float64)  # only sequence 2 moves
     every = torch.randn(n, ctx, d, generator=g, dtype=torch.float64)
     changes = [one, torch.zeros_like(one), every]
-    tail = _capture_tail(model, LAYER, tokens)
-    assert tail is not None
+    tail = capture_tail(model, LAYER, tokens)
+    assert tail is not None and tail.last_mlp is not None  # the last-position shortcut is the path tested
     (clean,), _ = restart_logits(model, LAYER, tokens, tail, [changes[1]], last)
     got, passes = restart_logits(model, LAYER, tokens, tail, changes, last, max_rows=n, clean=clean)
     assert passes == 2  # 1 + 0 + n sequences in batches of n: [one], [every]
@@ -315,7 +315,7 @@ def test_restart_runs_only_changed_sequences_and_equals_a_hooked_forward(setup, 
 
 def test_kl_keeps_its_digits_in_float32_on_a_large_vocabulary():
     """A small KL over 50k tokens and large logits, float32, against float64 log_softmax."""
-    from featcircuit.ablation import kl_positions
+    from featcircuit.restart import kl_positions
 
     g = torch.Generator().manual_seed(0)
     clean = 4 * torch.randn(6, 50257, generator=g, dtype=torch.float64) - 80  # GPT-2-like offset
