@@ -471,14 +471,32 @@ def _run(cfg: DiscoverConfig, t0: float) -> dict:
 def _follow(cfg: DiscoverConfig, t0: float) -> dict:
     """A torchrun rank other than 0: the same run, so that its collectives pair with rank 0's (the
     corpus attribution's batches are shared out), with its files in a temporary folder and its
-    printout dropped; rank 0 writes the one set of outputs."""
+    printout dropped; rank 0 writes the one set of outputs. Where only the default pairs'
+    training is shared (a task, prompts, --layers, --prompt), it joins that and leaves."""
     import contextlib
     import dataclasses
     import io
     import tempfile
 
+    if cfg.task is not None or cfg.prompts is not None or cfg.layers is not None or cfg.prompt is not None:
+        return _join_pairs(cfg)
     with tempfile.TemporaryDirectory(prefix="featcircuit-rank-") as tmp, contextlib.redirect_stdout(io.StringIO()):
         return _run(dataclasses.replace(cfg, out=str(Path(tmp) / "out"), force=True, progress=False), t0)
+
+
+def _join_pairs(cfg: DiscoverConfig) -> dict:
+    """A follower's share of a run whose only collectives are the default pairs' training: the
+    same :func:`~featcircuit.pairs.default_pair` calls as rank 0 (data-parallel training of any
+    pair not yet cached, barriers paired), then nothing; rank 0 runs the rest alone."""
+    from .models import load_model
+    from .pairs import default_pair
+    from .sites import parse_layers
+
+    if cfg.dicts is None:
+        model = load_model(cfg.model, cfg.device)
+        for L in parse_layers(model, cfg.layers if cfg.layers is not None else str(cfg.layer)):
+            default_pair(model, L, progress=False)
+    return {}
 
 
 def _dense_edges(stats):

@@ -207,3 +207,49 @@ def test_discover_under_torchrun_writes_what_one_process_writes(setup, tmp_path)
         torch.testing.assert_close(torch.tensor(e2[k]), torch.tensor(e1[k]), rtol=1e-5, atol=1e-7)
     g1, g2 = (CircuitGraph.load_json(outs[n] / "graph.json").g for n in ("one", "two"))
     assert sorted(g1.edges) == sorted(g2.edges)
+
+
+def test_torchrun_follower_of_a_prompts_run_leaves_after_the_pairs(setup, tmp_path, monkeypatch):
+    """Under torchrun a prompts (or task, --layers, --prompt) run shares nothing past the default
+    pairs' training: the other ranks join that and leave, rank 0 alone runs and writes the rest."""
+    import importlib
+
+    import featcircuit.models
+    import featcircuit.pairs
+    from featcircuit.discover import DiscoverConfig
+
+    disc = importlib.import_module("featcircuit.discover")  # the module (the package exports the function)
+    root, data, model = setup
+    p = tmp_path / "prompts.jsonl"
+    pair = {"clean": "def add(a, b):\n    return a", "corrupt": "def add(b, a):\n    return a",
+            "answer": " +", "wrong": " a"}
+    p.write_text((json.dumps(pair) + "\n") * 6)
+
+    def no(*a, **k):
+        raise AssertionError("a follower of a prompts run must not run the pipeline")
+
+    monkeypatch.setattr(disc, "_run", no)
+    calls = []
+    cfg = DiscoverConfig(model=model, layer=1, prompts=str(p), data=str(data), progress=False)
+    monkeypatch.setattr(featcircuit.pairs, "default_pair", lambda m, L, **k: calls.append(L))
+    monkeypatch.setattr(featcircuit.models, "load_model", lambda *a, **k: featcircuit.models.BUILTIN_NAME)
+    monkeypatch.setattr("featcircuit.sites.parse_layers", lambda m, spec, flag="--layers": [int(x) for x in
+                                                                                         spec.split(",")])
+    assert disc._follow(cfg, 0.0) == {} and calls == [1]  # the same default_pair call as rank 0's
+    monkeypatch.setattr(featcircuit.models, "load_model", no)
+    import dataclasses
+    assert disc._follow(dataclasses.replace(cfg, dicts=str(root / "pair1")), 0.0) == {}  # nothing shared
+
+    # the real thing: two ranks write what one process writes
+    outs = {}
+    torchrun = (str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                "-m", "featcircuit")
+    for name, launch in (("one", (sys.executable, "-m", "featcircuit")), ("two", torchrun)):
+        args = [str(a) for a in base_args(setup, prompts=p, candidates=6)]
+        args[args.index("--out") + 1] = str(tmp_path / name)
+        r = run(*args, launch=launch)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("wrote ") == 1
+        outs[name] = json.loads((tmp_path / name / "summary.json").read_text())["circuit"]
+    for k in ("size", "m_full", "m_empty", "m_circuit", "faithfulness"):
+        assert outs["one"][k] == pytest.approx(outs["two"][k], rel=1e-6, abs=1e-9), k
