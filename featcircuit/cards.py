@@ -12,7 +12,8 @@
    card only, never in the label.
 5. *Token removal* (:func:`token_removal`): at the top activating position, each earlier token of
    the context is dropped in turn (BOS kept; the ``removal_window`` nearest tokens), the model
-   re-runs on the shortened context and the change in the activation is recorded.
+   re-runs on the shortened context and the change in the activation is recorded
+   (:func:`add_removals` runs every card's contexts of one site in shared, padded passes).
 6. *Label*: a scored rule from :mod:`featcircuit.labels` when the caller passes one (text,
    precision, recall and F1 on held-out tokens); otherwise the dominant token of the top
    activations, unscored.
@@ -157,18 +158,11 @@ def feature_card(model, pair, index: FeatureIndex, f: int, *, n_top: int = 10, n
     # token removal at the top activating position
     card["removal"] = None
     if removal and n_active:
-        e0 = card["top"][0]
-        s, p = e0["seq"], e0["pos"]
-        context = index.tokens[s, :p + 1]
-        bos = getattr(tok, "bos_token_id", None) if tok is not None else None
         d, _ = _site_dict(model, pair, layer, site)
+        context, keep_first = _removal_context(model, index, card)
         base, effects = token_removal(feature_act_fn(model, d, index.hook, f), context,
-                                      window=removal_window,
-                                      keep_first=1 if bos is not None and int(context[0]) == bos else 0)
-        for e in effects:
-            e["token"] = tok_str(tok, int(context[e["pos"]]))
-        card["removal"] = {"seq": s, "pos": p, "act": base, "window": removal_window,
-                           "token": tok_str(tok, int(context[p])), "effects": effects}
+                                      window=removal_window, keep_first=keep_first)
+        _set_removal(model, card, context, base, effects, removal_window)
     # label: the scored rule when given, else the dominant token of the top activations (unscored)
     if label is not None:
         card["label"] = str(label["text"])
@@ -179,6 +173,70 @@ def feature_card(model, pair, index: FeatureIndex, f: int, *, n_top: int = 10, n
         card["label"] = token_set_text(dominant(ids), tok)
         card["label_score"] = None
     return card
+
+
+def _removal_context(model, index: FeatureIndex, card: dict) -> tuple[Tensor, int]:
+    """The context ending at a card's top activation, and how many leading tokens stay (BOS)."""
+    tok = getattr(model, "tokenizer", None)
+    e0 = card["top"][0]
+    context = index.tokens[e0["seq"], :e0["pos"] + 1]
+    bos = getattr(tok, "bos_token_id", None) if tok is not None else None
+    return context, 1 if bos is not None and int(context[0]) == bos else 0
+
+
+def _set_removal(model, card: dict, context: Tensor, base: float, effects: list[dict], window: int) -> None:
+    tok = getattr(model, "tokenizer", None)
+    for e in effects:
+        e["token"] = tok_str(tok, int(context[e["pos"]]))
+    p = len(context) - 1
+    card["removal"] = {"seq": card["top"][0]["seq"], "pos": p, "act": base, "window": window,
+                       "token": tok_str(tok, int(context[p])), "effects": effects}
+
+
+@torch.no_grad()
+def add_removals(model, pair, index: FeatureIndex, cards: list[dict], window: int = 32,
+                 batch_size: int = 64) -> None:
+    """:func:`token_removal` for many cards of one site in shared forward passes.
+
+    Every card's shortened contexts (and its full one) are right-padded into common batches: with
+    causal attention the padding never reaches a row's last real position, where the feature is
+    read. Fills each card's ``removal`` as :func:`feature_card` does one at a time.
+    """
+    from .activations import harvest
+
+    d, _ = _site_dict(model, pair, index.layer, index.site)
+    todo = [c for c in cards if c["n_active"]]
+    rows: list[Tensor] = []
+    plan = []  # per card: (context, first row, positions dropped)
+    for c in todo:
+        context, keep_first = _removal_context(model, index, c)
+        context = context.long()
+        p = len(context) - 1
+        start = keep_first if window is None else max(keep_first, p - window)
+        qs = list(range(start, p))
+        plan.append((context, len(rows), qs))
+        rows.append(context)
+        rows += [torch.cat([context[:q], context[q + 1:]]) for q in qs]
+    if not rows:
+        return
+    feat = torch.tensor([c["feature"] for c, (_, _, qs) in zip(todo, plan) for _ in range(1 + len(qs))])
+    vals = torch.empty(len(rows))
+    dev = d.W_dec.device
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        lens = torch.tensor([len(r) for r in chunk])
+        batch = torch.zeros(len(chunk), int(lens.max()), dtype=torch.long)
+        for i, r in enumerate(chunk):
+            batch[i, :len(r)] = r
+        x = harvest(model, batch, [index.hook], batch_size=len(chunk), progress=False)[index.hook]
+        x = x[torch.arange(len(chunk)), lens - 1]  # each row's last real position
+        codes = d.encode(x.to(dev))
+        vals[s:s + len(chunk)] = codes[torch.arange(len(chunk)), feat[s:s + len(chunk)]].float().cpu()
+    for c, (context, r0, qs) in zip(todo, plan):
+        base = float(vals[r0])
+        dropped = vals[r0 + 1:r0 + 1 + len(qs)].tolist()
+        effects = [{"pos": q, "delta": float(v) - base} for q, v in zip(qs, dropped)]
+        _set_removal(model, c, context, base, effects, window)
 
 
 def analyze_features(model, pair, tokens: Tensor, layer: int, site: str, features: Sequence[int], *,
@@ -204,11 +262,14 @@ def analyze_features(model, pair, tokens: Tensor, layer: int, site: str, feature
     docs = doc_ids(index.tokens, getattr(tok, "bos_token_id", None) if tok is not None else None)
     mask = lens_mask(model, index.token_counts)
     lens = unembed(model, feature_directions(model, pair, layer, site, features)).cpu()
-    return [feature_card(model, pair, index, f, n_top=n_top, n_bins=n_bins, n_hist=n_hist,
-                         n_lens=n_lens, removal=removal, removal_window=removal_window, seed=seed,
-                         mask=mask, lens_values=lens[i], label=labels.get(f), per_doc=per_doc,
-                         n_quantiles=n_quantiles, docs=docs, dense_limit=dense_limit)
-            for i, f in enumerate(tqdm(features, desc="feature cards", disable=not progress))]
+    cards = [feature_card(model, pair, index, f, n_top=n_top, n_bins=n_bins, n_hist=n_hist,
+                          n_lens=n_lens, removal=False, seed=seed, mask=mask, lens_values=lens[i],
+                          label=labels.get(f), per_doc=per_doc, n_quantiles=n_quantiles, docs=docs,
+                          dense_limit=dense_limit)
+             for i, f in enumerate(tqdm(features, desc="feature cards", disable=not progress))]
+    if removal:  # every card's removal contexts in shared passes (one pass per card costs ~40 ms)
+        add_removals(model, pair, index, cards, removal_window)
+    return cards
 
 
 def _score_text(sc: Mapping | None) -> str:

@@ -474,3 +474,26 @@ def test_both_indexes_of_a_cold_cache_come_from_one_pass(neox, tmp_path, monkeyp
     (tmp_path / next(p.name for p in tmp_path.iterdir() if "-resid-" in p.name)).unlink()
     feature_indexes(neox, pair, tokens, 1, cache_dir=tmp_path, batch_size=4)
     assert len(calls) == 2 and all(len(h) == 1 for h in calls)  # only the missing site is rebuilt
+
+
+def test_removals_in_shared_passes_equal_one_context_at_a_time(neox, tmp_path):
+    """The cards' token removal, batched over features with right padding, against each card's own
+    contexts run alone through the model (feature_card's path: one forward per context)."""
+    pair = random_pair(neox, 1)
+    tokens = text_tokens(neox)[:4]
+    for site in ("resid", "mlp"):
+        index = feature_index(neox, pair, tokens, 1, site, cache_dir=tmp_path)
+        feats = [f for f in range(index.d_sae) if len(index.acts(f)[0])][:6]
+        cards = analyze_features(neox, pair, tokens, 1, site, feats, cache_dir=tmp_path, removal_window=5)
+        assert len({c["removal"]["pos"] for c in cards}) > 1  # contexts of several lengths share a batch
+        for f, card in zip(feats, cards):
+            alone = feature_card(neox, pair, index, f, removal=True, removal_window=5)["removal"]
+            got = card["removal"]
+            assert {k: v for k, v in got.items() if k not in ("act", "effects")} == \
+                   {k: v for k, v in alone.items() if k not in ("act", "effects")}
+            assert got["act"] == pytest.approx(alone["act"], rel=1e-5, abs=1e-6)
+            assert [e["pos"] for e in got["effects"]] == [e["pos"] for e in alone["effects"]]
+            assert [e["token"] for e in got["effects"]] == [e["token"] for e in alone["effects"]]
+            for a, b in zip(got["effects"], alone["effects"]):
+                assert a["delta"] == pytest.approx(b["delta"], rel=1e-4, abs=1e-5)
+            assert any(abs(e["delta"]) > 1e-3 for c in cards for e in c["removal"]["effects"])
