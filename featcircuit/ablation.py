@@ -65,24 +65,30 @@ class Config:
         return Config("empty")
 
     @staticmethod
-    def keeping(edges: Iterable[Edge]) -> Config:
+    def keeping(edges: Iterable[Edge] | np.ndarray) -> Config:
         """Only ``edges`` kept; everything else in scope ablated (a circuit C)."""
         return Config._of("empty", "keep", edges)
 
     @staticmethod
-    def removing(edges: Iterable[Edge]) -> Config:
+    def removing(edges: Iterable[Edge] | np.ndarray) -> Config:
         """Only ``edges`` ablated; everything else kept (the complement S ∖ C)."""
         return Config._of("full", "remove", edges)
 
     @staticmethod
-    def _of(default: str, kind: str, edges: Iterable[Edge]) -> Config:
+    def _of(default: str, kind: str, edges: Iterable[Edge] | np.ndarray) -> Config:
+        """Edges grouped by target; an ``[E, 2]`` int array (src, dst) skips the list's conversion."""
+        if isinstance(edges, np.ndarray):
+            return Config._grouped(default, kind, edges.reshape(-1, 2))
         edges = list(edges)
         if len(edges) < 512:  # the search's configurations: a dict is faster than numpy's setup
             by: dict[int, set] = {}
             for i, j in edges:
                 by.setdefault(int(j), set()).add(int(i))
             return Config(default, tuple((j, kind, frozenset(s)) for j, s in sorted(by.items())))
-        e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+        return Config._grouped(default, kind, np.asarray(edges, dtype=np.int64).reshape(-1, 2))
+
+    @staticmethod
+    def _grouped(default: str, kind: str, e: np.ndarray) -> Config:
         e = e[np.argsort(e[:, 1], kind="stable")]  # grouped by target: curves build 10⁵-edge configs
         js, starts = np.unique(e[:, 1], return_index=True)
         src, ends = e[:, 0].tolist(), [*starts[1:].tolist(), len(e)]
@@ -210,6 +216,7 @@ class AblationContext(Scorer):
         self._n_rows: list[int] = (self._target_off[1:] - self._target_off[:-1]).tolist()
         self._acts: dict[tuple, Tensor] = {}
         self._values: dict[Config, float] = {}
+        self._scope: list[Edge] | None = None
         self.m_full = self.values([Config.full()])[0]
         self.m_empty = self.values([Config.empty()])[0]
 
@@ -224,12 +231,15 @@ class AblationContext(Scorer):
         return cnt
 
     def scope(self) -> list[Edge]:
-        """Every edge (i, j) of the scope (i = −1 for ε_R), in (j, i) order."""
-        cnt = self.scope_counts()
-        d_r = self.coef.shape[1]
-        jj, ii = torch.nonzero(cnt, as_tuple=True)
-        ii = torch.where(ii == d_r, ERR, ii)
-        return list(zip(ii.tolist(), jj.tolist()))
+        """Every edge (i, j) of the scope (i = −1 for ε_R), in (j, i) order (built once; do not
+        modify the list: search, curves and the summary each read it, 10⁵ edges)."""
+        if self._scope is None:
+            cnt = self.scope_counts()
+            d_r = self.coef.shape[1]
+            jj, ii = torch.nonzero(cnt, as_tuple=True)
+            ii = torch.where(ii == d_r, ERR, ii)
+            self._scope = list(zip(ii.tolist(), jj.tolist()))
+        return self._scope
 
     # ---- ablated MLP features ------------------------------------------------------------
 

@@ -21,6 +21,8 @@ import math
 import random
 from collections.abc import Sequence
 
+import numpy as np
+
 from .ablation import AblationContext, Config, Edge
 
 FRACTIONS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
@@ -68,9 +70,10 @@ def curves(ctx: AblationContext, orders: dict[str, list[Edge]], extra_sizes: Seq
             yield from (e for e in scope if e not in seen)
 
         full = list(itertools.islice(itertools.chain((e for e in order if e in in_scope), rest()), top))
+        arr = np.asarray(full, dtype=np.int64).reshape(-1, 2)  # once: each size's config reads a prefix
         cfgs = []
         for s in sizes:
-            kept = full[:s]
+            kept = arr[:s]
             cfgs += [Config.full() if s == n else Config.keeping(kept),
                      Config.empty() if s == n else Config.removing(kept)]
         vals = ctx.values(cfgs)

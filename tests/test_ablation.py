@@ -185,6 +185,8 @@ def test_config_algebra():
         c = Config.keeping(edges[:n])
         assert c.default == "empty" and [t[0] for t in c.targets] == sorted(by)
         assert all(kind == "keep" and srcs == by[j] for j, kind, srcs in c.targets)
+        import numpy as np  # the curves' path: an [E, 2] array of (src, dst)
+        assert Config.keeping(np.asarray(edges[:n], dtype=np.int64).reshape(-1, 2)) == c
 
 
 def test_planted_circuit_faithfulness_and_search(neox_dir):
