@@ -184,7 +184,8 @@ def _removal_context(model, index: FeatureIndex, card: dict) -> tuple[Tensor, in
     return context, 1 if bos is not None and int(context[0]) == bos else 0
 
 
-def _set_removal(model, card: dict, context: Tensor, base: float, effects: list[dict], window: int) -> None:
+def _set_removal(model, card: dict, context: Tensor, base: float, effects: list[dict],
+                 window: int | None) -> None:
     tok = getattr(model, "tokenizer", None)
     for e in effects:
         e["token"] = tok_str(tok, int(context[e["pos"]]))
@@ -194,7 +195,7 @@ def _set_removal(model, card: dict, context: Tensor, base: float, effects: list[
 
 
 @torch.no_grad()
-def add_removals(model, pair, index: FeatureIndex, cards: list[dict], window: int = 32,
+def add_removals(model, pair, index: FeatureIndex, cards: list[dict], window: int | None = 32,
                  batch_size: int = 64) -> None:
     """:func:`token_removal` for many cards of one site in shared forward passes.
 
