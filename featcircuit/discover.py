@@ -146,6 +146,8 @@ def _check_options(cfg: DiscoverConfig) -> None:
                         "(`featcircuit tasks`), or pass your own with --prompts FILE.jsonl")
     if cfg.task is not None and cfg.prompts is not None:
         raise UserError("--task and --prompts both given: use one behaviour")
+    if cfg.prompts is not None and not cfg.prompts.strip():  # not a silent corpus run
+        raise UserError("--prompts is empty: give a JSONL file of clean/corrupt pairs, or drop it for a corpus run")
     if cfg.ablation == "patch" and cfg.task is None and cfg.prompts is None:
         raise UserError("--ablation patch needs corrupt prompts: use --task NAME or --prompts FILE")
     if cfg.task is not None and cfg.metric != "ce":

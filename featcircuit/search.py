@@ -48,7 +48,7 @@ class EdgeRanking:
     abs: Tensor  # [E] float64
     net: Tensor  # [E] float64
     count: Tensor  # [E] co-occurrence count
-    _orders: dict[str, list[Edge]] = field(default_factory=dict, repr=False, compare=False)
+    _orders: dict[str, list[Edge]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def order(self, by: str) -> list[Edge]:
         """Edges by decreasing ``|by|`` (ties by (dst, src)); sorted once per statistic."""

@@ -10,6 +10,7 @@ import torch
 
 from featcircuit.graph import CircuitGraph
 from featcircuit.training import TrainConfig, train_pair
+from helpers import random_pair
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +132,7 @@ def test_target_and_prompts(setup):
     (dict(metric="bleu"), "--metric: invalid choice: 'bleu' (choose from 'ce')"),
     (dict(ablation="resample"), "--ablation: invalid choice: 'resample'"),
     (dict(ablation="patch"), "--ablation patch needs corrupt prompts"),
+    (dict(prompts=""), "--prompts is empty"),
     (dict(task="nope"), "unknown task 'nope'"),
     (dict(tau_sweep="0.1,x"), "bad --tau-sweep"),
     (dict(errors="some"), "--errors: invalid choice: 'some' (choose from 'kept', 'ablated')"),
@@ -228,17 +230,41 @@ def test_torchrun_follower_of_a_prompts_run_leaves_after_the_pairs(setup, tmp_pa
     def no(*a, **k):
         raise AssertionError("a follower of a prompts run must not run the pipeline")
 
+    class Stop(Exception):
+        pass
+
+    def recorder(into):
+        def default_pair(m, L, **k):
+            into.append(int(L))
+            return random_pair(m, int(L)), tmp_path
+        return default_pair
+
+    def stop(*a, **k):
+        raise Stop
+
+    # rank 0's own run, stopped just after its pairs (one layer: at the corpus load; --layers: at the
+    # Replacement), against the follower's: the same default_pair calls, so their barriers pair
+    real_run = disc._run
+    monkeypatch.setattr("featcircuit.data.load_tokens", stop)
+    monkeypatch.setattr("featcircuit.replacement.Replacement", stop)
+    for extra in (dict(), dict(layers="1-2")):
+        cfg = DiscoverConfig(model=model, layer=1, prompts=str(p), data=str(data), out=str(tmp_path / "o"),
+                             progress=False, **extra)
+        rank0: list[int] = []
+        follower: list[int] = []
+        monkeypatch.setattr(featcircuit.pairs, "default_pair", recorder(rank0))
+        with pytest.raises(Stop):
+            real_run(cfg, 0.0)
+        monkeypatch.setattr(featcircuit.pairs, "default_pair", recorder(follower))
+        monkeypatch.setattr(disc, "_run", no)
+        assert disc._follow(cfg, 0.0) == {}
+        monkeypatch.setattr(disc, "_run", real_run)
+        assert follower == rank0 == ([1] if not extra else [1, 2])
     monkeypatch.setattr(disc, "_run", no)
-    calls = []
-    cfg = DiscoverConfig(model=model, layer=1, prompts=str(p), data=str(data), progress=False)
-    monkeypatch.setattr(featcircuit.pairs, "default_pair", lambda m, L, **k: calls.append(L))
-    monkeypatch.setattr(featcircuit.models, "load_model", lambda *a, **k: featcircuit.models.BUILTIN_NAME)
-    monkeypatch.setattr("featcircuit.sites.parse_layers", lambda m, spec, flag="--layers": [int(x) for x in
-                                                                                         spec.split(",")])
-    assert disc._follow(cfg, 0.0) == {} and calls == [1]  # the same default_pair call as rank 0's
     monkeypatch.setattr(featcircuit.models, "load_model", no)
     import dataclasses
-    assert disc._follow(dataclasses.replace(cfg, dicts=str(root / "pair1")), 0.0) == {}  # nothing shared
+    with_dicts = dataclasses.replace(cfg, layers=None, dicts=str(root / "pair1"))
+    assert disc._follow(with_dicts, 0.0) == {}  # nothing shared: no model even loaded
 
     # the real thing: two ranks write what one process writes
     outs = {}

@@ -497,3 +497,12 @@ def test_removals_in_shared_passes_equal_one_context_at_a_time(neox, tmp_path):
             for a, b in zip(got["effects"], alone["effects"]):
                 assert a["delta"] == pytest.approx(b["delta"], rel=1e-4, abs=1e-5)
             assert any(abs(e["delta"]) > 1e-3 for c in cards for e in c["removal"]["effects"])
+        # batches of 4 rows: a card's contexts split across batches of other lengths read the same
+        from featcircuit.cards import add_removals
+
+        again = [dict(c, removal=None) for c in cards]
+        add_removals(neox, pair, index, again, 5, batch_size=4)
+        for a, b in zip(again, cards):
+            assert a["removal"]["act"] == pytest.approx(b["removal"]["act"], rel=1e-5, abs=1e-6)
+            for x, y in zip(a["removal"]["effects"], b["removal"]["effects"], strict=True):
+                assert x["pos"] == y["pos"] and x["delta"] == pytest.approx(y["delta"], rel=1e-4, abs=1e-5)
