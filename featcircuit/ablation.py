@@ -250,11 +250,12 @@ class AblationContext(Scorer):
         if reads_pre_acts(M):  # every feature at once
             return torch.relu(M.pre_acts(self.parts.hidden(x))) * self.mask
         assert self._z is not None  # kept for every module without its own pre-activation
+        z = self.parts.hidden(x)  # [N, d_mlp], as the harvested clean z
         rows, k = torch.nonzero(self.mask, as_tuple=True)
         out = torch.zeros_like(self.f)
         for s in range(0, len(rows), 8192):  # bounded memory: [chunk, d_mlp]
             r, kc = rows[s:s + 8192], k[s:s + 8192]
-            out[r, kc] = held_code(M, self.parts.hidden(x[r]), kc, self._z[r], self.f[r, kc])
+            out[r, kc] = held_code(M, z[r], kc, self._z[r], self.f[r, kc])
         return out
 
     def rows(self, j: int) -> Tensor:

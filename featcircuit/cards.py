@@ -56,16 +56,22 @@ def token_removal(act_fn: Callable[[Tensor], Tensor], context: Tensor, *, window
     last one are tried (all when None). Effects are ``{"pos", "delta"}`` in context order.
     """
     context = context.long().flatten()
-    p = len(context) - 1
     base = float(act_fn(context[None])[0])
-    start = keep_first if window is None else max(keep_first, p - window)
-    qs = list(range(start, p))
+    qs, dropped = _removal_rows(context, window, keep_first)
     if not qs:
         return base, []
-    rows = torch.stack([torch.cat([context[:q], context[q + 1:]]) for q in qs])
+    rows = torch.stack(dropped)
     vals = torch.cat([act_fn(rows[i:i + batch_size]).flatten().float().cpu()
                       for i in range(0, len(rows), batch_size)])
     return base, [{"pos": q, "delta": float(v) - base} for q, v in zip(qs, vals.tolist())]
+
+
+def _removal_rows(context: Tensor, window: int | None, keep_first: int) -> tuple[list[int], list[Tensor]]:
+    """The positions :func:`token_removal` drops, and the context without each of them."""
+    p = len(context) - 1
+    start = keep_first if window is None else max(keep_first, p - window)
+    qs = list(range(start, p))
+    return qs, [torch.cat([context[:q], context[q + 1:]]) for q in qs]
 
 
 def feature_act_fn(model, dictionary, hook: str, feature: int) -> Callable[[Tensor], Tensor]:
@@ -212,12 +218,9 @@ def add_removals(model, pair, index: FeatureIndex, cards: list[dict], window: in
     for c in todo:
         context, keep_first = _removal_context(model, index, c)
         context = context.long()
-        p = len(context) - 1
-        start = keep_first if window is None else max(keep_first, p - window)
-        qs = list(range(start, p))
+        qs, dropped = _removal_rows(context, window, keep_first)
         plan.append((context, len(rows), qs))
-        rows.append(context)
-        rows += [torch.cat([context[:q], context[q + 1:]]) for q in qs]
+        rows += [context, *dropped]
     if not rows:
         return
     feat = torch.tensor([c["feature"] for c, (_, _, qs) in zip(todo, plan) for _ in range(1 + len(qs))])

@@ -12,7 +12,7 @@ few such runs, rerunning only the sequences a change touches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -76,24 +76,20 @@ def _last_mlp(model, tail: Tail, zero: Tensor, clean_last: Tensor) -> torch.nn.M
         mlp = model.blocks[model.cfg.n_layers - 1].mlp
         if not any(m is mlp for m in tail.blocks[-1].modules()):
             return None
-        tail.last_mlp = mlp
         with torch.no_grad():
-            got = run_tail(tail, zero, True)
+            got = run_tail(replace(tail, last_mlp=mlp), zero, True)
         if got.shape == clean_last.shape and torch.allclose(got, clean_last, rtol=1e-4, atol=1e-4):
             return mlp
     except Exception:  # an MLP called in a way the slice does not fit
         pass
-    finally:
-        tail.last_mlp = None
     return None
 
 
-def _last_position(mod, args, kwargs):
-    """Forward pre-hook: the MLP reads the last position only."""
-    if args:
-        return (args[0][:, -1:], *args[1:]), kwargs
-    key = next(iter(kwargs))
-    return args, {**kwargs, key: kwargs[key][:, -1:]}
+def _last_position(mod, args):
+    """Forward pre-hook: the MLP reads the last position of its (positional) input only."""
+    if not args:
+        raise TypeError("the MLP's input is not positional: no last-position shortcut")
+    return (args[0][:, -1:], *args[1:])
 
 
 def run_tail(tail: Tail, d_resid: Tensor, last_only: bool, seq: Tensor | None = None) -> Tensor:
@@ -118,7 +114,7 @@ def run_tail(tail: Tail, d_resid: Tensor, last_only: bool, seq: Tensor | None = 
 
     kwb = {k: pick(v) for k, v in tail.kwargs.items()}
     h = x[seq] + d_resid
-    hook = (tail.last_mlp.register_forward_pre_hook(_last_position, with_kwargs=True)
+    hook = (tail.last_mlp.register_forward_pre_hook(_last_position)
             if last_only and tail.last_mlp is not None else None)
     try:
         for blk in tail.blocks:
