@@ -242,15 +242,20 @@ Known = set[str] | frozenset[str] | re.Pattern
 """Names an older featcircuit output folder (without a marker) may hold: a set, or a pattern."""
 
 
-def is_featcircuit_output(folder: Path, known: Known = frozenset()) -> bool:
-    """Whether every entry of ``folder`` was written by featcircuit (its marker, or only ``known`` names)."""
+def foreign_files(folder: Path, known: Known = frozenset()) -> list[str]:
+    """The entries of ``folder`` featcircuit did not write (not in its marker, or not ``known``), sorted."""
     owned = _owned_files(folder)
     if owned is not None:
-        return _all_files(folder) <= owned
-    names = set(os.listdir(folder))
+        return sorted(_all_files(folder) - owned)
+    names = sorted(os.listdir(folder))
     if isinstance(known, re.Pattern):
-        return all(known.fullmatch(n) for n in names)
-    return bool(known) and names <= set(known)
+        return [n for n in names if not known.fullmatch(n)]
+    return names if not known else [n for n in names if n not in known]
+
+
+def is_featcircuit_output(folder: Path, known: Known = frozenset()) -> bool:
+    """Whether every entry of ``folder`` was written by featcircuit (its marker, or only ``known`` names)."""
+    return not foreign_files(folder, known)
 
 
 def check_out_dir(out: str | Path, force: bool = False, flag: str = "--out",
@@ -269,10 +274,12 @@ def check_out_dir(out: str | Path, force: bool = False, flag: str = "--out",
     if exists:
         if not os.access(p, os.W_OK | os.X_OK):
             raise UserError(f"{flag} {str(p)!r} is not writable")
-        if any(os.scandir(p)) and not force and not is_featcircuit_output(p, known):
+        foreign = foreign_files(p, known) if any(os.scandir(p)) and not force else []
+        if foreign:
             hint = (f", or pass {force_flag} to replace it (its files are kept aside)"
                     if force_flag else "")
-            raise UserError(f"{flag} {str(p)!r} holds files featcircuit did not write: choose a new "
+            raise UserError(f"{flag} {str(p)!r} holds files featcircuit did not write ({_show(foreign[0])}"
+                            f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}): choose a new "
                             f"folder{hint}")
     return p
 

@@ -226,7 +226,7 @@ def test_staged_output_never_deletes_user_files(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
-    with pytest.raises(UserError, match="did not write.*--force"):
+    with pytest.raises(UserError, match=r"did not write \('thesis.tex'\).*--force"):  # names the file
         with staged_output(out):
             pytest.fail("must not start")
     with staged_output(out, force=True) as tmp:
@@ -235,7 +235,8 @@ def test_staged_output_never_deletes_user_files(tmp_path):
     assert len(kept) == 1 and (kept[0] / "thesis.tex").read_text() == "precious"
     # a user file added to a featcircuit folder is kept too
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="did not write"):
+    (out / "zz.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"did not write \('notes.txt' and 1 more\)"):
         check_out_dir(out)
 
 
