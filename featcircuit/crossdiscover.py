@@ -32,10 +32,10 @@ def discover_layers(cfg) -> dict:
     from .checks import discover_out, staged_output
     from .circuit import CircuitConfig
     from .crosscircuit import circuit_graph, find_cross_circuit, prompt_graph
-    from .discover import run_pairs
     from .exports import write_attribution_graph
     from .faithfulness import plot_curves
     from .models import load_model, model_name
+    from .pairs import each_default_pair
     from .replacement import Replacement
 
     t0 = time.time()
@@ -53,7 +53,7 @@ def discover_layers(cfg) -> dict:
     task = beh_search = beh_eval = perf = None
     if not prompt_mode:
         task, beh_search, beh_eval, perf = _behaviour(cfg, model)
-    pairs = {L: p for L, (p, _) in run_pairs(cfg, model, cfg.progress).items()}
+    pairs = {L: p for L, (p, _) in each_default_pair(model, layers, cfg.progress).items()}
     rep = Replacement(model, pairs, layers)
     print(f"model {name}, layers {layers[0]}-{layers[-1]}: {len(rep.sites)} sites "
           f"({', '.join(f'{k}{L}' for k, L in rep.sites)}), dictionaries from the default cache")

@@ -316,6 +316,7 @@ def _run(cfg: DiscoverConfig, t0: float) -> dict:
     from .features import collect_stats, labels_for
     from .graph import CircuitGraph
     from .models import load_model, model_name
+    from .pairs import each_default_pair
     from .report import write_report
     from .sharded_edges import attribute_edges_sharded
     from .sites import check_layer, pair_sites
@@ -336,7 +337,7 @@ def _run(cfg: DiscoverConfig, t0: float) -> dict:
                          d_mlp=m_site.width, device=next(model.parameters()).device)
         pair_path = Path(cfg.dicts)
     else:
-        pair, pair_path = run_pairs(cfg, model, cfg.progress)[layer]
+        pair, pair_path = each_default_pair(model, [layer], cfg.progress)[layer]
     target = _parse_target(cfg.target, pair.mlp.W_dec.shape[0]) if cfg.target else None
     print(f"model {name}, layer {layer}: resid {r_site.hook} ({r_site.width}), mlp {m_site.hook} "
           f"({m_site.width}); dictionaries {pair_path}")
@@ -485,24 +486,18 @@ def _follow(cfg: DiscoverConfig, t0: float) -> dict:
         return _run(dataclasses.replace(cfg, out=str(Path(tmp) / "out"), force=True, progress=False), t0)
 
 
-def run_pairs(cfg: DiscoverConfig, model, progress: bool) -> dict:
-    """``{layer: (pair, folder)}``: the default pair of every layer a run reads (``--layer`` or
-    ``--layers``), asked for in one order by rank 0 and by every torchrun follower, so that the
-    training of a pair not yet cached runs data-parallel with its barriers paired."""
-    from .pairs import default_pair
-    from .sites import parse_layers
-
-    layers = parse_layers(model, cfg.layers if cfg.layers is not None else str(cfg.layer))
-    return {L: default_pair(model, L, progress=progress) for L in layers}
-
-
 def _join_pairs(cfg: DiscoverConfig) -> dict:
     """A follower's share of a run whose only collectives are the default pairs' training
-    (:func:`run_pairs`, as rank 0 calls it), then nothing; rank 0 runs the rest alone."""
+    (:func:`~featcircuit.pairs.each_default_pair` over the run's layers, as rank 0 calls it),
+    then nothing; rank 0 runs the rest alone."""
     from .models import load_model
+    from .pairs import each_default_pair
+    from .sites import parse_layers
 
     if cfg.dicts is None:
-        run_pairs(cfg, load_model(cfg.model, cfg.device), False)
+        model = load_model(cfg.model, cfg.device)
+        each_default_pair(model, parse_layers(model, cfg.layers if cfg.layers is not None else str(cfg.layer)),
+                          False)
     return {}
 
 

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -79,6 +80,13 @@ def parse_layers(spec: str, n: int) -> list[int]:
 
 def _done(folder: Path) -> bool:
     return (folder / "pair" / "mlp" / "cfg.json").exists()
+
+
+def each_default_pair(model, layers: Sequence[int], progress: bool = True) -> dict[int, tuple[Pair, Path]]:
+    """``{layer: (pair, folder)}``: :func:`default_pair` of each layer in turn, as a discover run
+    asks for them; a torchrun follower makes the same calls, so that the training of a pair not
+    yet cached runs data-parallel with its barriers paired."""
+    return {L: default_pair(model, L, progress=progress) for L in layers}
 
 
 def _load(model, layer: int, folder: Path) -> tuple[Pair, Path]:
