@@ -7,7 +7,8 @@ candidates are pruned three ways, each on a fresh context (no shared caches):
 
 1. one configuration per forward pass (plain ACDC);
 2. chains of B configurations per pass (speculative, restarted after a misprediction);
-3. ``batch=None``: the search measures a 1- and a B-configuration pass and picks one of the two.
+3. ``batch=None``: the search measures a 1- and a B-configuration pass and the decisions the
+   chain confirms, picks one of the two, and leaves chains when they stop paying.
 
 Prints wall time and passes of each, the ratio to (1), and checks all three keep the same edges.
 """
@@ -58,9 +59,17 @@ def main() -> None:
     print(f"{'search':<16} {'seconds':>8} {'passes':>7} {'kept':>5} {'× time of one-per-pass':>24}")
     for name, t, res in rows:
         print(f"{name:<16} {t:>8.2f} {res.passes:>7} {len(res.kept):>5} {t / base_t:>24.2f}"
-              + (f"   (picked batch {res.batch})" if name == "auto" else ""))
+              + (f"   ({_picked(res)})" if name == "auto" else ""))
     kept = [set(r.kept) for _, _, r in rows]
     print("identical kept sets:", all(k == kept[0] for k in kept))
+
+
+def _picked(res) -> str:
+    """What the automatic search chose, and where it went over to one edge per pass."""
+    t = res.meta.get("batch_timing", {})
+    if "one_per_pass_from_visit" in t:
+        return f"picked batch 8, one per pass from visit {t['one_per_pass_from_visit']}"
+    return f"picked batch {res.batch}"
 
 
 if __name__ == "__main__":

@@ -17,9 +17,13 @@ Two stages, as EAP's authors recommend, both on the search's own tokens:
 Batching: a chain of B configurations ``H−e₁, H−e₁−e₂, …`` runs in one forward, each edge
 assumed removed unless its estimate says it matters (|est| ≥ τ); the chain restarts after the
 first decision that differs, so decisions equal the one-forward-per-edge search exactly. Whether
-chains pay is measured on the spot, on the search's own first configurations (the time of its
-first chain of B against that of its first single-edge configuration, B times): on a CPU, where a
-pass costs in proportion to its rows, the search runs one edge per pass.
+chains pay is measured on the spot, on the search's own first configurations: the time of its
+first chain of B against that of its first single-edge configuration, times the decisions that
+chain confirms (a chain stops paying at its first misprediction). On a CPU, where a pass costs in
+proportion to its rows, the search runs one edge per pass. A search that picked chains keeps
+timing them and goes over to one edge per pass when a confirmed decision has cost more than a
+single pass over its last four chains (mispredictions come more often among the later, more
+important edges).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -221,24 +226,42 @@ def _chain(H: Config, order: list[Edge], pred_keep: list[bool], pos: int,
     return configs, bases
 
 
+def _decisions(ds: list[float], d_H: float, bases: list[int | None], pred_keep: list[bool],
+               tau: float):
+    """``(n, delta, keep)`` for each configuration of a chain up to its first misprediction
+    (inclusive): after it, the chain's later configurations assumed the other decision."""
+    for n in range(len(ds)):
+        delta = ds[n] - (d_H if bases[n] is None else ds[bases[n]])
+        keep = not delta < tau
+        yield n, delta, keep
+        if keep != pred_keep[n]:
+            return
+
+
 def choose_batch(ctx: Scorer, candidates: list[Edge], *, tau: float, stat: dict[Edge, float],
                  want: int = 8) -> tuple[int, dict]:
-    """Configurations per pass: B when a B-configuration pass costs under 60% of B single passes.
+    """Configurations per pass: B when a chain's pass costs under 60% of one single pass per
+    decision it confirms.
 
     The probes are the search's own first passes over ``candidates``: one configuration (the
     candidates without the first edge visited) against the first chain of B (see
     :func:`_chain`), scored through ``ctx.values`` with an empty value cache, so a probe pass
-    carries the rows, restarts and metric that a search pass does. After a warm-up chain the
-    timings alternate single, chain, single, and the chain is set against the faster single:
-    other work on the machine only slows a pass down, so a busy spell tips the choice to one
-    configuration per pass (the safe one) rather than to chains. The probe's passes are not counted.
+    carries the rows, restarts and metric that a search pass does. The chain confirms the
+    decisions up to its first misprediction (:func:`_decisions`); a chain of 8 that confirms 2
+    must cost under 0.6 × 2 single passes. After a warm-up chain the timings alternate single,
+    chain, single, and the chain is set against the faster single: other work on the machine
+    only slows a pass down, so a busy spell tips the choice to one configuration per pass (the
+    safe one) rather than to chains. The probe's passes are not counted (the candidates' own
+    configuration, which the search scores first anyway, is).
     """
     order = visit_order(candidates, stat)
     H = Config.keeping(candidates)
     single, _ = _chain(H, order, [False] * len(order), 0, 1)
-    chain, _ = _chain(H, order, [stat.get(e, 0.0) >= tau for e in order], 0, want)
+    pred = [stat.get(e, 0.0) >= tau for e in order]
+    chain, bases = _chain(H, order, pred, 0, want)
     if len(chain) < 2:  # nothing to chain
         return 1, {}
+    (d_H,) = ctx.distance([H])
     p0, cache = ctx.passes, ctx._values
 
     def score(configs: list[Config]) -> None:
@@ -253,12 +276,15 @@ def choose_batch(ctx: Scorer, candidates: list[Edge], *, tau: float, stat: dict[
     n = len(chain)
     try:
         score(chain)  # warm-up (and any per-target caches the search will reuse)
+        ds = ctx.distance(chain)
         s1 = timed(single)
         tb = timed(chain) if s1 * n < 30 else float("inf")  # never spend long on the probe
         t1 = min(s1, timed(single))
     finally:
         ctx._values, ctx.passes = cache, p0
-    return (want if tb < 0.6 * n * t1 else 1), {"t_single_pass": t1, f"t_pass_of_{n}": tb}
+    confirmed = sum(1 for _ in _decisions(ds, d_H, bases, pred, tau))
+    return (want if tb < 0.6 * confirmed * t1 else 1), {"t_single_pass": t1, f"t_pass_of_{n}": tb,
+                                                         "probe_chain_confirms": confirmed}
 
 
 def search_circuit(ctx: AblationContext, candidates: list[Edge], *, tau: float, stat: dict[Edge, float],
@@ -278,23 +304,29 @@ def search_circuit(ctx: AblationContext, candidates: list[Edge], *, tau: float, 
     pred_keep = [stat.get(e, 0.0) >= tau for e in order] if batch > 1 else [False] * len(order)
     visited: list[dict] = []
     pos = 0
+    t_single = timing.get("t_single_pass")  # set only when the probe ran: then chains are watched
+    recent: deque[tuple[float, int]] = deque(maxlen=4)  # (seconds, decisions) of the last chains
     bar = tqdm(total=len(order), desc="ablation search", disable=not progress)
     while pos < len(order):
-        chain = range(pos, min(pos + batch, len(order)))
         configs, bases = _chain(H, order, pred_keep, pos, batch)
+        tp = time.perf_counter()
         ds = ctx.distance(configs)
-        for n, k in enumerate(chain):
-            i, j = order[k]
-            delta = ds[n] - (d_H if bases[n] is None else ds[bases[n]])
-            keep = not delta < tau
+        tp = time.perf_counter() - tp
+        start, base_d = pos, d_H
+        for n, delta, keep in _decisions(ds, base_d, bases, pred_keep[start:start + len(configs)], tau):
+            i, j = order[start + n]
             visited.append({"src": i, "dst": j, "estimate": stat.get((i, j), 0.0), "delta": delta,
-                            "kept": keep, "visit": k})
-            pos = k + 1
+                            "kept": keep, "visit": start + n})
+            pos = start + n + 1
             bar.update(1)
             if not keep:
                 H, d_H = configs[n], ds[n]
-            if keep != pred_keep[k]:
-                break  # later configurations in this chain assumed the other decision
+        if len(configs) > 1 and t_single is not None:
+            recent.append((tp, pos - start))
+            if len(recent) == recent.maxlen and sum(t for t, _ in recent) > sum(n for _, n in recent) * t_single:
+                # over the last chains a confirmed decision cost more than a single pass: stop
+                # chaining (the decisions do not depend on it)
+                batch, timing = 1, {**timing, "one_per_pass_from_visit": pos}
     bar.close()
     return SearchResult(visited, tau, ctx.passes - p0, round(time.time() - t0, 2), d_start, d_H, batch,
                         {"batch_timing": timing})

@@ -353,10 +353,24 @@ def _fake_clock(monkeypatch, ctx, cost):
     return seen
 
 
-@pytest.mark.parametrize("ratio, picked", [(1.0, 1), (0.61, 1), (0.59, 8), (0.15, 8)])
-def test_choose_batch_probes_the_searchs_own_configurations(setup, monkeypatch, ratio, picked):
+def _confirmed_by_first_chain(ctx, cands, stat, tau, n=8) -> int:
+    """Decisions the first chain of ``n`` confirms, from a one-edge-per-pass search (independent
+    of the chain code): those up to and including the first whose decision ≠ its prediction."""
+    from featcircuit.search import visit_order
+
+    ref = search_circuit(ctx, cands, tau=tau, stat=stat, batch=1, progress=False)
+    for k, v in enumerate(ref.visited[:n]):
+        if v["kept"] != (stat[(v["src"], v["dst"])] >= tau):
+            return k + 1
+    assert [(v["src"], v["dst"]) for v in ref.visited[:n]] == visit_order(cands, stat)[:n]
+    return n
+
+
+@pytest.mark.parametrize("margin, picked", [(1.05, 1), (0.95, 8), (0.2, 8)])
+def test_choose_batch_probes_the_searchs_own_configurations(setup, monkeypatch, margin, picked):
     """The probe scores the search's first single-edge removal and its first chain of 8 (never ∅),
-    and picks chains when the chain's pass costs under 60% of 8 single ones."""
+    and picks chains when the chain's pass costs under 60% of one single pass per decision the
+    chain confirms (up to its first misprediction), not per configuration it holds."""
     from featcircuit.search import choose_batch, visit_order
 
     model, pair, task = setup
@@ -365,14 +379,20 @@ def test_choose_batch_probes_the_searchs_own_configurations(setup, monkeypatch, 
     cands, stat = rk.order("abs")[:16], rk.stat("abs")
     order = visit_order(cands, stat)
     tau = sorted(stat[e] for e in order[:8])[4]  # some edges of the first chain predicted kept
+    confirmed = _confirmed_by_first_chain(ctx, cands, stat, tau)
+    assert 1 <= confirmed < 8  # so counting configurations instead of decisions picks otherwise
+    ctx = AblationContext(model, pair, LAYER, task.clean, "patch", task=task)
+    H = Config.keeping(cands)
+    ctx.values([H])
     cache, passes = dict(ctx._values), ctx.passes
-    seen = _fake_clock(monkeypatch, ctx, lambda n: 1.0 if n == 1 else ratio * 8)
+    t_chain = margin * 0.6 * confirmed
+    seen = _fake_clock(monkeypatch, ctx, lambda n: 1.0 if n == 1 else t_chain)
     batch, timing = choose_batch(ctx, cands, tau=tau, stat=stat)
     assert batch == picked
-    assert timing == {"t_single_pass": pytest.approx(1.0), "t_pass_of_8": pytest.approx(ratio * 8)}
+    assert timing == {"t_single_pass": pytest.approx(1.0), "t_pass_of_8": pytest.approx(t_chain),
+                      "probe_chain_confirms": confirmed}
     # the search's own configurations: the candidates without the first edge visited, and the
     # chain H−e₁, H−e₁(−e₂ if predicted removed)… of the first 8 edges visited
-    H = Config.keeping(cands)
     single = [H.without(*order[0])]
     chain, base = [], H
     for e in order[:8]:
@@ -380,7 +400,8 @@ def test_choose_batch_probes_the_searchs_own_configurations(setup, monkeypatch, 
         if stat[e] < tau:
             base = chain[-1]
     assert any(stat[e] >= tau for e in order[:8]) and any(stat[e] < tau for e in order[:8])
-    assert seen == [chain, single, chain, single]  # warm-up, then alternating
+    # H (cached), warm-up chain (its distances read from the cache), then alternating
+    assert seen == [[H], chain, chain, single, chain, single]
     assert Config.empty() not in chain
     assert ctx._values == cache and ctx.passes == passes  # the probe leaves no trace
 
@@ -395,10 +416,11 @@ def test_a_busy_spell_during_the_probe_picks_one_configuration_per_pass(setup, m
     rk = rank_edges(ctx)
     cands, stat = rk.order("abs")[:16], rk.stat("abs")
     calls = iter(range(100))
-    busy = {1: 10.0, 2: 10.0}  # the 2nd and 3rd passes of the probe run ten times slower
+    busy = {3: 10.0, 4: 10.0}  # the first single and the timed chain run ten times slower
     _fake_clock(monkeypatch, ctx, lambda n: (0.1 if n == 1 else 0.8) * busy.get(next(calls), 1.0))
     batch, timing = choose_batch(ctx, cands, tau=0.0, stat=stat)
-    assert batch == 1 and timing == {"t_single_pass": pytest.approx(0.1), "t_pass_of_8": pytest.approx(8.0)}
+    assert timing["t_single_pass"] == pytest.approx(0.1) and timing["t_pass_of_8"] == pytest.approx(8.0)
+    assert batch == 1
 
 
 def test_search_with_a_chosen_batch_equals_sequential(setup, monkeypatch):
@@ -417,3 +439,55 @@ def test_search_with_a_chosen_batch_equals_sequential(setup, monkeypatch):
     assert [(v["src"], v["dst"], v["kept"], v["delta"]) for v in got.visited] == \
         [(v["src"], v["dst"], v["kept"], v["delta"]) for v in ref.visited]
     assert 0 < len(ref.kept) < len(cands)
+
+
+class _AdditiveScorer:
+    """A scorer whose metric is the sum of the kept edges' weights: ``D(H − e) − D(H) = w_e``
+    exactly (all weights positive), so the search keeps an edge iff ``w_e ≥ τ``."""
+
+    def __init__(self, weights: dict):
+        self.w, self.passes, self._values = weights, 0, {}
+        self.m_full, self.m_empty = sum(weights.values()), 0.0
+
+    def _kept(self, c: Config, e) -> bool:
+        i, j = e
+        for jj, kind, s in c.targets:
+            if jj == j:
+                return (i in s) if kind == "keep" else (i not in s)
+        return c.default == "full"
+
+    def values(self, configs):
+        todo = [c for c in dict.fromkeys(configs) if c not in self._values]
+        if todo:
+            self.passes += 1
+            for c in todo:
+                self._values[c] = sum(w for e, w in self.w.items() if self._kept(c, e))
+        return [self._values[c] for c in configs]
+
+    def distance(self, configs):
+        return [abs(v - self.m_full) for v in self.values(configs)]
+
+
+def test_chains_that_stop_confirming_give_way_to_one_edge_per_pass(monkeypatch):
+    """A search that picked chains (its first chain confirms all 8 decisions) but then meets a
+    misprediction every other edge goes over to one edge per pass, with the same decisions. Pass
+    cost 1 + 0.5·configs: a chain of 8 costs 5, a single 1.5, so a chain pays from 3.4 decisions."""
+
+    edges = [(i, 0) for i in range(40)]
+    stat = {e: 0.01 * (k + 1) for k, e in enumerate(edges)}  # visited in this order; all predicted removed
+    w = {e: (2.0 if k >= 16 and k % 2 == 0 else 0.1) for k, e in enumerate(edges)}  # kept from visit 16 on
+    tau = 1.0
+    ref = search_circuit(_AdditiveScorer(w), edges, tau=tau, stat=stat, batch=1, progress=False)
+    assert ref.kept == [e for e in edges if w[e] >= tau]  # the scorer means what it says
+    ctx = _AdditiveScorer(w)
+    _fake_clock(monkeypatch, ctx, lambda n: 1.0 + 0.5 * n)
+    got = search_circuit(ctx, edges, tau=tau, stat=stat, batch=None, progress=False)
+    timing = got.meta["batch_timing"]
+    assert timing["probe_chain_confirms"] == 8 and timing["t_pass_of_8"] == pytest.approx(5.0)
+    # chains at visits 0 and 8 (8 decisions each), then 16 (1), 17 (2), 19 (2): the last four
+    # chains confirmed 13 decisions in 20 s > 13 × 1.5 s, so from visit 21 one edge per pass
+    assert timing["one_per_pass_from_visit"] == 21 and got.batch == 1
+    assert [(v["src"], v["dst"], v["kept"]) for v in got.visited] == \
+        [(v["src"], v["dst"], v["kept"]) for v in ref.visited]
+    # H's own pass, five chains, then one configuration per pass for the 19 edges left
+    assert got.passes == 1 + 5 + (40 - 21)
