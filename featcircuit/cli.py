@@ -24,6 +24,7 @@ from .checks import arg_type
 from .configs import add_arguments, add_command, option
 from .data import BUILTIN_DATA
 from .errors import UserError
+from .io import SAFETENSORS_TEMP
 from .models import BUILTIN_NAME
 
 POS = arg_type(C.positive_int, "value")
@@ -33,7 +34,7 @@ NONNEG_FLOAT = arg_type(C.finite_float, "value", 0.0)
 DEVICE = arg_type(C.device, "device")
 PAIR_FILES = frozenset({"resid", "mlp", "train_config.json"})
 _CACHE_RE = re.compile(r"manifest\.json|chunk_[0-9]{5}\.safetensors|\.chunk_[0-9]{5}\.safetensors\..*\.tmp"
-                       r"|\.manifest\.json\..*\.tmp")
+                       r"|\.manifest\.json\..*\.tmp|" + SAFETENSORS_TEMP.pattern)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -44,21 +44,26 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
 
 
 _TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")
+SAFETENSORS_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+"""The temporary safetensors' own ``save_file`` writes beside its target (earlier versions of
+:func:`atomic_save_safetensors` called it, and a kill mid-write left one)."""
 
 
 def clear_stale_temps(folder: str | Path, recursive: bool = False) -> int:
     """Delete the temporary files a killed :func:`_atomic` write left in ``folder`` (and below it
     with ``recursive``); return how many.
 
-    Only names of :func:`_atomic`'s pattern go (``.NAME.`` + mkstemp's 8 characters + ``.tmp``).
+    Only names of :func:`_atomic`'s pattern go (``.NAME.`` + mkstemp's 8 characters + ``.tmp``),
+    and :data:`SAFETENSORS_TEMP`'s.
     Call it only while no other process writes into ``folder``: under the folder's lock, before
     a resumed run starts (a concurrent writer's temporary would be deleted under it).
     """
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    stale = [p for p in (folder.rglob if recursive else folder.glob)(".*.tmp")
-             if p.is_file() and _TEMP_NAME.fullmatch(p.name)]
+    glob = folder.rglob if recursive else folder.glob
+    stale = [p for p in glob(".*.tmp") if p.is_file() and _TEMP_NAME.fullmatch(p.name)]
+    stale += [p for p in glob(".tmp*") if p.is_file() and SAFETENSORS_TEMP.fullmatch(p.name)]
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)
@@ -80,10 +85,17 @@ def atomic_save_torch(obj: Any, path: str | Path) -> Path:
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
                             metadata: dict[str, str] | None = None) -> Path:
     """``safetensors.torch.save_file`` to ``path`` atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    return _atomic(path, lambda t: save_file({k: v.contiguous() for k, v in tensors.items()}, t,
-                                             metadata=metadata))
+    # bytes first, then our own write: safetensors' save_file writes through a temporary of its
+    # own (``.tmpXXXXXX`` beside the target), which a kill mid-write left in the folder, where a
+    # resumed harvest refused it as a file featcircuit did not write
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_bytes(data)
+
+    return _atomic(path, write)
 
 
 def _finite(obj: Any, path: str, reasons: dict[str, str], why: dict[str, str]) -> Any:

@@ -178,3 +178,34 @@ class Foreign(torch.nn.Module):
 
     def decode(self, c):
         return self.inner.decode(c)
+
+
+def created_names(folder: str | Path, fn) -> set[str]:
+    """Every name created or moved into ``folder`` while ``fn()`` runs, by any code (Python or a
+    native library's own file calls), from the kernel's inotify events."""
+    import ctypes
+    import os
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    IN_CREATE, IN_MOVED_TO, IN_NONBLOCK = 0x100, 0x80, 0o4000
+    fd = libc.inotify_init1(IN_NONBLOCK)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "inotify_init1")
+    try:
+        if libc.inotify_add_watch(fd, str(folder).encode(), IN_CREATE | IN_MOVED_TO) < 0:
+            raise OSError(ctypes.get_errno(), "inotify_add_watch")
+        fn()
+        names: set[str] = set()
+        while True:
+            try:
+                buf = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                return names
+            at = 0
+            while at < len(buf):  # struct inotify_event: wd, mask, cookie, len, name[len]
+                _, _, _, n = struct.unpack_from("iIII", buf, at)
+                names.add(buf[at + 16:at + 16 + n].split(b"\0", 1)[0].decode())
+                at += 16 + n
+    finally:
+        os.close(fd)

@@ -294,3 +294,31 @@ def test_random_kills_resume_to_identical_output(command, tmp_path_factory):
     res = K.kill_resume(command, model, data, root, kills=2, rng=random.Random(command),
                         max_delay=0.2, scale=0.1)
     assert res["identical"] and res["rerun_exit0_unchanged"], res
+
+
+def test_a_safetensors_write_creates_only_names_a_resumed_run_sweeps(tmp_path):
+    """A chunk's write goes through featcircuit's own temporary alone: safetensors' ``save_file``
+    made a ``.tmpXXXXXX`` of its own beside the target, and a harvest killed mid-write then
+    refused to resume in its cache ("holds files featcircuit did not write")."""
+    from featcircuit.cli import _CACHE_RE
+    from featcircuit.io import _TEMP_NAME, atomic_save_safetensors, clear_stale_temps
+    from helpers import created_names
+
+    target = tmp_path / "chunk_00000.safetensors"
+    x = torch.randn(1000, 64)
+    names = created_names(tmp_path, lambda: atomic_save_safetensors({"x": x}, target))
+    temps = names - {target.name}
+    assert target.name in names and temps  # written through a temporary, renamed into place
+    assert all(_TEMP_NAME.fullmatch(n) for n in temps), temps
+    # each temporary name, left by a kill, is accepted in a cache folder and swept on resume;
+    # so is safetensors' own (left by earlier versions); other names stay
+    left = [*temps, ".tmpAb3xY9", ".tmpAb3xY9.txt", "notes.txt"]
+    for n in left:
+        (tmp_path / n).write_text("")
+    assert clear_stale_temps(tmp_path) == len(temps) + 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, ".tmpAb3xY9.txt", "notes.txt"])
+    assert all(_CACHE_RE.fullmatch(n) for n in [*temps, ".tmpAb3xY9"])
+    assert not _CACHE_RE.fullmatch("notes.txt")
+    from safetensors.torch import load_file
+
+    torch.testing.assert_close(load_file(target)["x"], x)
