@@ -25,6 +25,7 @@ ablation value ``b``:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -184,11 +185,7 @@ class AblationContext(Scorer):
             self.coef = self.a - b  # what edge i carries, per token: coef_i·r_i
             self.err_coef = self.err - b_err
             self.W_R = R.W_dec
-            x_empty = self.x - self.coef @ self.W_R
-            if errors == "ablated":
-                x_empty = x_empty - self.err_coef
-            self.x_empty = x_empty
-            self.f_empty = self._pre_all(x_empty)
+            self._x_clean_sources = self.x - self.coef @ self.W_R  # x with every feature edge ablated
             self._d_r = self.coef.shape[1]
             # each token's sources that carry something, as (index, coefficient) lists: a sparse
             # code has k of d_R, so counting and summing a configuration's sources reads k, not d_R
@@ -196,8 +193,6 @@ class AblationContext(Scorer):
             on, self._src_idx = self.coef.abs().topk(min(s_max, self._d_r), dim=-1)
             self._src_on = on > 0  # [N, s]
             self._src_val = self.coef.gather(1, self._src_idx) * self._src_on
-            self._err_on = (self.err_coef.abs().sum(-1) > 0) & (errors == "ablated")  # [N]
-            self._n_src = self._src_on.sum(1) + self._err_on
             self._tail = capture_tail(model, layer, self.tokens)
             # a feature's change reaches the residual through W_dec·W_out: one [m, d] map, not two
             self._dec_out = M.W_dec @ self.parts.W_out
@@ -206,19 +201,39 @@ class AblationContext(Scorer):
             if self.task is None and self.user_metric is None:
                 self.clean_logp = self.clean_logits[:, 1:].log_softmax(-1)
                 self.clean_p = self.clean_logp.exp()
-            self.dout_empty = (self.f_empty - self.f) @ self._dec_out  # [N, d_model]
-        self.passes = 0
         self._enc_t = M.W_enc.detach().T.contiguous() if reads_pre_acts(M) else None
         jm, rm = torch.nonzero(self.mask.T, as_tuple=True)  # (target, token), by target
         self._by_target = rm
         self._target_off = torch.zeros(self.mask.shape[1] + 1, dtype=torch.long, device=rm.device)
         self._target_off[1:] = torch.cumsum(torch.bincount(jm, minlength=self.mask.shape[1]), 0)
         self._n_rows: list[int] = (self._target_off[1:] - self._target_off[:-1]).tolist()
+        self._set_errors(errors)
+
+    @torch.no_grad()
+    def _set_errors(self, errors: str) -> None:
+        """What depends on whether ε_R is in the scope: ∅'s input and codes, the source counts,
+        empty caches, m(M) and m(∅)."""
+        self.errors = errors
+        self.x_empty = self._x_clean_sources - self.err_coef if errors == "ablated" else self._x_clean_sources
+        self.f_empty = self._pre_all(self.x_empty)
+        self._err_on = (self.err_coef.abs().sum(-1) > 0) & (errors == "ablated")  # [N]
+        self._n_src = self._src_on.sum(1) + self._err_on
+        self.dout_empty = (self.f_empty - self.f) @ self._dec_out  # [N, d_model]
+        self.passes = 0
         self._acts: dict[tuple, Tensor] = {}
         self._values: dict[Config, float] = {}
         self._scope: list[Edge] | None = None
         self.m_full = self.values([Config.full()])[0]
         self.m_empty = self.values([Config.empty()])[0]
+
+    def with_errors(self, errors: str) -> AblationContext:
+        """The same context with the residual error in (``"ablated"``) or out of (``"kept"``) the
+        scope, sharing its forwards: the same as building it anew with ``errors``."""
+        if errors not in ("kept", "ablated"):
+            raise UserError(f"unknown errors mode {errors!r}: use kept or ablated")
+        other = copy.copy(self)
+        other._set_errors(errors)
+        return other
 
     # ---- the scope -----------------------------------------------------------------------
 

@@ -136,7 +136,8 @@ def search_and_score(make: Callable, rank: Callable, search_beh, eval_beh, cfg: 
         f.update(size=len(f["kept"]), heldout=end_points(ev, f["kept"]))
     out_other = {}
     if other_errors:
-        ev_other = make(eval_beh, other)
+        # the held-out context again with the other errors mode: its forwards are shared
+        ev_other = ev.with_errors(other) if hasattr(ev, "with_errors") else make(eval_beh, other)
         out_other[f"heldout_errors_{other}"] = end_points(ev_other, [e for e in kept if e[0] >= 0])
     steps.update(1)
     steps.close()

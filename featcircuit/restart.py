@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+CHECK_SEQUENCES = 4  # sequences capture_tail restarts to check the restart against the clean run
+
 
 @dataclass
 class Tail:
@@ -57,27 +59,33 @@ def capture_tail(model, layer: int, tokens: Tensor) -> Tail | None:
         if "use_cache" in kw:
             kw["use_cache"] = False
         tail = Tail(blocks, ln_f, head, cap["x"].detach(), kw)
-        zero = torch.zeros(1, *tail.x.shape, dtype=tail.x.dtype, device=tail.x.device)
+        # the check restarts a few sequences, picked as the restarts pick theirs (the blocks and
+        # their call arguments are what it tests, not the tokens): rerunning all of them cost as
+        # much as the clean forward again
+        seq = torch.arange(min(len(tokens), CHECK_SEQUENCES), device=tail.x.device)
+        zero = torch.zeros(len(seq), *tail.x.shape[1:], dtype=tail.x.dtype, device=tail.x.device)
         with torch.no_grad():
-            again = run_tail(tail, zero, False)
-        if again.shape != clean.shape or not torch.allclose(again, clean, rtol=1e-4, atol=1e-4):
+            again = run_tail(tail, zero, False, seq)
+        want = clean[seq.to(clean.device)]
+        if again.shape != want.shape or not torch.allclose(again, want, rtol=1e-4, atol=1e-4):
             return None
     except Exception:  # any architecture this generic restart does not fit
         return None
     if blocks:
-        tail.last_mlp = _last_mlp(model, tail, zero, clean[:, -1:])
+        tail.last_mlp = _last_mlp(model, tail, zero, want[:, -1:], seq)
     return tail
 
 
-def _last_mlp(model, tail: Tail, zero: Tensor, clean_last: Tensor) -> torch.nn.Module | None:
+def _last_mlp(model, tail: Tail, zero: Tensor, clean_last: Tensor, seq: Tensor) -> torch.nn.Module | None:
     """The last block's MLP module if running it on the last position alone reproduces the
-    clean last position (its output then broadcasts onto the residual), else None."""
+    clean last position of the sequences ``seq`` (its output then broadcasts onto the
+    residual), else None."""
     try:
         mlp = model.blocks[model.cfg.n_layers - 1].mlp
         if not any(m is mlp for m in tail.blocks[-1].modules()):
             return None
         with torch.no_grad():
-            got = run_tail(replace(tail, last_mlp=mlp), zero, True)
+            got = run_tail(replace(tail, last_mlp=mlp), zero, True, seq)
         if got.shape == clean_last.shape and torch.allclose(got, clean_last, rtol=1e-4, atol=1e-4):
             return mlp
     except Exception:  # an MLP called in a way the slice does not fit

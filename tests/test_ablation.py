@@ -95,10 +95,12 @@ def setup(neox_dir):
     ("zero", "kept", "auto"), ("mean", "kept", "auto"), ("patch", "kept", "auto"),
     ("patch", "ablated", "auto"), ("mean", "ablated", "auto"),
     ("patch", "ablated", "small"), ("mean", "kept", "small"),
-    ("patch", "ablated", "dense"), ("zero", "kept", "dense")])
+    ("patch", "ablated", "dense"), ("zero", "kept", "dense"),
+    ("patch", "ablated", "switched"), ("mean", "kept", "switched"), ("zero", "ablated", "switched")])
 def test_values_equal_independent_reference(setup, ablation, errors, path, monkeypatch):
     """``small``: one target per fill chunk and dout by scatter; ``dense``: dout always by the
-    dense [N, d_M] matmul."""
+    dense [N, d_M] matmul; ``switched``: a context built with the other errors mode, then
+    :meth:`~AblationContext.with_errors` (the source context stays as it was)."""
     import featcircuit.ablation as ab
 
     if path == "small":
@@ -107,11 +109,19 @@ def test_values_equal_independent_reference(setup, ablation, errors, path, monke
     if path == "dense":
         monkeypatch.setattr(ab, "DOUT_CROSSOVER", 10**12)
     model, pair, task = setup
-    ctx = AblationContext(model, pair, LAYER, task.clean, ablation, task=task, errors=errors)
+    if path == "switched":
+        other = "kept" if errors == "ablated" else "ablated"
+        src = AblationContext(model, pair, LAYER, task.clean, ablation, task=task, errors=other)
+        src_scope, src_empty = list(src.scope()), src.m_empty
+        ctx = src.with_errors(errors)
+    else:
+        ctx = AblationContext(model, pair, LAYER, task.clean, ablation, task=task, errors=errors)
     scope = ctx.scope()
     assert any(i == ERR for i, _ in scope) == (errors == "ablated")
     some = scope[::3][:12]
     circuits = [[], some]
+    if path == "switched":  # the source context scores the same configurations first
+        src.values([Config.keeping(c) for c in circuits] + [Config.removing(some)])
     ours = ctx.values([Config.keeping(c) for c in circuits])
     ref = [reference_metric(model, pair, task, set(c), ablation, errors) for c in circuits]
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=1e-9, atol=1e-9)
@@ -123,6 +133,9 @@ def test_values_equal_independent_reference(setup, ablation, errors, path, monke
     (comp,) = ctx.values([Config.removing(some)])
     ref = reference_metric(model, pair, task, set(scope) - set(some), ablation, errors)
     assert comp == pytest.approx(ref, abs=1e-9)
+    if path == "switched":
+        assert src.errors == other and src.scope() == src_scope and src.m_empty == src_empty
+        assert src.values([Config.empty()]) == [src_empty] and ctx.m_empty != src_empty
 
 
 def test_corpus_kl_equals_independent_reference(setup):

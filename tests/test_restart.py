@@ -33,3 +33,20 @@ def test_restart_equals_a_hooked_full_forward(tiny_model, layer):
     torch.testing.assert_close(got, ref[seq][:, -1:], rtol=1e-5, atol=1e-5)
     # the shortcut leaves the model as it was: a plain forward has no hook left on the MLP
     assert not tail.last_mlp._forward_pre_hooks
+
+
+def test_capture_tail_refuses_a_restart_that_does_not_reproduce_the_clean_run(tiny_model, monkeypatch):
+    """The check restarts a few of the sequences and compares them with the clean forward: a
+    restart off by 1e-2 gives no tail (callers then run full forwards), and a last-position
+    shortcut off by as much gives a tail without it."""
+    import featcircuit.restart as R
+
+    tokens = torch.randint(1, tiny_model.cfg.d_vocab, (R.CHECK_SEQUENCES + 3, 9),
+                           generator=torch.Generator().manual_seed(0))
+    real = R.run_tail
+    assert R.capture_tail(tiny_model, 0, tokens).last_mlp is not None
+    monkeypatch.setattr(R, "run_tail", lambda tail, d, last, seq=None: real(tail, d, last, seq) + 1e-2)
+    assert R.capture_tail(tiny_model, 0, tokens) is None
+    monkeypatch.setattr(R, "run_tail", lambda tail, d, last, seq=None: real(tail, d, last, seq) + 1e-2 * last)
+    tail = R.capture_tail(tiny_model, 0, tokens)
+    assert tail is not None and tail.last_mlp is None
