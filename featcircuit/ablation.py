@@ -342,8 +342,15 @@ class AblationContext(Scorer):
             # Σ over the listed sources present of coef_i·r_i, row by row, from the k nonzeros
             c = torch.nn.functional.embedding_bag(idx[p], self.W_R, mode="sum",
                                                   per_sample_weights=self._src_val[pr] * inset[p])
-            c = c + self.err_coef[pr] * err[p, None]
-            x = torch.where(keep[p, None], self.x_empty[pr] + c, self.x[pr] - c)
+            if self.errors == "ablated":  # ε_R is a source only then (else err is all False)
+                c = c + self.err_coef[pr] * err[p, None]
+            kp = keep[p]
+            if bool(kp.all()):  # a curve point's configuration is all keep or all remove: one side
+                x = self.x_empty[pr] + c
+            elif not bool(kp.any()):
+                x = self.x[pr] - c
+            else:
+                x = torch.where(kp[:, None], self.x_empty[pr] + c, self.x[pr] - c)
             z0 = None if self._z is None else self._z[pr]
             val[p] = held_code(M, self.parts.hidden(x), jc, z0, self.f[pr, jc],  # its own target, mask held
                                self._enc_t)
