@@ -8,7 +8,7 @@ candidates are pruned three ways, each on a fresh context (no shared caches):
 1. one configuration per forward pass (plain ACDC);
 2. chains of B configurations per pass (speculative, restarted after a misprediction);
 3. ``batch=None``: the search measures a 1- and a B-configuration pass and the decisions the
-   chain confirms, picks one of the two, and leaves chains when they stop paying.
+   chain settles, picks one of the two, and leaves chains when they stop paying.
 
 Prints wall time and passes of each, the ratio to (1), and checks all three keep the same edges.
 """
@@ -68,7 +68,7 @@ def _picked(res) -> str:
     """What the automatic search chose, and where it went over to one edge per pass."""
     t = res.meta.get("batch_timing", {})
     if "one_per_pass_from_visit" in t:
-        return f"picked batch 8, one per pass from visit {t['one_per_pass_from_visit']}"
+        return f"picked batch {res.batch}, one per pass from visit {t['one_per_pass_from_visit']}"
     return f"picked batch {res.batch}"
 
 

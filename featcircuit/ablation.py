@@ -185,7 +185,7 @@ class AblationContext(Scorer):
             self.coef = self.a - b  # what edge i carries, per token: coef_i·r_i
             self.err_coef = self.err - b_err
             self.W_R = R.W_dec
-            self._x_clean_sources = self.x - self.coef @ self.W_R  # x with every feature edge ablated
+            self._x_no_features = self.x - self.coef @ self.W_R  # x with every feature edge ablated
             self._d_r = self.coef.shape[1]
             # each token's sources that carry something, as (index, coefficient) lists: a sparse
             # code has k of d_R, so counting and summing a configuration's sources reads k, not d_R
@@ -214,7 +214,7 @@ class AblationContext(Scorer):
         """What depends on whether ε_R is in the scope: ∅'s input and codes, the source counts,
         empty caches, m(M) and m(∅)."""
         self.errors = errors
-        self.x_empty = self._x_clean_sources - self.err_coef if errors == "ablated" else self._x_clean_sources
+        self.x_empty = self._x_no_features - self.err_coef if errors == "ablated" else self._x_no_features
         self.f_empty = self._pre_all(self.x_empty)
         self._err_on = (self.err_coef.abs().sum(-1) > 0) & (errors == "ablated")  # [N]
         self._n_src = self._src_on.sum(1) + self._err_on
@@ -319,6 +319,7 @@ class AblationContext(Scorer):
         """:meth:`_fill` for one chunk of keys: every (key, active token) row in one set of ops."""
         dev = self.x.device
         R, kid, J, n = self._key_rows(keys)
+        kinds = {k[1] for k in keys}
         keep = torch.tensor([k[1] == "keep" for k in keys], device=dev)[kid]
         # membership [K, d_R + 1] of each key's sources (the last column: ε_R, in scope if ablated)
         lens = torch.tensor([len(k[2]) for k in keys], dtype=torch.long, device=dev)
@@ -344,13 +345,12 @@ class AblationContext(Scorer):
                                                   per_sample_weights=self._src_val[pr] * inset[p])
             if self.errors == "ablated":  # ε_R is a source only then (else err is all False)
                 c = c + self.err_coef[pr] * err[p, None]
-            kp = keep[p]
-            if bool(kp.all()):  # a curve point's configuration is all keep or all remove: one side
+            if kinds == {"keep"}:  # a configuration's targets are all keep or all remove: one side
                 x = self.x_empty[pr] + c
-            elif not bool(kp.any()):
+            elif kinds == {"remove"}:
                 x = self.x[pr] - c
             else:
-                x = torch.where(kp[:, None], self.x_empty[pr] + c, self.x[pr] - c)
+                x = torch.where(keep[p, None], self.x_empty[pr] + c, self.x[pr] - c)
             z0 = None if self._z is None else self._z[pr]
             val[p] = held_code(M, self.parts.hidden(x), jc, z0, self.f[pr, jc],  # its own target, mask held
                                self._enc_t)

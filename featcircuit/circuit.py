@@ -109,7 +109,9 @@ def search_and_score(make: Callable, rank: Callable, search_beh, eval_beh, cfg: 
     singles = single_edge_deltas(ctx, cands)
     sweep = []
     for t in sorted(cfg.tau_sweep):
-        r = search_circuit(ctx, cands, tau=relative_tau(ctx, t), stat=stat, batch=res.batch, progress=False)
+        one = "one_per_pass_from_visit" in res.meta.get("batch_timing", {})  # chains stopped paying
+        r = search_circuit(ctx, cands, tau=relative_tau(ctx, t), stat=stat, batch=1 if one else res.batch,
+                           progress=False)
         sweep.append({"tau": t, "kept": r.kept})
     steps.update(1)
 

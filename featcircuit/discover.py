@@ -424,6 +424,7 @@ def _run(cfg: DiscoverConfig, t0: float) -> dict:
             "tau": found["tau"], "tau_relative": found["tau_relative"],
             "search_passes": found["search"]["passes"], "search_seconds": found["search"]["seconds"],
             "search_batch": found["search"]["batch"],
+            "search_one_per_pass_from_visit": found["search"]["batch_timing"].get("one_per_pass_from_visit"),
             "tau_sweep": [{k: f[k] for k in ("tau", "size")} | {"faithfulness": f["heldout"]["faithfulness"],
                                                                  "completeness": f["heldout"]["completeness"]}
                           for f in found["tau_sweep"]],
@@ -581,7 +582,10 @@ def _print(summary, quality, table, graph, cfg, layer, perf, found, expl) -> Non
               f"abs {_f(st['spearman_abs'])}, net {_f(st['spearman_net'])}")
         print(f"search: kept {c['size']} of {len(found['candidates'])} candidates, τ = {found['tau']:.3g} "
               f"({'relative ' + format(cfg.tau, 'g') + ' × |m(M) − m(∅)|' if found['tau_relative'] else 'absolute'}), "
-              f"{c['search_passes']} passes of {c['search_batch']} configuration(s), {c['search_seconds']:.1f}s")
+              f"{c['search_passes']} passes of {c['search_batch']} configuration(s)"
+              + (f" (one per pass from visit {c['search_one_per_pass_from_visit']})"
+                 if c.get("search_one_per_pass_from_visit") is not None else "")
+              + f", {c['search_seconds']:.1f}s")
         print(f"held-out: m(M) {c['m_full']:.4g}, m(∅) {c['m_empty']:.4g}, m(C) {c['m_circuit']:.4g}; "
               f"faithfulness {_f(c['faithfulness'])}, completeness {_f(c['completeness'])}, "
               f"CPR {_f(c['cpr'])}, CMD {_f(c['cmd'])}")

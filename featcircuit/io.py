@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -46,15 +47,16 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
 _TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")
 SAFETENSORS_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 """The temporary safetensors' own ``save_file`` writes beside its target (earlier versions of
-:func:`atomic_save_safetensors` called it, and a kill mid-write left one)."""
+:func:`atomic_save_safetensors` let it write into the target's folder, and a kill mid-write left
+one there)."""
 
 
 def clear_stale_temps(folder: str | Path, recursive: bool = False) -> int:
     """Delete the temporary files a killed :func:`_atomic` write left in ``folder`` (and below it
     with ``recursive``); return how many.
 
-    Only names of :func:`_atomic`'s pattern go (``.NAME.`` + mkstemp's 8 characters + ``.tmp``),
-    and :data:`SAFETENSORS_TEMP`'s.
+    Only names of :func:`_atomic`'s pattern go (``.NAME.`` + mkstemp's 8 characters + ``.tmp``:
+    files, and :func:`atomic_save_safetensors`' folders), and :data:`SAFETENSORS_TEMP`'s files.
     Call it only while no other process writes into ``folder``: under the folder's lock, before
     a resumed run starts (a concurrent writer's temporary would be deleted under it).
     """
@@ -62,11 +64,14 @@ def clear_stale_temps(folder: str | Path, recursive: bool = False) -> int:
     if not folder.is_dir():
         return 0
     glob = folder.rglob if recursive else folder.glob
-    stale = [p for p in glob(".*.tmp") if p.is_file() and _TEMP_NAME.fullmatch(p.name)]
-    stale += [p for p in glob(".tmp*") if p.is_file() and SAFETENSORS_TEMP.fullmatch(p.name)]
-    for p in stale:
+    dirs = [p for p in glob(".*.tmp") if p.is_dir() and _TEMP_NAME.fullmatch(p.name)]
+    for p in dirs:  # atomic_save_safetensors' private folders, with whatever a kill left inside
+        shutil.rmtree(p, ignore_errors=True)
+    files = [p for p in glob(".*.tmp") if p.is_file() and _TEMP_NAME.fullmatch(p.name)]
+    files += [p for p in glob(".tmp*") if p.is_file() and SAFETENSORS_TEMP.fullmatch(p.name)]
+    for p in files:
         p.unlink(missing_ok=True)
-    return len(stale)
+    return len(dirs) + len(files)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -84,18 +89,26 @@ def atomic_save_torch(obj: Any, path: str | Path) -> Path:
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
                             metadata: dict[str, str] | None = None) -> Path:
-    """``safetensors.torch.save_file`` to ``path`` atomically."""
-    from safetensors.torch import save
+    """``safetensors.torch.save_file`` to ``path`` atomically.
 
-    # bytes first, then our own write: safetensors' save_file writes through a temporary of its
-    # own (``.tmpXXXXXX`` beside the target), which a kill mid-write left in the folder, where a
-    # resumed harvest refused it as a file featcircuit did not write
-    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    safetensors writes through a temporary of its own (``.tmpXXXXXX`` beside its target), which
+    a kill mid-write left in the folder, where a resumed harvest refused it as a file featcircuit
+    did not write: the file is written inside a private temporary folder of :func:`_atomic`'s
+    name pattern, then renamed into place (no copy of the tensors in memory, as bytes would be).
+    """
+    from safetensors.torch import save_file
 
-    def write(tmp: str) -> None:
-        Path(tmp).write_bytes(data)
-
-    return _atomic(path, write)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        inner = tmp / path.name
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(inner), metadata=metadata)
+        os.chmod(inner, 0o666 & ~_UMASK)
+        os.replace(inner, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 def _finite(obj: Any, path: str, reasons: dict[str, str], why: dict[str, str]) -> Any:

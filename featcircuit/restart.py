@@ -62,7 +62,9 @@ def capture_tail(model, layer: int, tokens: Tensor) -> Tail | None:
         # the check restarts a few sequences, picked as the restarts pick theirs (the blocks and
         # their call arguments are what it tests, not the tokens): rerunning all of them cost as
         # much as the clean forward again
-        seq = torch.arange(min(len(tokens), CHECK_SEQUENCES), device=tail.x.device)
+        n = len(tokens)  # the last, first, middle and second sequences (out of order, as picks are)
+        seq = torch.tensor(list(dict.fromkeys([n - 1, 0, n // 2, 1]))[:CHECK_SEQUENCES], device=tail.x.device)
+        seq = seq[seq < n]
         zero = torch.zeros(len(seq), *tail.x.shape[1:], dtype=tail.x.dtype, device=tail.x.device)
         with torch.no_grad():
             again = run_tail(tail, zero, False, seq)

@@ -19,11 +19,11 @@ assumed removed unless its estimate says it matters (|est| ≥ τ); the chain re
 first decision that differs, so decisions equal the one-forward-per-edge search exactly. Whether
 chains pay is measured on the spot, on the search's own first configurations: the time of its
 first chain of B against that of its first single-edge configuration, times the decisions that
-chain confirms (a chain stops paying at its first misprediction). On a CPU, where a pass costs in
-proportion to its rows, the search runs one edge per pass. A search that picked chains keeps
-timing them and goes over to one edge per pass when a confirmed decision has cost more than a
-single pass over its last four chains (mispredictions come more often among the later, more
-important edges).
+chain settles (up to and including its first misprediction; the configurations after it are
+thrown away). On a CPU, where a pass costs in proportion to its rows, the search runs one edge per
+pass. A search that picked chains goes over to one edge per pass when its last four chains settled
+fewer decisions each, on average, than a chain's pass costs in single passes (mispredictions come
+more often among the later, more important edges).
 """
 
 from __future__ import annotations
@@ -241,14 +241,14 @@ def _decisions(ds: list[float], d_H: float, bases: list[int | None], pred_keep: 
 def choose_batch(ctx: Scorer, candidates: list[Edge], *, tau: float, stat: dict[Edge, float],
                  want: int = 8) -> tuple[int, dict]:
     """Configurations per pass: B when a chain's pass costs under 60% of one single pass per
-    decision it confirms.
+    decision it settles.
 
     The probes are the search's own first passes over ``candidates``: one configuration (the
     candidates without the first edge visited) against the first chain of B (see
     :func:`_chain`), scored through ``ctx.values`` with an empty value cache, so a probe pass
-    carries the rows, restarts and metric that a search pass does. The chain confirms the
-    decisions up to its first misprediction (:func:`_decisions`); a chain of 8 that confirms 2
-    must cost under 0.6 × 2 single passes. After a warm-up chain the timings alternate single,
+    carries the rows, restarts and metric that a search pass does. The chain settles the
+    decisions up to and including its first misprediction (:func:`_decisions`); a chain of 8
+    that settles 2 must cost under 0.6 × 2 single passes. After a warm-up chain the timings alternate single,
     chain, single, and the chain is set against the faster single: other work on the machine
     only slows a pass down, so a busy spell tips the choice to one configuration per pass (the
     safe one) rather than to chains. The probe's passes are not counted (the candidates' own
@@ -282,9 +282,11 @@ def choose_batch(ctx: Scorer, candidates: list[Edge], *, tau: float, stat: dict[
         t1 = min(s1, timed(single))
     finally:
         ctx._values, ctx.passes = cache, p0
-    confirmed = sum(1 for _ in _decisions(ds, d_H, bases, pred, tau))
-    return (want if tb < 0.6 * confirmed * t1 else 1), {"t_single_pass": t1, f"t_pass_of_{n}": tb,
-                                                         "probe_chain_confirms": confirmed}
+    settled = sum(1 for _ in _decisions(ds, d_H, bases, pred, tau))
+    ratio = tb / t1 if t1 > 0 else float("inf")  # a chain's pass in single passes
+    return (want if ratio < 0.6 * settled else 1), {"t_single_pass": t1, f"t_pass_of_{n}": tb,
+                                                      "chain_pass_in_single_passes": ratio,
+                                                      "probe_chain_settles": settled}
 
 
 def search_circuit(ctx: AblationContext, candidates: list[Edge], *, tau: float, stat: dict[Edge, float],
@@ -304,14 +306,15 @@ def search_circuit(ctx: AblationContext, candidates: list[Edge], *, tau: float, 
     pred_keep = [stat.get(e, 0.0) >= tau for e in order] if batch > 1 else [False] * len(order)
     visited: list[dict] = []
     pos = 0
-    t_single = timing.get("t_single_pass")  # set only when the probe ran: then chains are watched
-    recent: deque[tuple[float, int]] = deque(maxlen=4)  # (seconds, decisions) of the last chains
+    # a chain's pass costs `ratio` single passes (both timed warm by the probe, which alone sets
+    # it: then chains are watched); a chain that settles fewer decisions than that loses time
+    ratio = timing.get("chain_pass_in_single_passes") if batch > 1 else None
+    recent: deque[int] = deque(maxlen=4)  # decisions settled by each of the last chains
+    picked = batch
     bar = tqdm(total=len(order), desc="ablation search", disable=not progress)
     while pos < len(order):
         configs, bases = _chain(H, order, pred_keep, pos, batch)
-        tp = time.perf_counter()
         ds = ctx.distance(configs)
-        tp = time.perf_counter() - tp
         start, base_d = pos, d_H
         for n, delta, keep in _decisions(ds, base_d, bases, pred_keep[start:start + len(configs)], tau):
             i, j = order[start + n]
@@ -321,14 +324,15 @@ def search_circuit(ctx: AblationContext, candidates: list[Edge], *, tau: float, 
             bar.update(1)
             if not keep:
                 H, d_H = configs[n], ds[n]
-        if len(configs) > 1 and t_single is not None:
-            recent.append((tp, pos - start))
-            if len(recent) == recent.maxlen and sum(t for t, _ in recent) > sum(n for _, n in recent) * t_single:
-                # over the last chains a confirmed decision cost more than a single pass: stop
-                # chaining (the decisions do not depend on it)
+        if len(configs) > 1 and ratio is not None:
+            recent.append(pos - start)
+            if len(recent) == recent.maxlen and sum(recent) < ratio * len(recent):
+                # the last chains settled fewer decisions than their passes cost single passes:
+                # one edge per pass from here (the decisions do not depend on it). Chains were
+                # picked with a margin (0.6) and are left at break-even, so noise does not flip it
                 batch, timing = 1, {**timing, "one_per_pass_from_visit": pos}
     bar.close()
-    return SearchResult(visited, tau, ctx.passes - p0, round(time.time() - t0, 2), d_start, d_H, batch,
+    return SearchResult(visited, tau, ctx.passes - p0, round(time.time() - t0, 2), d_start, d_H, picked,
                         {"batch_timing": timing})
 
 

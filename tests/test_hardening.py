@@ -297,9 +297,10 @@ def test_random_kills_resume_to_identical_output(command, tmp_path_factory):
 
 
 def test_a_safetensors_write_creates_only_names_a_resumed_run_sweeps(tmp_path):
-    """A chunk's write goes through featcircuit's own temporary alone: safetensors' ``save_file``
-    made a ``.tmpXXXXXX`` of its own beside the target, and a harvest killed mid-write then
-    refused to resume in its cache ("holds files featcircuit did not write")."""
+    """A chunk's write creates nothing in its folder but featcircuit's own temporary (a private
+    folder): safetensors' ``save_file`` made a ``.tmpXXXXXX`` of its own beside its target, and a
+    harvest killed mid-write then refused to resume in its cache ("holds files featcircuit did
+    not write"). What a kill leaves is accepted in a cache folder and swept on resume."""
     from featcircuit.cli import _CACHE_RE
     from featcircuit.io import _TEMP_NAME, atomic_save_safetensors, clear_stale_temps
     from helpers import created_names
@@ -310,15 +311,17 @@ def test_a_safetensors_write_creates_only_names_a_resumed_run_sweeps(tmp_path):
     temps = names - {target.name}
     assert target.name in names and temps  # written through a temporary, renamed into place
     assert all(_TEMP_NAME.fullmatch(n) for n in temps), temps
-    # each temporary name, left by a kill, is accepted in a cache folder and swept on resume;
-    # so is safetensors' own (left by earlier versions); other names stay
-    left = [*temps, ".tmpAb3xY9", ".tmpAb3xY9.txt", "notes.txt"]
-    for n in left:
-        (tmp_path / n).write_text("")
-    assert clear_stale_temps(tmp_path) == len(temps) + 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, ".tmpAb3xY9.txt", "notes.txt"])
-    assert all(_CACHE_RE.fullmatch(n) for n in [*temps, ".tmpAb3xY9"])
-    assert not _CACHE_RE.fullmatch("notes.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # nothing left behind
     from safetensors.torch import load_file
 
     torch.testing.assert_close(load_file(target)["x"], x)
+    # what a kill leaves: the private folder with safetensors' temporary inside, and (from
+    # earlier versions) safetensors' temporary itself; other names stay
+    (tmp_path / next(iter(temps))).mkdir()
+    (tmp_path / next(iter(temps)) / ".tmpQw3rTy").write_text("")
+    for n in [".tmpAb3xY9", ".tmpAb3xY9.txt", "notes.txt"]:
+        (tmp_path / n).write_text("")
+    assert all(_CACHE_RE.fullmatch(n) for n in [*temps, ".tmpAb3xY9"])
+    assert not _CACHE_RE.fullmatch("notes.txt")
+    assert clear_stale_temps(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, ".tmpAb3xY9.txt", "notes.txt"])
