@@ -248,11 +248,11 @@ def choose_batch(ctx: Scorer, candidates: list[Edge], *, tau: float, stat: dict[
     :func:`_chain`), scored through ``ctx.values`` with an empty value cache, so a probe pass
     carries the rows, restarts and metric that a search pass does. The chain settles the
     decisions up to and including its first misprediction (:func:`_decisions`); a chain of 8
-    that settles 2 must cost under 0.6 × 2 single passes. After a warm-up chain the timings alternate single,
-    chain, single, and the chain is set against the faster single: other work on the machine
-    only slows a pass down, so a busy spell tips the choice to one configuration per pass (the
-    safe one) rather than to chains. The probe's passes are not counted (the candidates' own
-    configuration, which the search scores first anyway, is).
+    that settles 2 must cost under 0.6 × 2 single passes. After a warm-up chain the timings
+    alternate single, chain, single, and the chain is set against the faster single: other work
+    on the machine only slows a pass down, so a busy spell tips the choice to one configuration
+    per pass (the safe one) rather than to chains. The probe's passes are not counted (the
+    candidates' own configuration, which the search scores first anyway, is).
     """
     order = visit_order(candidates, stat)
     H = Config.keeping(candidates)
