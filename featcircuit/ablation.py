@@ -46,6 +46,11 @@ ERR = -1  # source index of the residual error ε_R
 Edge = tuple[int, int]  # (src i, dst j)
 
 
+def _check_errors(errors: str) -> None:
+    if errors not in ("kept", "ablated"):
+        raise UserError(f"unknown errors mode {errors!r}: use kept or ablated")
+
+
 @dataclass(frozen=True)
 class Config:
     """Which edges of the scope are kept: per listed target, a kept or removed source set.
@@ -145,8 +150,7 @@ class AblationContext(Scorer):
 
         if ablation not in ABLATIONS:
             raise UserError(f"unknown ablation {ablation!r}: use one of {', '.join(ABLATIONS)}")
-        if errors not in ("kept", "ablated"):
-            raise UserError(f"unknown errors mode {errors!r}: use kept or ablated")
+        _check_errors(errors)
         if task is not None:
             tokens, corrupt, metric = task.clean, task.corrupt, task.metric
         if ablation == "patch" and (corrupt is None or corrupt.shape != tokens.shape):
@@ -229,8 +233,7 @@ class AblationContext(Scorer):
     def with_errors(self, errors: str) -> AblationContext:
         """The same context with the residual error in (``"ablated"``) or out of (``"kept"``) the
         scope, sharing its forwards: the same as building it anew with ``errors``."""
-        if errors not in ("kept", "ablated"):
-            raise UserError(f"unknown errors mode {errors!r}: use kept or ablated")
+        _check_errors(errors)
         other = copy.copy(self)
         other._set_errors(errors)
         return other

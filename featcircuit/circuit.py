@@ -108,10 +108,9 @@ def search_and_score(make: Callable, rank: Callable, search_beh, eval_beh, cfg: 
     steps.update(1)
     singles = single_edge_deltas(ctx, cands)
     sweep = []
-    for t in sorted(cfg.tau_sweep):
-        one = "one_per_pass_from_visit" in res.meta.get("batch_timing", {})  # chains stopped paying
-        r = search_circuit(ctx, cands, tau=relative_tau(ctx, t), stat=stat, batch=1 if one else res.batch,
-                           progress=False)
+    sweep_batch = 1 if "one_per_pass_from_visit" in res.meta.get("batch_timing", {}) else res.batch
+    for t in sorted(cfg.tau_sweep):  # one per pass if the search's chains stopped paying
+        r = search_circuit(ctx, cands, tau=relative_tau(ctx, t), stat=stat, batch=sweep_batch, progress=False)
         sweep.append({"tau": t, "kept": r.kept})
     steps.update(1)
 

@@ -27,11 +27,19 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+def _atomic(path: str | Path, write: Callable[[str], None], own_folder: bool = False) -> Path:
+    """``write(tmp)``, then rename ``tmp`` to ``path``. ``own_folder``: ``tmp`` lies inside a
+    private temporary folder of the same name pattern, for writers that make temporaries of their
+    own beside their target (safetensors), which a kill would otherwise leave in ``path``'s folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    folder = None
+    if own_folder:
+        folder = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = os.path.join(folder, path.name)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     try:
         write(tmp)
         # mkstemp makes 0600 and some writers recreate the file: give it the usual permissions
@@ -41,6 +49,9 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     return path
 
 
@@ -93,22 +104,13 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
 
     safetensors writes through a temporary of its own (``.tmpXXXXXX`` beside its target), which
     a kill mid-write left in the folder, where a resumed harvest refused it as a file featcircuit
-    did not write: the file is written inside a private temporary folder of :func:`_atomic`'s
-    name pattern, then renamed into place (no copy of the tensors in memory, as bytes would be).
+    did not write: it writes inside :func:`_atomic`'s own folder (no copy of the tensors in
+    memory, as bytes would be).
     """
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        inner = tmp / path.name
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(inner), metadata=metadata)
-        os.chmod(inner, 0o666 & ~_UMASK)
-        os.replace(inner, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return _atomic(path, lambda t: save_file({k: v.contiguous() for k, v in tensors.items()}, t,
+                                             metadata=metadata), own_folder=True)
 
 
 def _finite(obj: Any, path: str, reasons: dict[str, str], why: dict[str, str]) -> Any:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-CHECK_SEQUENCES = 4  # sequences capture_tail restarts to check the restart against the clean run
+CHECK_SEQUENCES = 4  # at most this many sequences capture_tail restarts to check it against the clean run
 
 
 @dataclass
@@ -63,8 +63,7 @@ def capture_tail(model, layer: int, tokens: Tensor) -> Tail | None:
         # their call arguments are what it tests, not the tokens): rerunning all of them cost as
         # much as the clean forward again
         n = len(tokens)  # the last, first, middle and second sequences (out of order, as picks are)
-        seq = torch.tensor(list(dict.fromkeys([n - 1, 0, n // 2, 1]))[:CHECK_SEQUENCES], device=tail.x.device)
-        seq = seq[seq < n]
+        seq = torch.tensor([s for s in dict.fromkeys((n - 1, 0, n // 2, 1)) if s < n], device=tail.x.device)
         zero = torch.zeros(len(seq), *tail.x.shape[1:], dtype=tail.x.dtype, device=tail.x.device)
         with torch.no_grad():
             again = run_tail(tail, zero, False, seq)

@@ -315,8 +315,8 @@ def search_circuit(ctx: AblationContext, candidates: list[Edge], *, tau: float, 
     while pos < len(order):
         configs, bases = _chain(H, order, pred_keep, pos, batch)
         ds = ctx.distance(configs)
-        start, base_d = pos, d_H
-        for n, delta, keep in _decisions(ds, base_d, bases, pred_keep[start:start + len(configs)], tau):
+        start = pos  # (_decisions binds the chain's d_H now; the loop below moves d_H on)
+        for n, delta, keep in _decisions(ds, d_H, bases, pred_keep[start:start + len(configs)], tau):
             i, j = order[start + n]
             visited.append({"src": i, "dst": j, "estimate": stat.get((i, j), 0.0), "delta": delta,
                             "kept": keep, "visit": start + n})
