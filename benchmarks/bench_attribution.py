@@ -15,6 +15,7 @@ import torch
 
 from featcircuit import harvest, load_model, load_tokens, mlp_parts, pair_sites
 from featcircuit.attribution import attribute_edges, batch_edges
+from featcircuit.replacement import Replacement
 
 
 def naive_edges(parts, R, M, x: torch.Tensor) -> float:
@@ -55,7 +56,7 @@ def main() -> None:
     got = float(e[:, :, :-1][mask].abs().sum())
     t_closed_same = time.perf_counter() - t
     t = time.perf_counter()
-    table = attribute_edges(model, pair, toks, layer=args.layer, progress=False)
+    table = attribute_edges(Replacement(model, {args.layer: pair}), toks, progress=False)
     t_full = time.perf_counter() - t
     print(f"pair {path}: resid {tuple(pair.resid.W_dec.shape)}, mlp {tuple(pair.mlp.W_dec.shape)}, "
           f"k={pair.mlp.cfg.k}")

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from featcircuit.replacement import Replacement
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's featcircuit, not an installed one
 SHAPES = {
@@ -230,7 +232,7 @@ def main() -> None:
                                    generator=torch.Generator().manual_seed(1))
                 at[:, 0] = 0
                 ta = time.time()
-                attribute_edges(model, pair, at.to(dev), layer=layer, batch_size=8, progress=False)
+                attribute_edges(Replacement(model, {layer: pair}), at.to(dev), batch_size=8, progress=False)
                 attr_tps = at.shape[0] * (n_ctx - 1) / (time.time() - ta)
                 row = dict(model=mname, d_resid=r.width, d_mlp=m.width, d_sae=d_sae, batch=B, k=args.k,
                            train_tok_s=B / (step["resid"] + step["mlp"]), resid_tok_s=B / step["resid"],

@@ -23,6 +23,7 @@ import torch
 from featcircuit import load_model
 from featcircuit.ablation import AblationContext
 from featcircuit.pairs import default_pair
+from featcircuit.replacement import Replacement
 from featcircuit.search import rank_edges, relative_tau, search_circuit
 from featcircuit.tasks import builtin_task
 
@@ -40,7 +41,7 @@ def main() -> None:
     task, _ = builtin_task(args.task, model).halves()
 
     def fresh() -> AblationContext:
-        return AblationContext(model, pair, 2, task.clean, "patch", task=task)
+        return AblationContext(Replacement(model, {2: pair}), task.clean, "patch", task=task)
 
     ctx0 = fresh()
     rk = rank_edges(ctx0)

@@ -28,6 +28,7 @@ import torch
 from featcircuit import load_model, load_tokens
 from featcircuit.activations import harvest
 from featcircuit.evaluation import evaluate_pair
+from featcircuit.replacement import Replacement
 from featcircuit.sites import pair_sites
 from featcircuit.training import TrainConfig, train_pair
 
@@ -153,7 +154,7 @@ def main() -> None:
         pair = train_pair(model, args.layer, data, cfg, acts=acts, progress=False,
                           out=Path(args.pairs) / f"lambda-{lam:g}")
         dt, dc = time.perf_counter() - t0, time.process_time() - c0  # CPU time: less hit by load
-        ev = evaluate_pair(model, pair, held, args.layer, progress=False)
+        ev = evaluate_pair(Replacement(model, {args.layer: pair}), held, progress=False)
         rows.append(row_of(lam, dt, dc, steps, ev))
         r = rows[-1]
         print(f"λ={lam:g}: {dt:.0f}s ({dt / rows[0]['train_s']:.2f}× plain), FVE {r['fve_resid']:.3f}/"

@@ -68,8 +68,9 @@ def main() -> None:
         return (logp * (tokens[:, :-1] == dot)).sum()
 
     held = fc.load_tokens("builtin:stdlib", model, n_tokens=8192, split="heldout")
-    table = fc.attribute_edges(model, pair, held, layer=args.layer, metric=self_after_dot, progress=False)
-    eff = fc.node_effects(model, pair, held[:16], layer=args.layer, metric=self_after_dot)
+    rep = fc.Replacement(model, {args.layer: pair})  # the model and its dictionaries, one object
+    table = fc.attribute_edges(rep, held, metric=self_after_dot, progress=False)
+    eff = fc.node_effects(rep, held[:16], metric=self_after_dot)
     print(f"{len(table):,} co-active (resid, mlp) feature pairs over {table.n_tokens:,} tokens")
     top_j = eff["mlp"].abs().topk(3).indices.tolist()
     for j in top_j:

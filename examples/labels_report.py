@@ -25,7 +25,15 @@ from pathlib import Path
 
 import torch
 
-from featcircuit import TrainConfig, attribute_edges, default_pair, load_model, load_pair, load_tokens
+from featcircuit import (
+    Replacement,
+    TrainConfig,
+    attribute_edges,
+    default_pair,
+    load_model,
+    load_pair,
+    load_tokens,
+)
 from featcircuit.data import BUILTIN_DATA
 from featcircuit.evidence import edge_evidence, save_evidence
 from featcircuit.features import collect_stats, labels_for
@@ -79,19 +87,20 @@ def main() -> None:
             raise SystemExit(f"no cached default pair at {folder}: train it first (featcircuit train "
                              f"--layer {layer}) or pass --dicts")
         pair, pair_path = default_pair(model, layer)
+    rep = Replacement(model, {layer: pair})  # the model and this layer's pair, as every analysis takes them
     train = load_tokens(BUILTIN_DATA, model, n_tokens=args.train_tokens, split="train")
     heldout = load_tokens(BUILTIN_DATA, model, n_tokens=args.heldout_tokens, split="heldout")
     print(f"pair {pair_path}; labels fitted on {train.numel():,} training tokens, scored on "
           f"{heldout.numel():,} held-out tokens; fires = activation > {args.threshold_frac:g}·max")
     kw = dict(threshold_frac=args.threshold_frac, max_clauses=args.max_clauses)
-    labels = label_pair(model, pair, layer, train, heldout, progress=True, **kw)
-    again = label_pair(model, pair, layer, train, heldout, **kw)
+    labels = label_pair(rep, train, heldout, progress=True, **kw)
+    again = label_pair(rep, train, heldout, **kw)
     deterministic = json.dumps(labels, sort_keys=True) == json.dumps(again, sort_keys=True)
     t_labels = time.time() - t0
 
-    stats = collect_stats(model, pair, heldout, layer, progress=False)
+    stats = collect_stats(rep, heldout, progress=False)
     dense = dense_features(stats)
-    table = attribute_edges(model, pair, heldout, layer=layer, progress=True)
+    table = attribute_edges(rep, heldout, progress=True)
     tops = {"all": candidate_edges(table, args.top, by="weight"),
             "dense kept out": candidate_edges(table, args.top, by="weight", stats=stats, exclude_dense=True)}
     summary: dict = {"layer": layer, "pair": str(pair_path), "train_tokens": int(train.numel()),
@@ -127,7 +136,7 @@ def main() -> None:
 
     top = tops["all"]
     edges = list(zip(top.src.tolist(), top.dst.tolist()))
-    evidence = edge_evidence(model, pair, heldout, layer, edges, k=5, progress=True)
+    evidence = edge_evidence(rep, heldout, edges, k=5, progress=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / f"labels_L{layer}.json", json.dumps(
@@ -156,7 +165,7 @@ def main() -> None:
                                         meta={"model": args.model, "layer": layer,
                                               "tokens": int(heldout.numel()),
                                               "edge_rank": f"|weight|, top {args.top}"})
-        html = write_report(args.report, model=model, pair=pair, tokens=heldout, layer=layer, graph=graph,
+        html = write_report(args.report, rep=rep, tokens=heldout, graph=graph,
                             quality=None, stats=stats, labels=labels, evidence=evidence, progress=True)
         graph.save_json(Path(args.report) / "graph.json")
         print(f"wrote {html}")

@@ -33,10 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .adapters import as_pair, held_code, reads_pre_acts
+from .adapters import held_code, reads_pre_acts
 from .errors import UserError
 from .restart import capture_tail, restart_logits, restart_metric
-from .sites import mlp_parts, pair_sites
 
 ABLATIONS = ("zero", "mean", "patch")
 FILL_ROWS = 2**18  # (target, token) rows per _fill chunk: bounds its [rows, k] gathers
@@ -141,13 +140,16 @@ class Scorer:
 
 
 class AblationContext(Scorer):
-    """Clean (and corrupt) activations of one token set, and the scorer of :class:`Config` s."""
+    """Clean (and corrupt) activations of one token set, and the scorer of :class:`Config` s of a
+    one-layer :class:`~featcircuit.replacement.Replacement`'s resid → mlp edges."""
 
-    def __init__(self, model, pair, layer: int, tokens: Tensor, ablation: str = "zero", *,
+    def __init__(self, rep, tokens: Tensor, ablation: str = "zero", *,
                  corrupt: Tensor | None = None, task=None, metric=None, errors: str = "kept",
                  means: Tensor | None = None, max_rows: int = 512):
         from .activations import harvest
+        from .replacement import one_layer
 
+        rep = one_layer(rep, "AblationContext")
         if ablation not in ABLATIONS:
             raise UserError(f"unknown ablation {ablation!r}: use one of {', '.join(ABLATIONS)}")
         _check_errors(errors)
@@ -156,12 +158,13 @@ class AblationContext(Scorer):
         if ablation == "patch" and (corrupt is None or corrupt.shape != tokens.shape):
             raise UserError("patch ablation needs corrupt prompts of the clean prompts' shape "
                             "(a task, or --prompts with clean/corrupt pairs)")
-        self.model, self.layer, self.ablation, self.errors = model, layer, ablation, errors
+        model, layer = rep.model, rep.layer
+        self.rep, self.model, self.layer, self.ablation, self.errors = rep, model, layer, ablation, errors
         self.task, self.user_metric, self.max_rows = task, (None if task is not None else metric), max_rows
-        r, m = pair_sites(model, layer)
-        self.pair = as_pair(pair, r.width, m.width)
+        r, m = rep.resid_site, rep.mlp_site
+        self.pair = rep.pair
         self.hook_mlp = m.hook
-        self.parts = mlp_parts(model, layer)
+        self.parts = rep.mlp_parts
         dev = self.parts.W_in.device
         self.tokens = tokens.to(dev)
         self.passes = 0

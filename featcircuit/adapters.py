@@ -28,7 +28,13 @@ class ModuleDictionary(torch.nn.Module):
         dev = p.device if p is not None else torch.device("cpu")
         dt = p.dtype if p is not None and p.is_floating_point() else torch.float32
         with torch.no_grad():
-            d_sae = module.encode(torch.zeros(1, d_in, device=dev, dtype=dt)).shape[-1]
+            try:
+                d_sae = module.encode(torch.zeros(1, d_in, device=dev, dtype=dt)).shape[-1]
+            except RuntimeError as e:  # a module for another width fails in its first matmul
+                from .errors import UserError
+
+                raise UserError(f"the dictionary {type(module).__name__} cannot encode vectors of width "
+                                f"{d_in}, the width of its site: {str(e).splitlines()[0]}") from e
             b = module.decode(torch.zeros(1, d_sae, device=dev, dtype=dt))[0]
             W = module.decode(torch.eye(d_sae, device=dev, dtype=dt)) - b
         self.register_buffer("W_dec", W)  # [d_sae, d_in]
@@ -96,11 +102,3 @@ def as_pair(pair, d_resid: int, d_mlp: int) -> Pair:
             and isinstance(mlp, (Dictionary, ModuleDictionary)):
         return pair  # already ready: keep the object (and anything cached on it)
     return Pair(as_dictionary(resid, d_resid), as_dictionary(mlp, d_mlp))
-
-
-def layer_pair(model, pair, layer: int) -> Pair:
-    """:func:`as_pair` at the widths of ``layer``'s resid and mlp sites of ``model``."""
-    from .sites import pair_sites
-
-    r, m = pair_sites(model, layer)
-    return as_pair(pair, r.width, m.width)

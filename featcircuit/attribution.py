@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .adapters import as_pair
 from .errors import UserError
-from .sites import MLPParts, mlp_parts, pair_sites
+from .replacement import Replacement, one_layer
+from .sites import MLPParts
 
 Metric = Callable[[Tensor, Tensor], Tensor]
 ERR = -1  # feature index of a site's error node
@@ -224,16 +224,6 @@ def batch_edges(parts: MLPParts, resid_dict, mlp_dict, x: Tensor, *, ln: str = "
     return a_vals, a_idx, f_vals, f_idx, e, behav
 
 
-def _check_pair(model, pair, layer: int):
-    r_site, m_site = pair_sites(model, layer)
-    pair = as_pair(pair, r_site.width, m_site.width)
-    for name, d, s in (("resid", pair.resid, r_site), ("mlp", pair.mlp, m_site)):
-        d_in = getattr(getattr(d, "cfg", None), "d_in", None) or d.W_dec.shape[-1]
-        if d_in != s.width:
-            raise UserError(f"the {name} dictionary takes width {d_in} but {s.hook} has width {s.width}")
-    return r_site, m_site, pair
-
-
 def _chunk_size(parts: MLPParts, R, M, x: Tensor, budget: int = 2**24) -> int:
     """Tokens per closed-form chunk so that the ``[T, k_out, d_mlp]`` rows stay within ``budget``.
 
@@ -252,20 +242,21 @@ def default_metric(logits: Tensor, tokens: Tensor) -> Tensor:
         tokens[:, 1:].reshape(-1), reduction="sum")
 
 
-def attribute_edges(model, pair, tokens: Tensor, *, layer: int, ln: str = "exact",
+def attribute_edges(rep: Replacement, tokens: Tensor, *, ln: str = "exact",
                     batch_size: int = 16, metric: Metric | None = None, dense: bool | None = None,
                     progress: bool = True) -> EdgeTable:
-    """Exact a×grad edges of ``layer`` aggregated over ``tokens [n, n_ctx]`` (BOS excluded).
+    """Exact a×grad edges of ``rep``'s layer aggregated over ``tokens [n, n_ctx]`` (BOS excluded).
 
     With ``metric`` (``metric(logits, tokens) -> scalar``), one backward pass per batch through
     the spliced model adds behavioural weights ``Σ_t e_ij(t)·∂m/∂f_j(t)``.
     """
     from .activations import harvest
 
-    r_site, m_site, pair = _check_pair(model, pair, layer)
-    parts = mlp_parts(model, layer)
+    rep = one_layer(rep, "attribute_edges")
+    model, layer, r_site, m_site = rep.model, rep.layer, rep.resid_site, rep.mlp_site
+    parts = rep.mlp_parts
     device = parts.W_in.device
-    R, M = pair.resid, pair.mlp
+    R, M = rep.pair.resid, rep.pair.mlp
     d_r, d_m = R.W_dec.shape[0], M.W_dec.shape[0]
     acc = _Accumulator(d_m * (d_r + 1), metric is not None, device, dense)
     n_tok, chunk = 0, None
@@ -275,7 +266,7 @@ def attribute_edges(model, pair, tokens: Tensor, *, layer: int, ln: str = "exact
             x = harvest(model, b, [r_site.hook], batch_size=len(b), progress=False)[r_site.hook]
             x, grad_f = x[:, 1:].reshape(-1, r_site.width).to(device), None
         else:
-            eff = node_effects(model, pair, b, layer=layer, metric=metric, keep_tensors=True)
+            eff = node_effects(rep, b, metric=metric, keep_tensors=True)
             x, grad_f = eff["x"], eff["grad_f"]
         with torch.no_grad():
             if chunk is None:  # sized once, from the first batch: not an extra encode per batch
@@ -301,20 +292,21 @@ def attribute_edges(model, pair, tokens: Tensor, *, layer: int, ln: str = "exact
 # ---- behavioural attribution -------------------------------------------------------------
 
 
-def node_effects(model, pair, tokens: Tensor, *, layer: int, metric: Metric | None = None,
+def node_effects(rep: Replacement, tokens: Tensor, *, metric: Metric | None = None,
                  baseline: str = "zero", corrupt: Tensor | None = None, means: dict | None = None,
                  keep_tensors: bool = False) -> dict:
     """Node effects ``(a − a_base)·∂m/∂a`` and ``(f − f_base)·∂m/∂f`` from one backward pass.
 
-    Both dictionaries are spliced in at ``layer`` with their errors ``ε_R``, ``ε_M`` held as
+    Both dictionaries are spliced in at ``rep``'s layer with their errors ``ε_R``, ``ε_M`` held as
     separate nodes, so the logits equal the clean model's. Returns per-feature effects summed
     over tokens (``resid [d_R]``, ``mlp [d_M]``, ``resid_err``, ``mlp_err`` scalars), the metric,
     and with ``keep_tensors`` the per-token ``x``, ``a``, ``f``, ``grad_a``, ``grad_f``.
     BOS positions are left clean and excluded.
     """
     metric = metric or default_metric
-    r_site, m_site, pair = _check_pair(model, pair, layer)
-    R, M = pair.resid, pair.mlp
+    rep = one_layer(rep, "node_effects")
+    model, r_site, m_site = rep.model, rep.resid_site, rep.mlp_site
+    R, M = rep.pair.resid, rep.pair.mlp
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     st: dict[str, Tensor] = {}
@@ -351,7 +343,7 @@ def node_effects(model, pair, tokens: Tensor, *, layer: int, metric: Metric | No
     elif baseline == "corrupt":
         if corrupt is None or corrupt.shape != tokens.shape:
             raise UserError("baseline 'corrupt' needs corrupt tokens of the same shape as the clean ones")
-        c = _codes_on(model, pair, corrupt, layer)
+        c = _codes_on(rep, corrupt)
         a_base, f_base = c["a"], c["f"]
     else:
         raise UserError(f"unknown baseline {baseline!r}: use zero, mean or corrupt")
@@ -370,10 +362,10 @@ def node_effects(model, pair, tokens: Tensor, *, layer: int, metric: Metric | No
 
 
 @torch.no_grad()
-def _codes_on(model, pair, tokens: Tensor, layer: int) -> dict[str, Tensor]:
+def _codes_on(rep: Replacement, tokens: Tensor) -> dict[str, Tensor]:
     from .activations import harvest
 
-    r, m = pair_sites(model, layer)
-    acts = harvest(model, tokens, [r.hook, m.hook], batch_size=len(tokens), progress=False)
+    r, m, pair = rep.resid_site, rep.mlp_site, rep.pair
+    acts = harvest(rep.model, tokens, [r.hook, m.hook], batch_size=len(tokens), progress=False)
     dev = pair.resid.W_dec.device
     return {"a": pair.resid.encode(acts[r.hook][:, 1:].to(dev)), "f": pair.mlp.encode(acts[m.hook][:, 1:].to(dev))}

@@ -89,17 +89,20 @@ def feature_act_fn(model, dictionary, hook: str, feature: int) -> Callable[[Tens
 # ---- cards -----------------------------------------------------------------------------------
 
 
-def feature_card(model, pair, index: FeatureIndex, f: int, *, n_top: int = 10, n_bins: int = 8,
+def feature_card(rep, index: FeatureIndex, f: int, *, n_top: int = 10, n_bins: int = 8,
                  n_hist: int = 20, n_lens: int = 10, removal: bool = True, removal_window: int = 32,
                  left: int = 24, right: int = 4, seed: int = 0, mask: Tensor | None = None,
                  lens_values: Tensor | None = None, label: Mapping | None = None, per_doc: int = 1,
                  n_quantiles: int = 5, docs: Tensor | None = None, dense_limit: float = DENSE_FREQ) -> dict:
-    """The card (a JSON-able dict) of feature ``f`` of the dictionary ``index`` was built from.
+    """The card (a JSON-able dict) of feature ``f`` of the dictionary ``index`` was built from
+    (``rep``: the one-layer :class:`~featcircuit.replacement.Replacement` that dictionary is in;
+    None is enough when ``mask`` and ``lens_values`` are given and ``removal`` is off).
 
     ``label``: a scored label of :func:`featcircuit.labels.fit_labels` (its ``text`` becomes the
     card's label, the rest its ``label_score``); ``docs``: :func:`featcircuit.contexts.doc_ids`
     of ``index.tokens`` (computed when None).
     """
+    model = None if rep is None else rep.model
     tok = getattr(model, "tokenizer", None)
     site, layer = index.site, index.layer
     if not 0 <= f < index.d_sae:
@@ -148,7 +151,7 @@ def feature_card(model, pair, index: FeatureIndex, f: int, *, n_top: int = 10, n
     if mask is None:
         mask = lens_mask(model, index.token_counts)
     if lens_values is None:
-        lens_values = unembed(model, feature_directions(model, pair, layer, site, [f]))[0]
+        lens_values = unembed(model, feature_directions(rep, site, [f]))[0]
     lv = lens_values.detach().float().cpu()
     k = min(n_lens, int(mask.sum()))
     ltop = torch.where(mask, lv, torch.full_like(lv, -torch.inf)).topk(k)
@@ -164,7 +167,7 @@ def feature_card(model, pair, index: FeatureIndex, f: int, *, n_top: int = 10, n
     # token removal at the top activating position
     card["removal"] = None
     if removal and n_active:
-        d, _ = _site_dict(model, pair, layer, site)
+        d, _ = _site_dict(rep, site)
         context, keep_first = _removal_context(model, index, card)
         base, effects = token_removal(feature_act_fn(model, d, index.hook, f), context,
                                       window=removal_window, keep_first=keep_first)
@@ -201,7 +204,7 @@ def _set_removal(model, card: dict, context: Tensor, base: float, effects: list[
 
 
 @torch.no_grad()
-def add_removals(model, pair, index: FeatureIndex, cards: list[dict], window: int | None = 32,
+def add_removals(rep, index: FeatureIndex, cards: list[dict], window: int | None = 32,
                  batch_size: int = 64) -> None:
     """:func:`token_removal` for many cards of one site in shared forward passes.
 
@@ -211,7 +214,8 @@ def add_removals(model, pair, index: FeatureIndex, cards: list[dict], window: in
     """
     from .activations import harvest
 
-    d, _ = _site_dict(model, pair, index.layer, index.site)
+    model = rep.model
+    d, _ = _site_dict(rep, index.site)
     todo = [c for c in cards if c["n_active"]]
     rows: list[Tensor] = []
     plan = []  # per card: (context, first row, positions dropped)
@@ -243,17 +247,19 @@ def add_removals(model, pair, index: FeatureIndex, cards: list[dict], window: in
         _set_removal(model, c, context, base, effects, window)
 
 
-def analyze_features(model, pair, tokens: Tensor, layer: int, site: str, features: Sequence[int], *,
+def analyze_features(rep, tokens: Tensor, site: str, features: Sequence[int], *,
                      n_top: int = 10, n_bins: int = 8, n_hist: int = 20, n_lens: int = 10,
                      removal: bool = True, removal_window: int = 32, seed: int = 0,
                      cache_dir: str | Path | Literal[False] | None = None, progress: bool = False,
                      labels: Mapping[int, Mapping] | None = None, per_doc: int = 1,
                      n_quantiles: int = 5, dense_limit: float = DENSE_FREQ) -> list[dict]:
-    """Cards of ``features`` of the ``site`` dictionary, from one (cached) pass over ``tokens``.
+    """Cards of ``features`` of a one-layer replacement's ``site`` dictionary, from one (cached)
+    pass over ``tokens``.
 
     ``labels``: ``{feature: scored label}`` (:func:`featcircuit.labels.fit_labels`) for the cards.
     """
-    index = feature_index(model, pair, tokens, layer, site, cache_dir=cache_dir, progress=progress)
+    index = feature_index(rep, tokens, site, cache_dir=cache_dir, progress=progress)
+    model = rep.model
     features = [int(f) for f in features]
     bad = [f for f in features if not 0 <= f < index.d_sae]
     if bad:
@@ -265,14 +271,14 @@ def analyze_features(model, pair, tokens: Tensor, layer: int, site: str, feature
     tok = getattr(model, "tokenizer", None)
     docs = doc_ids(index.tokens, getattr(tok, "bos_token_id", None) if tok is not None else None)
     mask = lens_mask(model, index.token_counts)
-    lens = unembed(model, feature_directions(model, pair, layer, site, features)).cpu()
-    cards = [feature_card(model, pair, index, f, n_top=n_top, n_bins=n_bins, n_hist=n_hist,
+    lens = unembed(model, feature_directions(rep, site, features)).cpu()
+    cards = [feature_card(rep, index, f, n_top=n_top, n_bins=n_bins, n_hist=n_hist,
                           n_lens=n_lens, removal=False, seed=seed, mask=mask, lens_values=lens[i],
                           label=labels.get(f), per_doc=per_doc, n_quantiles=n_quantiles, docs=docs,
                           dense_limit=dense_limit)
              for i, f in enumerate(tqdm(features, desc="feature cards", disable=not progress))]
     if removal:  # every card's removal contexts in shared passes (one pass per card costs ~40 ms)
-        add_removals(model, pair, index, cards, removal_window)
+        add_removals(rep, index, cards, removal_window)
     return cards
 
 

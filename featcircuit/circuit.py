@@ -62,19 +62,20 @@ def _ablation(cfg: CircuitConfig, is_task: bool) -> str:
     return cfg.ablation
 
 
-def _context(model, pair, layer, beh, ablation, errors) -> AblationContext:
+def _context(rep, beh, ablation, errors) -> AblationContext:
     if hasattr(beh, "clean"):
-        return AblationContext(model, pair, layer, beh.clean, ablation, task=beh, errors=errors)
-    return AblationContext(model, pair, layer, beh, ablation, errors=errors)
+        return AblationContext(rep, beh.clean, ablation, task=beh, errors=errors)
+    return AblationContext(rep, beh, ablation, errors=errors)
 
 
-def find_circuit(model, pair, layer: int, search_beh, eval_beh, cfg: CircuitConfig,
-                 progress: bool = True) -> dict:
-    """Search on ``search_beh`` and score on ``eval_beh`` (a TaskPrompts or a token tensor)."""
+def find_circuit(rep, search_beh, eval_beh, cfg: CircuitConfig, progress: bool = True) -> dict:
+    """Search on ``search_beh`` and score on ``eval_beh`` (a TaskPrompts or a token tensor) in a
+    one-layer :class:`~featcircuit.replacement.Replacement`."""
     abl = _ablation(cfg, hasattr(search_beh, "clean"))
+    layer = rep.layer
 
     def make(beh, errors):
-        return _context(model, pair, layer, beh, abl, errors)
+        return _context(rep, beh, abl, errors)
 
     what = (f"every resid{layer} → mlp{layer} feature edge" +
             (" and the residual error's edges" if cfg.errors == "ablated" else "") +

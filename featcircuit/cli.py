@@ -530,7 +530,9 @@ def cmd_evaluate(args: EvaluateConfig) -> None:
         pair = load_pair(folder, expect_model=model_name(model), expect_layer=layer,
                          d_resid=r.width, d_mlp=m.width, device=next(model.parameters()).device)
         tokens = load_tokens(args.data, model, n_tokens=args.tokens, split=args.split)
-        ev = evaluate_pair(model, pair, tokens, layer)
+        from .replacement import Replacement
+
+        ev = evaluate_pair(Replacement(model, {layer: pair}), tokens)
         print(strict_json(ev, NAN_REASONS, indent=1) if args.json else format_quality(ev))
         return
     model = load_model(args.model, args.device)
@@ -817,14 +819,17 @@ def cmd_features(args: FeaturesConfig) -> None:
         raise UserError(f"--feature {bad[0]} is out of range: the {args.site} dictionary has "
                         f"features 0..{d_sae - 1}")
     tokens = load_tokens(args.data, model, n_tokens=args.tokens, split=args.split)
+    from .replacement import Replacement
+
+    rep = Replacement(model, {layer: pair})
     labels = None
     if args.label_tokens:
         from .labels import label_pair
 
         train = load_tokens(args.data, model, n_tokens=args.label_tokens, split="train")
-        labels = label_pair(model, pair, layer, train, tokens, features={args.site: args.feature},
+        labels = label_pair(rep, train, tokens, features={args.site: args.feature},
                             progress=True)[args.site]
-    cards = analyze_features(model, pair, tokens, layer, args.site, args.feature, n_top=args.top,
+    cards = analyze_features(rep, tokens, args.site, args.feature, n_top=args.top,
                              n_bins=args.bins, removal=args.removal,
                              removal_window=args.removal_window, progress=True, labels=labels)
     if args.json:

@@ -218,8 +218,8 @@ def _check_cross_options(cfg: DiscoverConfig) -> None:
                             f"edges join adjacent layers, e.g. --layers {ls[0]}-{ls[-1]}")
 
 
-def target_decomposition(model, pair, layer: int, tokens: torch.Tensor, j: int) -> dict:
-    """What drives MLP feature ``j``, additively: frozen-LN linear contributions to its input.
+def target_decomposition(rep, tokens: torch.Tensor, j: int) -> dict:
+    """What drives MLP feature ``j`` of a one-layer replacement, additively: frozen-LN linear contributions to its input.
 
     With the LayerNorm scale frozen, ``g_t = ∂pre_j/∂x`` is a fixed linear read-out at each token
     and ``x = Σ_i a_i r_i + b_R + ε_R``, so ``g_t·x_t`` splits *exactly* into resid features,
@@ -229,12 +229,10 @@ def target_decomposition(model, pair, layer: int, tokens: torch.Tensor, j: int) 
     """
     from .activations import harvest
     from .attribution import grad_rows
-    from .sites import mlp_parts, pair_sites
 
-    r, m = pair_sites(model, layer)
-    parts = mlp_parts(model, layer)
-    R, M = pair.resid, pair.mlp
-    acts = harvest(model, tokens, [r.hook, m.hook], progress=False)
+    r, m, parts = rep.resid_site, rep.mlp_site, rep.mlp_parts
+    R, M = rep.pair.resid, rep.pair.mlp
+    acts = harvest(rep.model, tokens, [r.hook, m.hook], progress=False)
     x = acts[r.hook][:, 1:].flatten(0, 1).to(parts.W_in.device)
     with torch.no_grad():
         on = M.encode(acts[m.hook][:, 1:].flatten(0, 1).to(x.device))[:, j] != 0
@@ -257,7 +255,7 @@ def target_decomposition(model, pair, layer: int, tokens: torch.Tensor, j: int) 
             "share_decoder_bias": bias / total, "drivers": drivers}
 
 
-def _quality(model, pair, pair_path: Path, tokens: torch.Tensor, layer: int, progress: bool) -> dict:
+def _quality(rep, pair_path: Path, tokens: torch.Tensor, progress: bool) -> dict:
     """Dictionary quality on ``tokens``, measured once per (pair weights, tokens, layer) and cached.
 
     The key hashes the pair's weight files and the tokens, so a retrained pair or other tokens
@@ -270,7 +268,7 @@ def _quality(model, pair, pair_path: Path, tokens: torch.Tensor, layer: int, pro
     from .models import model_name
     from .pairs import cache_root
 
-    h = hashlib.sha256(f"{model_name(model)}|{layer}|{tokens_digest(tokens)}".encode())
+    h = hashlib.sha256(f"{model_name(rep.model)}|{rep.layer}|{tokens_digest(tokens)}".encode())
     files = sorted(Path(pair_path).glob("*/sae_weights.safetensors"))
     for f in files:
         h.update(f.read_bytes())
@@ -280,7 +278,7 @@ def _quality(model, pair, pair_path: Path, tokens: torch.Tensor, layer: int, pro
             return json.loads(path.read_text())
         except (OSError, ValueError):
             pass
-    q = evaluate_pair(model, pair, tokens, layer, progress=progress)
+    q = evaluate_pair(rep, tokens, progress=progress)
     if files:
         try:
             atomic_write_text(path, strict_json(q, indent=1))
@@ -317,6 +315,7 @@ def _run(cfg: DiscoverConfig, t0: float) -> dict:
     from .graph import CircuitGraph
     from .models import load_model, model_name
     from .pairs import each_default_pair
+    from .replacement import Replacement
     from .report import write_report
     from .sharded_edges import attribute_edges_sharded
     from .sites import check_layer, pair_sites
@@ -338,21 +337,22 @@ def _run(cfg: DiscoverConfig, t0: float) -> dict:
         pair_path = Path(cfg.dicts)
     else:
         pair, pair_path = each_default_pair(model, [layer], cfg.progress)[layer]
+    rep = Replacement(model, {layer: pair})  # the model and this layer's dictionaries, one object
+    pair = rep.pair
     target = _parse_target(cfg.target, pair.mlp.W_dec.shape[0]) if cfg.target else None
     print(f"model {name}, layer {layer}: resid {r_site.hook} ({r_site.width}), mlp {m_site.hook} "
           f"({m_site.width}); dictionaries {pair_path}")
     corpus = load_tokens(cfg.data, model, n_tokens=cfg.tokens, split=cfg.split)
     t_setup = time.time() - t0
 
-    quality = _quality(model, pair, pair_path, corpus[: max(1, cfg.eval_tokens // corpus.shape[1])], layer,
-                       cfg.progress)
-    stats = collect_stats(model, pair, corpus, layer, progress=cfg.progress)
+    quality = _quality(rep, pair_path, corpus[: max(1, cfg.eval_tokens // corpus.shape[1])], cfg.progress)
+    stats = collect_stats(rep, corpus, progress=cfg.progress)
     if task is not None:  # edges and their behavioural weights on the behaviour itself
-        table = attribute_edges(model, pair, beh_search.clean, layer=layer, ln=cfg.ln, metric=beh_search.metric,
+        table = attribute_edges(rep, beh_search.clean, ln=cfg.ln, metric=beh_search.metric,
                                 batch_size=len(beh_search), progress=cfg.progress)  # the metric reads every pair
     else:  # under torchrun each rank attributes its share of the batches; every rank gets the sum
         from .attribution import default_metric
-        table = attribute_edges_sharded(model, pair, corpus, layer=layer, ln=cfg.ln, metric=default_metric,
+        table = attribute_edges_sharded(rep, corpus, ln=cfg.ln, metric=default_metric,
                                         progress=cfg.progress)
     t_attr = time.time() - t0 - t_setup
 
@@ -361,7 +361,7 @@ def _run(cfg: DiscoverConfig, t0: float) -> dict:
         ccfg = CircuitConfig(ablation=cfg.ablation, errors=cfg.errors, candidates=cfg.candidates, tau=cfg.tau,
                              tau_abs=cfg.tau_abs, tau_sweep=sweep, rank_by=cfg.rank_by, seed=cfg.seed,
                              skip=_dense_edges(stats) if cfg.exclude_dense else None)
-        found = find_circuit(model, pair, layer, beh_search, beh_eval, ccfg, progress=cfg.progress)
+        found = find_circuit(rep, beh_search, beh_eval, ccfg, progress=cfg.progress)
     t_search = time.time() - t0 - t_setup - t_attr
 
     # the graph: the circuit's edges (or the top edges by |behavioural weight| without a search)
@@ -379,13 +379,13 @@ def _run(cfg: DiscoverConfig, t0: float) -> dict:
     gtab = sel.select(sel.order(by)[: cfg.top_edges])
     nodes = sorted({("resid", i) for i in gtab.src.tolist() if i >= 0} | {("mlp", j) for j in gtab.dst.tolist()})
     tok = model.tokenizer
-    scored, label_summary = _scored_labels(cfg, model, pair, layer, corpus, nodes, stats)
+    scored, label_summary = _scored_labels(cfg, rep, corpus, nodes, stats)
     labels = labels_for(nodes, stats, corpus, tok, layer, scored=scored)
     evidence = None
     if cfg.evidence and len(gtab):  # where each drawn edge is largest on the corpus, its mean per co-activation
         from .evidence import edge_evidence
 
-        evidence = edge_evidence(model, pair, corpus, layer, list(zip(gtab.src.tolist(), gtab.dst.tolist())),
+        evidence = edge_evidence(rep, corpus, list(zip(gtab.src.tolist(), gtab.dst.tolist())),
                                  k=cfg.evidence, ln=cfg.ln, progress=cfg.progress)
     t_labels = time.time() - t0 - t_setup - t_attr - t_search
     node_stats = {f"{site}{layer}/{f}": stats[site].node_stats(f) for site, f in nodes}
@@ -429,7 +429,7 @@ def _run(cfg: DiscoverConfig, t0: float) -> dict:
                                                                  "completeness": f["heldout"]["completeness"]}
                           for f in found["tau_sweep"]],
             "verdict": found["verdict"]}
-    expl = target_decomposition(model, pair, layer, beh_search.clean if task is not None else corpus[:32],
+    expl = target_decomposition(rep, beh_search.clean if task is not None else corpus[:32],
                                 target) if target is not None else None
     summary["seconds"] = {"setup_and_pair": round(t_setup, 1), "quality_stats_attribution": round(t_attr, 1),
                           "circuit": round(t_search, 1), "labels_and_evidence": round(t_labels, 1)}
@@ -455,7 +455,7 @@ def _run(cfg: DiscoverConfig, t0: float) -> dict:
             plot_curves(found["curves"], tmp / "faithfulness.png", found["heldout"],
                         title=f"{meta['behaviour']}, layer {layer}, {found['ablation']} ablation, held-out")
             written.append(tmp / "faithfulness.png")
-        written.append(write_report(tmp, model=model, pair=pair, tokens=corpus, layer=layer, graph=graph,
+        written.append(write_report(tmp, rep=rep, tokens=corpus, graph=graph,
                                     quality=quality, search=_report_search(found), stats=stats,
                                     progress=cfg.progress, labels=scored, evidence=evidence))
         written += [tmp / "features.json", tmp / "attribution_graph.json"]
@@ -510,7 +510,7 @@ def _dense_edges(stats):
     return lambda e: dm[e[1]] or (e[0] >= 0 and dr[e[0]])
 
 
-def _scored_labels(cfg: DiscoverConfig, model, pair, layer: int, corpus, nodes: list[tuple[str, int]], stats):
+def _scored_labels(cfg: DiscoverConfig, rep, corpus, nodes: list[tuple[str, int]], stats):
     """(``{site: {feature: label}}`` or None, summary): rule labels of the graph's feature nodes.
 
     Fitted on ``--label-tokens`` of the training split, scored on held-out tokens (the corpus when
@@ -523,11 +523,12 @@ def _scored_labels(cfg: DiscoverConfig, model, pair, layer: int, corpus, nodes: 
     from .labels import label_pair, node_f1_distribution
     from .stats import DENSE_FREQ
 
+    model, layer = rep.model, rep.layer
     fit_on = load_tokens(cfg.data, model, n_tokens=cfg.label_tokens, split="train")
     scored_on = corpus if cfg.split == "heldout" else load_tokens(cfg.data, model, n_tokens=cfg.tokens,
                                                                   split="heldout")
     feats = {site: sorted(f for s, f in nodes if s == site) for site in ("resid", "mlp")}
-    scored = label_pair(model, pair, layer, fit_on, scored_on, features=feats, progress=cfg.progress)
+    scored = label_pair(rep, fit_on, scored_on, features=feats, progress=cfg.progress)
     ids = [f"{site}{layer}/{f}" for site, f in nodes]
     dist = node_f1_distribution(scored, ids)
     flags = {site: stats[site].dense(DENSE_FREQ) for site in ("resid", "mlp")}  # the graph's dense flags

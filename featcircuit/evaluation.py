@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .dictionary import Pair
 from .errors import UserError
-from .sites import Site, pair_sites
+from .sites import Site
 from .splicing import mean_ablate, reconstruct_with, run_spliced, zero_ablate
 
 DENSE_FREQ = 0.1  # a feature firing on more than 10% of tokens counts as dense
@@ -69,20 +69,22 @@ def site_stats(d, acts: Tensor) -> dict:
 
 
 @torch.no_grad()
-def link_stats(model, pair: Pair, layer: int, resid_acts: Tensor, *,
-               max_tokens: int = JACOBIAN_TOKENS) -> dict | None:
-    """Jacobian statistics of a pair on residual rows ``resid_acts [n, d]`` (None if not affine).
+def link_stats(rep, resid_acts: Tensor, *, max_tokens: int = JACOBIAN_TOKENS) -> dict | None:
+    """Jacobian statistics of a one-layer replacement's pair on residual rows ``resid_acts [n, d]``
+    (None if not affine).
 
     In normalised units (both sites at unit mean squared norm, as in training); see
     :func:`featcircuit.jacobian.jacobian_stats`.
     """
     from .jacobian import jacobian_stats, rms
-    from .sites import mlp_parts
+    from .replacement import one_layer
 
+    rep = one_layer(rep, "link_stats")
+    pair = rep.pair
     if not (isinstance(getattr(pair.resid, "W_dec", None), Tensor)
             and isinstance(getattr(pair.mlp, "W_enc", None), Tensor) and not hasattr(pair.mlp, "enc_cols")):
         return None  # a wrapped module without weights: no closed form
-    parts = mlp_parts(model, layer)
+    parts = rep.mlp_parts
     dev = parts.W_in.device
     x = resid_acts[:max_tokens].to(dev)
     scale = rms(x) / max(rms(parts.hidden(x)), 1e-30)
@@ -159,20 +161,20 @@ def _stats_on_cpu(d, rows: Tensor, device) -> dict:
     return out
 
 
-def evaluate_pair(model, pair: Pair, tokens: Tensor, layer: int, *, batch_size: int = 16,
-                  progress: bool = True) -> dict:
-    """Quality of a dictionary pair on ``tokens`` (BOS positions excluded from every number)."""
-    from .adapters import layer_pair
+def evaluate_pair(rep, tokens: Tensor, *, batch_size: int = 16, progress: bool = True) -> dict:
+    """Quality of a one-layer replacement's dictionary pair on ``tokens`` (BOS positions excluded
+    from every number)."""
+    from .replacement import one_layer
 
     _check_tokens(tokens)
-    r_site, m_site = pair_sites(model, layer)
-    pair = layer_pair(model, pair, layer)  # any module with encode/decode works
+    rep = one_layer(rep, "evaluate_pair")
+    model, pair, r_site, m_site = rep.model, rep.pair, rep.resid_site, rep.mlp_site
     device = next(model.parameters()).device
     flat = _site_rows(model, tokens, (r_site, m_site), batch_size)
     dicts = {r_site.hook: pair.resid, m_site.hook: pair.mlp}
     out: dict = {"sites": {s.name: _stats_on_cpu(dicts[s.hook], flat[s.hook], device)
                            for s in (r_site, m_site)}}
-    out["jacobian"] = link_stats(model, pair, layer, flat[r_site.hook])
+    out["jacobian"] = link_stats(rep, flat[r_site.hook])
     means = {h: v.mean(0) for h, v in flat.items()}
     groups = {"resid": [r_site.hook], "mlp": [m_site.hook], "both": [r_site.hook, m_site.hook]}
     out["downstream"] = downstream(model, tokens, dicts, means, groups, batch_size=batch_size,
@@ -211,11 +213,13 @@ def evaluate_layers(model, pairs: Mapping[int, Pair], tokens: Tensor, *, batch_s
     if not pairs:
         raise UserError("evaluate_layers needs at least one layer's pair")
     device = next(model.parameters()).device
-    from .adapters import layer_pair
+    from .replacement import Replacement
 
     layers = sorted(pairs)
-    sites = {layer: pair_sites(model, layer) for layer in layers}
-    pairs = {layer: layer_pair(model, pairs[layer], layer) for layer in layers}
+    # one-layer replacements: the layers need not be contiguous here (no edges between them)
+    reps = {layer: Replacement(model, {layer: pairs[layer]}) for layer in layers}
+    sites = {layer: (reps[layer].resid_site, reps[layer].mlp_site) for layer in layers}
+    pairs = {layer: reps[layer].pair for layer in layers}
     flat = _site_rows(model, tokens, [s for pr in sites.values() for s in pr], batch_size)
     dicts, groups, per = {}, {}, []
     for layer in layers:
@@ -223,7 +227,7 @@ def evaluate_layers(model, pairs: Mapping[int, Pair], tokens: Tensor, *, batch_s
         dicts[r.hook], dicts[m.hook] = pairs[layer].resid, pairs[layer].mlp
         per.append({"layer": layer,
                     "sites": {s.name: _stats_on_cpu(dicts[s.hook], flat[s.hook], device) for s in (r, m)},
-                    "jacobian": link_stats(model, pairs[layer], layer, flat[r.hook])})
+                    "jacobian": link_stats(reps[layer], flat[r.hook])})
         groups.update({f"L{layer}/resid": [r.hook], f"L{layer}/mlp": [m.hook],
                        f"L{layer}/both": [r.hook, m.hook]})
     groups["all"] = list(dicts)

@@ -33,10 +33,11 @@ def _edge_id(layer: int, i: int, j: int) -> tuple[str, str]:
 
 
 @torch.no_grad()
-def edge_evidence(model, pair, tokens: Tensor, layer: int, edges: Iterable[tuple[int, int]], k: int = 5, *,
+def edge_evidence(rep, tokens: Tensor, edges: Iterable[tuple[int, int]], k: int = 5, *,
                   ln: str = "exact", batch_size: int = 16, per_doc: int = 1, n_tokens_shown: int = 8,
                   left: int = 24, right: int = 4, progress: bool = False) -> list[dict]:
-    """Evidence for each ``(i, j)`` in ``edges`` (resid feature i, -1 for the error → MLP feature j).
+    """Evidence for each ``(i, j)`` in ``edges`` (resid feature i, -1 for the error → MLP feature j)
+    of a one-layer :class:`~featcircuit.replacement.Replacement`.
 
     Returns one dict per edge, in the given order: ``source``, ``target`` (node ids), ``src``,
     ``dst``, ``sum``, ``sum_abs``, ``count``, ``mean`` (per co-activation), ``max_abs``, ``top``
@@ -44,14 +45,15 @@ def edge_evidence(model, pair, tokens: Tensor, layer: int, edges: Iterable[tuple
     at the marked token) and ``top_tokens``.
     """
     from .activations import harvest
-    from .attribution import _check_pair, batch_edges
-    from .sites import mlp_parts
+    from .attribution import batch_edges
+    from .replacement import one_layer
 
     edges = [(int(i), int(j)) for i, j in edges]
     if k < 0:
         raise UserError(f"bad k {k!r}: use the number of contexts per edge (>= 0)")
-    r_site, _, pair = _check_pair(model, pair, layer)
-    R, M = pair.resid, pair.mlp
+    rep = one_layer(rep, "edge_evidence")
+    model, layer, r_site = rep.model, rep.layer, rep.resid_site
+    R, M = rep.pair.resid, rep.pair.mlp
     d_r, d_m = R.W_dec.shape[0], M.W_dec.shape[0]
     for i, j in edges:
         if not (-1 <= i < d_r and 0 <= j < d_m):
@@ -59,7 +61,7 @@ def edge_evidence(model, pair, tokens: Tensor, layer: int, edges: Iterable[tuple
                             f"0..{d_r - 1}, mlp features 0..{d_m - 1}")
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise UserError(f"edge evidence needs a [n_seq, n_ctx >= 2] token tensor, got {tuple(tokens.shape)}")
-    parts = mlp_parts(model, layer)
+    parts = rep.mlp_parts
     device = parts.W_in.device
     keyof = lambda i, j: j * (d_r + 1) + (d_r if i < 0 else i)  # noqa: E731
     want = torch.tensor(sorted({keyof(i, j) for i, j in edges}), dtype=torch.long, device=device)

@@ -515,22 +515,23 @@ def fit_labels(train: FeatureIndex, heldout: FeatureIndex, tokenizer, features: 
     return out
 
 
-def label_pair(model, pair, layer: int, train_tokens: Tensor, heldout_tokens: Tensor, *,
+def label_pair(rep, train_tokens: Tensor, heldout_tokens: Tensor, *,
                features: Mapping[str, Iterable[int]] | None = None, threshold_frac: float = 0.0,
                cache_dir: str | Path | Literal[False] | None = None, progress: bool = False,
                **fit_kw) -> dict[str, dict[int, dict]]:
-    """``{"resid": {f: label}, "mlp": {f: label}}``: labels of a pair's features (all, or ``features``).
+    """``{"resid": {f: label}, "mlp": {f: label}}``: labels of a one-layer replacement's features
+    (all, or ``features``).
 
     Fitted on ``train_tokens`` (use the training split), scored on ``heldout_tokens``; both
     indexes come from :func:`featcircuit.stats.feature_index` (cached).
     """
     from .stats import feature_indexes
 
-    tok = getattr(model, "tokenizer", None)
+    tok = getattr(rep.model, "tokenizer", None)
     tc, hc = token_contexts(train_tokens, tok), token_contexts(heldout_tokens, tok)
     sites = [s for s in ("resid", "mlp") if features is None or s in features]
-    trs = feature_indexes(model, pair, train_tokens, layer, sites, cache_dir=cache_dir, progress=progress)
-    hos = feature_indexes(model, pair, heldout_tokens, layer, sites, cache_dir=cache_dir, progress=progress)
+    trs = feature_indexes(rep, train_tokens, sites, cache_dir=cache_dir, progress=progress)
+    hos = feature_indexes(rep, heldout_tokens, sites, cache_dir=cache_dir, progress=progress)
     out = {}
     for site in sites:
         tr, ho = trs[site], hos[site]

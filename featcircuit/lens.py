@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .errors import UserError
-from .sites import SITES, check_layer, mlp_parts
+from .sites import SITES
 
 LENS_MAD = 6.0
 LENS_RULE = ("hidden from the logit lens: special tokens, vocabulary rows past the tokenizer, tokens "
@@ -25,20 +25,20 @@ LENS_RULE = ("hidden from the logit lens: special tokens, vocabulary rows past t
              f"(norm > median + {LENS_MAD:g}·1.4826·MAD)")
 
 
-def feature_directions(model, pair, layer: int, site: str, features: Sequence[int] | None = None) -> Tensor:
-    """Residual directions ``[n, d_model]`` of features: ``W_dec`` (resid) or ``W_dec @ W_out`` (mlp)."""
+def feature_directions(rep, site: str, features: Sequence[int] | None = None) -> Tensor:
+    """Residual directions ``[n, d_model]`` of a one-layer replacement's features: ``W_dec``
+    (resid) or ``W_dec @ W_out`` (mlp)."""
+    from .replacement import one_layer
+
     if site not in SITES:
         raise UserError(f"unknown site {site!r}: use resid or mlp")
-    check_layer(model, layer)
-    from .adapters import layer_pair
-
-    pair = layer_pair(model, pair, layer)  # any module with encode/decode works
-    d = pair.resid if site == "resid" else pair.mlp
+    rep = one_layer(rep, "feature_directions")
+    d = rep.pair.resid if site == "resid" else rep.pair.mlp
     W = d.W_dec.detach() if features is None else d.W_dec.detach()[torch.as_tensor(list(features),
                                                                                      dtype=torch.long)]
     W = W.float()
     if site == "mlp":
-        W_out = mlp_parts(model, layer).W_out.float()
+        W_out = rep.mlp_parts.W_out.float()
         W = W.to(W_out.device) @ W_out
     return W
 

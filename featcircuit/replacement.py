@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .adapters import as_pair
 from .errors import UserError
-from .sites import MLPParts, check_layer, is_parallel, mlp_parts, pair_sites
+from .sites import MLPParts, Site, check_layer, is_parallel, mlp_parts, pair_sites
 
 SiteKey = tuple[str, int]  # ("resid" | "mlp", layer)
 
@@ -50,7 +50,12 @@ class Trace:
 
 
 class Replacement:
-    """The model and its dictionary pair at each of a contiguous run of layers."""
+    """The model and its dictionary pair at each of a contiguous run of layers.
+
+    ``Replacement(model, {2: pair})`` is the one-layer case every resid→mlp computation takes
+    (attribution, ablation, statistics, labels, evaluation, the report); a multi-layer one gives
+    its layers' views with :meth:`at`. Dictionaries may be any modules with ``encode``/``decode``.
+    """
 
     def __init__(self, model, pairs: Mapping[int, object], layers: Sequence[int] | None = None):
         layers = sorted(pairs) if layers is None else sorted(int(x) for x in layers)
@@ -69,13 +74,61 @@ class Replacement:
         self.parallel = is_parallel(model)
         self.pairs = {}
         self.hooks: dict[SiteKey, str] = {}
+        self.site_of: dict[SiteKey, Site] = {}
         for L in layers:
             r, m = pair_sites(model, L)
             self.pairs[L] = as_pair(pairs[L], r.width, m.width)
-            self.hooks[("resid", L)], self.hooks[("mlp", L)] = r.hook, m.hook
+            for kind, s, d in (("resid", r, self.pairs[L].resid), ("mlp", m, self.pairs[L].mlp)):
+                d_in = getattr(getattr(d, "cfg", None), "d_in", None) or d.W_dec.shape[-1]
+                if d_in != s.width:
+                    raise UserError(f"the {kind} dictionary of layer {L} takes width {d_in} but {s.hook} "
+                                    f"has width {s.width}")
+                self.hooks[(kind, L)], self.site_of[(kind, L)] = s.hook, s
         self.parts: dict[int, MLPParts] = {L: mlp_parts(model, L) for L in layers}
         self.sites: list[SiteKey] = [s for L in layers for s in (("resid", L), ("mlp", L))]
         self.n_forward = 0  # forward passes over tokens (for the one-pass accounting)
+
+    # ---- the one-layer view (resid(L) → mlp(L): attribution, ablation, stats, labels, report) --
+
+    @property
+    def layer(self) -> int:
+        """The one chosen layer; a UserError when this replacement holds several (use :meth:`at`)."""
+        if len(self.layers) != 1:
+            raise UserError(f"this is a one-layer computation but the Replacement holds layers "
+                            f"{self.layers[0]}-{self.layers[-1]}: pass rep.at(L) for one of them")
+        return self.layers[0]
+
+    @property
+    def pair(self):
+        """The one layer's (resid, mlp) dictionary pair, attribution-ready (any encode/decode module)."""
+        return self.pairs[self.layer]
+
+    @property
+    def resid_site(self) -> Site:
+        """The residual site the one layer's MLP reads."""
+        return self.site_of[("resid", self.layer)]
+
+    @property
+    def mlp_site(self) -> Site:
+        """The one layer's mid-MLP site."""
+        return self.site_of[("mlp", self.layer)]
+
+    @property
+    def mlp_parts(self) -> MLPParts:
+        """The one layer's MLP weights and input norm."""
+        return self.parts[self.layer]
+
+    def site(self, kind: str) -> Site:
+        """The one layer's ``resid`` or ``mlp`` site; a UserError naming the two for anything else."""
+        if kind not in ("resid", "mlp"):
+            raise UserError(f"unknown site {kind!r}: a dictionary pair has sites 'resid' and 'mlp'")
+        return self.site_of[(kind, self.layer)]
+
+    def at(self, layer: int) -> Replacement:
+        """The one-layer replacement of ``layer`` (shares the model and the dictionaries)."""
+        if layer not in self.pairs:
+            raise UserError(f"layer {layer} is not in this Replacement (layers {self.layers})")
+        return Replacement(self.model, {layer: self.pairs[layer]})
 
     # ---- dictionaries ----------------------------------------------------------------------
 
@@ -223,3 +276,12 @@ def _decode(d, codes: Tensor) -> Tensor:
     """Decode ``[n, ctx, m]`` codes with any dictionary module."""
     n, c, m = codes.shape
     return d.decode(codes.reshape(n * c, m)).view(n, c, -1)
+
+
+def one_layer(rep, who: str) -> Replacement:
+    """``rep`` if it is a one-layer :class:`Replacement`; a TypeError saying how to make one if not."""
+    if not isinstance(rep, Replacement):
+        raise TypeError(f"{who} takes a Replacement (fc.Replacement(model, {{layer: pair}})), "
+                        f"got {type(rep).__name__}")
+    rep.layer  # noqa: B018 -- raises the one-layer UserError for a multi-layer replacement
+    return rep

@@ -48,10 +48,11 @@ from .io import atomic_write_text
 # ---- 1. cards --------------------------------------------------------------------------------
 
 
-def graph_cards(model, pair, tokens, layer: int, graph, *, removal: bool = True,
+def graph_cards(rep, tokens, graph, *, removal: bool = True,
                 cache_dir=None, progress: bool = False,
                 labels: Mapping[str, Mapping[int, Mapping]] | None = None, **card_kw) -> dict[str, dict]:
-    """``{node id: card}`` for every feature node of ``graph`` (``labels``: ``{site: {feature: label}}``)."""
+    """``{node id: card}`` for every feature node of ``graph``, the one-layer graph of ``rep``
+    (``labels``: ``{site: {feature: label}}``)."""
     want: dict[str, list[int]] = {"resid": [], "mlp": []}
     for n in graph.sorted_nodes():
         d = graph.g.nodes[n]
@@ -59,7 +60,7 @@ def graph_cards(model, pair, tokens, layer: int, graph, *, removal: bool = True,
             want[d["site"]].append(int(d["feature"]))
     cards = {}
     for site, feats in want.items():
-        for c in analyze_features(model, pair, tokens, layer, site, feats, removal=removal,
+        for c in analyze_features(rep, tokens, site, feats, removal=removal,
                                   cache_dir=cache_dir, progress=progress,
                                   labels=(labels or {}).get(site), **card_kw):
             cards[c["id"]] = c
@@ -276,23 +277,27 @@ attribution_graph.json (nodes/links), graph.json (featcircuit schema)</p>
 # ---- the entry point -------------------------------------------------------------------------
 
 
-def write_report(out_dir: str | Path, *, model, pair, tokens, layer: int, graph, quality: Mapping | None,
+def write_report(out_dir: str | Path, *, rep, tokens, graph, quality: Mapping | None,
                  search: Mapping | None = None, stats: Mapping | None = None,
                  cards: Mapping[str, dict] | None = None, removal: bool = True, cache_dir=None,
                  progress: bool = False, labels: Mapping[str, Mapping[int, Mapping]] | None = None,
                  evidence: Sequence[Mapping] | None = None) -> Path:
-    """Write ``report.html``, ``features.json`` and ``attribution_graph.json``; returns the HTML's path.
+    """Write ``report.html``, ``features.json`` and ``attribution_graph.json`` of ``graph``, the
+    circuit of the one-layer :class:`~featcircuit.replacement.Replacement` ``rep``; returns the
+    HTML's path.
 
     ``labels``: scored labels ``{site: {feature: label}}`` (:func:`featcircuit.labels.label_pair`)
     for the cards; ``evidence``: :func:`featcircuit.evidence.edge_evidence` of the graph's edges,
     shown in the cards and the edge table and also written to ``edge_evidence.json``.
     """
     from .models import model_name
+    from .replacement import one_layer
 
+    rep = one_layer(rep, "write_report")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cards is None:
-        cards = graph_cards(model, pair, tokens, layer, graph, removal=removal, cache_dir=cache_dir,
+        cards = graph_cards(rep, tokens, graph, removal=removal, cache_dir=cache_dir,
                             progress=progress, labels=labels)
     svg = render_svg(graph)
     page = report_html(graph=graph, cards=cards, quality=quality, search=search, svg=svg, out_dir=out,
@@ -301,9 +306,9 @@ def write_report(out_dir: str | Path, *, model, pair, tokens, layer: int, graph,
         from .evidence import save_evidence
 
         save_evidence(evidence, out / "edge_evidence.json")
-    name = model_name(model) if model is not None else str(graph.meta.get("model", "model"))
+    name = model_name(rep.model)
     atomic_write_text(out / "features.json", json.dumps(
-        {"modelId": name, "layer": layer, "source": "featcircuit",
+        {"modelId": name, "layer": rep.layer, "source": "featcircuit",
          "features": [neuronpedia_feature(c, name) for c in cards.values()]}, ensure_ascii=False))
     atomic_write_text(out / "attribution_graph.json", json.dumps(attribution_graph(graph, cards, evidence),
                                                                  indent=1))

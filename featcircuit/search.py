@@ -86,7 +86,7 @@ def metric_grad(ctx: AblationContext) -> Tensor:
     else:
         n = ctx.tokens[:, 1:].numel()
         metric = lambda lg, t: default_metric(lg, t) / n  # noqa: E731
-    eff = node_effects(ctx.model, ctx.pair, ctx.tokens, layer=ctx.layer, metric=metric, keep_tensors=True)
+    eff = node_effects(ctx.rep, ctx.tokens, metric=metric, keep_tensors=True)
     return eff["grad_f"].to(ctx.x.device)
 
 

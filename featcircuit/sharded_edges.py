@@ -52,17 +52,16 @@ def merge_edge_tables(tables: Sequence):
                      add("behav_weight") if t0.behav_weight is not None else None, dict(t0.meta))
 
 
-def attribute_edges_sharded(model, pair, tokens: Tensor, *, layer: int, batch_size: int = 16,
-                            **kw):
+def attribute_edges_sharded(rep, tokens: Tensor, *, batch_size: int = 16, **kw):
     """:func:`~featcircuit.attribution.attribute_edges` with the token batches shared out over
     the ranks and the per-rank tables merged; every rank gets the whole table."""
     starts = list(range(0, len(tokens), batch_size))
     mine = D.shard(starts)
     if mine:
         idx = torch.cat([torch.arange(s, min(s + batch_size, len(tokens))) for s in mine])
-        local = attribute_edges(model, pair, tokens[idx], layer=layer, batch_size=batch_size, **kw)
+        local = attribute_edges(rep, tokens[idx], batch_size=batch_size, **kw)
     else:  # more ranks than batches: this rank contributes an empty table
-        local = attribute_edges(model, pair, tokens[:0], layer=layer, batch_size=batch_size, **kw)
+        local = attribute_edges(rep, tokens[:0], batch_size=batch_size, **kw)
     if D.world() == 1:
         return local
     gathered: list = [None] * D.world()

@@ -24,12 +24,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .sites import pair_sites
 
 INDEX_VERSION = 1
 LABEL_K = 8  # top activations kept per feature by collect_stats (its default k)
 DENSE_FREQ = 0.10  # a feature active on more than this fraction of tokens is dense
-_SITE_INDEX = {"resid": 0, "mlp": 1}
 
 
 @dataclass
@@ -55,24 +53,25 @@ class FeatureStats:
 
 
 @torch.no_grad()
-def collect_stats(model, pair, tokens: Tensor, layer: int, *, k: int = LABEL_K, batch_size: int = 16,
+def collect_stats(rep, tokens: Tensor, *, k: int = LABEL_K, batch_size: int = 16,
                   lens: int = 3, progress: bool = True,
                   cache_dir: str | Path | Literal[False] | None = None) -> dict[str, FeatureStats]:
-    """``{"resid": FeatureStats, "mlp": FeatureStats}`` of a pair over ``tokens``.
+    """``{"resid": FeatureStats, "mlp": FeatureStats}`` of a one-layer replacement's pair over ``tokens``.
 
     Read off each dictionary's :class:`FeatureIndex` (cached, so cards and labels of the same
     tokens need no second pass); ``cache_dir`` as for :func:`feature_index`.
     """
     from .lens import feature_directions, lens_mask, lens_top_ids
 
+    model = rep.model
     mask = lens_mask(model, token_counts(tokens, model.W_U.shape[1])) if lens > 0 else None
     out = {}
-    indexes = feature_indexes(model, pair, tokens, layer, cache_dir=cache_dir, progress=progress,
+    indexes = feature_indexes(rep, tokens, cache_dir=cache_dir, progress=progress,
                               batch_size=batch_size)  # one pass for both sites on a cold cache
     for name, idx in indexes.items():
         top = None
         if mask is not None:
-            top = lens_top_ids(model, feature_directions(model, pair, layer, name), mask, lens)
+            top = lens_top_ids(model, feature_directions(rep, name), mask, lens)
         out[name] = stats_from_index(idx, k, top)
     return out
 
@@ -228,32 +227,36 @@ def build_indexes(model, dicts: dict[str, tuple], tokens: Tensor, *, layer: int 
     return out
 
 
-def feature_index(model, pair, tokens: Tensor, layer: int, site: str, *,
+def feature_index(rep, tokens: Tensor, site: str, *,
                   cache_dir: str | Path | Literal[False] | None = None,
                   progress: bool = False, batch_size: int = 16) -> FeatureIndex:
-    """The :class:`FeatureIndex` of ``pair``'s ``site`` dictionary: from the cache, or one pass (then cached).
+    """The :class:`FeatureIndex` of a one-layer replacement's ``site`` dictionary: from the cache,
+    or one pass (then cached).
 
     ``cache_dir``: None for :func:`default_cache_dir`, a folder, or False for no cache.
     """
-    return feature_indexes(model, pair, tokens, layer, (site,), cache_dir=cache_dir, progress=progress,
+    return feature_indexes(rep, tokens, (site,), cache_dir=cache_dir, progress=progress,
                            batch_size=batch_size)[site]
 
 
-def feature_indexes(model, pair, tokens: Tensor, layer: int, sites=("resid", "mlp"), *,
+def feature_indexes(rep, tokens: Tensor, sites=("resid", "mlp"), *,
                     cache_dir: str | Path | Literal[False] | None = None,
                     progress: bool = False, batch_size: int = 16) -> dict[str, FeatureIndex]:
-    """``{site: FeatureIndex}`` of several of ``pair``'s dictionaries: cached ones are read, the
-    others come from one shared pass over ``tokens`` (then cached); ``cache_dir`` as for
-    :func:`feature_index`."""
+    """``{site: FeatureIndex}`` of several of a one-layer replacement's dictionaries: cached ones
+    are read, the others come from one shared pass over ``tokens`` (then cached); ``cache_dir`` as
+    for :func:`feature_index`."""
     from .io import atomic_save_torch
     from .models import model_name
+    from .replacement import one_layer
 
+    rep = one_layer(rep, "feature_indexes")
+    model, layer = rep.model, rep.layer
     name = model_name(model)
     out: dict[str, FeatureIndex] = {}
     todo: dict[str, tuple] = {}
     paths: dict[str, tuple[Path | None, str]] = {}
     for site in sites:
-        d, hook = _site_dict(model, pair, layer, site)
+        d, hook = _site_dict(rep, site)
         key = index_key(d, hook, tokens, name)
         path = None
         if cache_dir is not False:
@@ -279,13 +282,9 @@ def feature_indexes(model, pair, tokens: Tensor, layer: int, sites=("resid", "ml
     return {site: out[site] for site in sites}
 
 
-def _site_dict(model, pair, layer: int, site: str):
-    from .adapters import layer_pair
-
-    if site not in _SITE_INDEX:
-        raise UserError(f"unknown site {site!r}: use resid or mlp")
-    pair = layer_pair(model, pair, layer)  # any module with encode/decode works
-    return (pair.resid if site == "resid" else pair.mlp), pair_sites(model, layer)[_SITE_INDEX[site]].hook
+def _site_dict(rep, site: str):
+    hook = rep.site(site).hook  # a UserError for anything but resid or mlp
+    return rep.dictionary((site, rep.layer)), hook
 
 
 # ---- 3. density ------------------------------------------------------------------------------

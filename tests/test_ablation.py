@@ -12,6 +12,7 @@ import torch
 from featcircuit import load_model
 from featcircuit.ablation import ERR, AblationContext, Config
 from featcircuit.faithfulness import _areas, curves, end_points
+from featcircuit.replacement import Replacement
 from featcircuit.search import rank_edges, search_circuit
 from featcircuit.sites import pair_sites
 from featcircuit.tasks import TaskPrompts
@@ -111,11 +112,13 @@ def test_values_equal_independent_reference(setup, ablation, errors, path, monke
     model, pair, task = setup
     if path == "switched":
         other = "kept" if errors == "ablated" else "ablated"
-        src = AblationContext(model, pair, LAYER, task.clean, ablation, task=task, errors=other)
+        src = AblationContext(Replacement(model, {LAYER: pair}), task.clean, ablation, task=task,
+                              errors=other)
         src_scope, src_empty = list(src.scope()), src.m_empty
         ctx = src.with_errors(errors)
     else:
-        ctx = AblationContext(model, pair, LAYER, task.clean, ablation, task=task, errors=errors)
+        ctx = AblationContext(Replacement(model, {LAYER: pair}), task.clean, ablation, task=task,
+                              errors=errors)
     scope = ctx.scope()
     assert any(i == ERR for i, _ in scope) == (errors == "ablated")
     some = scope[::3][:12]
@@ -141,7 +144,7 @@ def test_values_equal_independent_reference(setup, ablation, errors, path, monke
 def test_corpus_kl_equals_independent_reference(setup):
     """Corpus mode: m = mean next-token KL(clean ‖ ablated) over the scored positions."""
     model, pair, task = setup
-    ctx = AblationContext(model, pair, LAYER, task.clean, "zero")
+    ctx = AblationContext(Replacement(model, {LAYER: pair}), task.clean, "zero")
     logp = torch.log_softmax(model(task.clean).detach(), -1)
 
     def kl(logits):
@@ -169,14 +172,14 @@ def test_corpus_kl_equals_independent_reference(setup):
 def test_ablation_values_differ(setup):
     """Zero, mean and patch are different interventions (a mean that ignores the mean fails)."""
     model, pair, task = setup
-    ms = [AblationContext(model, pair, LAYER, task.clean, a, task=task).m_empty
+    ms = [AblationContext(Replacement(model, {LAYER: pair}), task.clean, a, task=task).m_empty
           for a in ("zero", "mean", "patch")]
     assert min(abs(ms[0] - ms[1]), abs(ms[0] - ms[2]), abs(ms[1] - ms[2])) > 1e-4
 
 
 def test_kl_of_unchanged_run_is_exactly_zero(setup):
     model, pair, task = setup
-    ctx = AblationContext(model, pair, LAYER, task.clean, "zero")
+    ctx = AblationContext(Replacement(model, {LAYER: pair}), task.clean, "zero")
     assert ctx.m_full == 0.0
     assert ctx.m_empty > 0
 
@@ -208,7 +211,7 @@ def test_planted_circuit_faithfulness_and_search(neox_dir):
     pair = random_pair(model, LAYER, dtype=torch.float64, k=6, width=4)
     R, M = pair
     tokens = torch.randint(1, model.cfg.d_vocab, (3, 8), generator=torch.Generator().manual_seed(9))
-    probe = AblationContext(model, pair, LAYER, tokens, "zero")
+    probe = AblationContext(Replacement(model, {LAYER: pair}), tokens, "zero")
     # the MLP feature active on most tokens is the one live target; two of the resid features
     # active on most tokens are the live sources
     j1 = int(probe.mask.sum(0).argmax())
@@ -221,7 +224,7 @@ def test_planted_circuit_faithfulness_and_search(neox_dir):
         dead_m = torch.ones(M.W_dec.shape[0], dtype=torch.bool)
         dead_m[j1] = False
         M.W_dec[dead_m] = 0
-    ctx = AblationContext(model, pair, LAYER, tokens, "zero")
+    ctx = AblationContext(Replacement(model, {LAYER: pair}), tokens, "zero")
     planted_edges = [(i1, j1), (i2, j1)]
     ep = end_points(ctx, planted_edges)
     assert ep["faithfulness"] == pytest.approx(1.0, abs=1e-9)
@@ -242,11 +245,12 @@ def test_planted_circuit_faithfulness_and_search(neox_dir):
     from featcircuit.circuit import CircuitConfig, find_circuit
 
     base = dict(ablation="zero", candidates=10, tau=1e-6, rank_by="abs", batch=1)
-    full = find_circuit(model, pair, LAYER, tokens, tokens, CircuitConfig(**base), progress=False)
+    rep = Replacement(model, {LAYER: pair})
+    full = find_circuit(rep, tokens, tokens, CircuitConfig(**base), progress=False)
     assert {tuple(e) for e in full["circuit"]} == set(planted_edges)
     assert full["heldout"]["faithfulness"] == pytest.approx(1.0, abs=1e-9)
     skip = CircuitConfig(**base, skip=lambda e: e == (i1, j1))
-    cut = find_circuit(model, pair, LAYER, tokens, tokens, skip, progress=False)
+    cut = find_circuit(rep, tokens, tokens, skip, progress=False)
     assert [i1, j1] not in cut["candidates"] and [tuple(e) for e in cut["circuit"]] == [(i2, j1)]
     assert cut["scope"]["size_heldout"] == full["scope"]["size_heldout"]
     one = end_points(ctx, [(i2, j1)])["faithfulness"]
@@ -256,7 +260,7 @@ def test_planted_circuit_faithfulness_and_search(neox_dir):
 @pytest.mark.parametrize("batch", [1, 4])
 def test_batched_search_equals_sequential(setup, batch):
     model, pair, task = setup
-    ctx = AblationContext(model, pair, LAYER, task.clean, "patch", task=task)
+    ctx = AblationContext(Replacement(model, {LAYER: pair}), task.clean, "patch", task=task)
     rk = rank_edges(ctx)
     cands = rk.order("abs")[:16]
     stat = rk.stat("abs")
@@ -289,7 +293,7 @@ def test_areas():
 
 def test_curves_end_points(setup):
     model, pair, task = setup
-    ctx = AblationContext(model, pair, LAYER, task.clean, "patch", task=task)
+    ctx = AblationContext(Replacement(model, {LAYER: pair}), task.clean, "patch", task=task)
     scope = ctx.scope()
     res = curves(ctx, {"scope": scope}, extra_sizes=[3])
     pts = res["orders"]["scope"]["points"]
@@ -387,14 +391,14 @@ def test_choose_batch_probes_the_searchs_own_configurations(setup, monkeypatch, 
     from featcircuit.search import choose_batch, visit_order
 
     model, pair, task = setup
-    ctx = AblationContext(model, pair, LAYER, task.clean, "patch", task=task)
+    ctx = AblationContext(Replacement(model, {LAYER: pair}), task.clean, "patch", task=task)
     rk = rank_edges(ctx)
     cands, stat = rk.order("abs")[:16], rk.stat("abs")
     order = visit_order(cands, stat)
     tau = sorted(stat[e] for e in order[:8])[4]  # some edges of the first chain predicted kept
     settled = _settled_by_first_chain(ctx, cands, stat, tau)
     assert 1 <= settled < 8  # so counting configurations instead of decisions picks otherwise
-    ctx = AblationContext(model, pair, LAYER, task.clean, "patch", task=task)
+    ctx = AblationContext(Replacement(model, {LAYER: pair}), task.clean, "patch", task=task)
     H = Config.keeping(cands)
     ctx.values([H])
     cache, passes = dict(ctx._values), ctx.passes
@@ -426,11 +430,11 @@ def test_a_busy_spell_during_the_probe_picks_one_configuration_per_pass(setup, m
     from featcircuit.search import choose_batch
 
     model, pair, task = setup
-    ctx = AblationContext(model, pair, LAYER, task.clean, "patch", task=task)
+    ctx = AblationContext(Replacement(model, {LAYER: pair}), task.clean, "patch", task=task)
     rk = rank_edges(ctx)
     cands, stat = rk.order("abs")[:16], rk.stat("abs")
     assert _settled_by_first_chain(ctx, cands, stat, 0.0) >= 2  # 0.8 < 0.6 × 2 × 1.0: chains
-    ctx = AblationContext(model, pair, LAYER, task.clean, "patch", task=task)
+    ctx = AblationContext(Replacement(model, {LAYER: pair}), task.clean, "patch", task=task)
     calls = iter(range(100))
     busy = {3: 10.0}  # calls: H, warm-up chain, its distances, then the first single: ten times slower
     _fake_clock(monkeypatch, ctx, lambda n: (0.1 if n == 1 else 0.8) * busy.get(next(calls), 1.0))
@@ -443,7 +447,7 @@ def test_search_with_a_chosen_batch_equals_sequential(setup, monkeypatch):
     """When the probe picks chains (a pass costing about the same at any size), the search's
     decisions are still the one-edge-per-pass ones."""
     model, pair, task = setup
-    ctx = AblationContext(model, pair, LAYER, task.clean, "patch", task=task)
+    ctx = AblationContext(Replacement(model, {LAYER: pair}), task.clean, "patch", task=task)
     rk = rank_edges(ctx)
     cands, stat = rk.order("abs")[:16], rk.stat("abs")
     probe = search_circuit(ctx, cands, tau=0.0, stat=stat, batch=1, progress=False)

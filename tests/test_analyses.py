@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import featcircuit.analyses as A
 from featcircuit.dictionary import DictConfig, Dictionary, Pair
 from featcircuit.evaluation import evaluate_pair
+from featcircuit.replacement import Replacement
 from featcircuit.sites import pair_sites
 
 
@@ -75,7 +76,7 @@ def test_dictionary_point_matches_evaluate_pair(neox):
     rho = float((recon.norm(dim=-1) / acts.norm(dim=-1)).mean())
     assert dict_row["norm_ratio"] == pytest.approx(rho, abs=1e-5)
     assert rows[0]["norm_ratio"] == pytest.approx(rho, abs=1e-5)  # random rows use the same ρ
-    ev = evaluate_pair(neox, Pair(_identity(r.width, site="resid"), d), toks, 1, progress=False)
+    ev = evaluate_pair(Replacement(neox, {1: Pair(_identity(r.width, site="resid"), d)}), toks, progress=False)
     assert dict_row["kl"] == pytest.approx(ev["downstream"]["mlp"]["kl_spliced"], rel=1e-4, abs=1e-7)
     assert dict_row["ce"] == pytest.approx(ev["downstream"]["mlp"]["ce_spliced"], rel=1e-5)
 

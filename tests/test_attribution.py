@@ -5,6 +5,7 @@ import torch
 
 from featcircuit import load_model
 from featcircuit.attribution import attribute_edges, batch_edges, node_effects
+from featcircuit.replacement import Replacement
 from featcircuit.sites import mlp_parts, pair_sites
 from helpers import Foreign, autograd_edges, random_pair, random_resid
 
@@ -50,7 +51,8 @@ def test_aggregated_table_equals_autograd_sum(neox, dense):
     pair = random_pair(neox, layer)
     tokens, x = random_resid(neox, layer, n=3)
     ref = autograd_edges(parts, pair.resid, pair.mlp, x)
-    table = attribute_edges(neox, pair, tokens, layer=layer, batch_size=2, dense=dense, progress=False)
+    table = attribute_edges(Replacement(neox, {layer: pair}), tokens, batch_size=2, dense=dense,
+                            progress=False)
     w = table.to_dense("weight")
     torch.testing.assert_close(w, ref.sum(0), rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     torch.testing.assert_close(table.to_dense("abs_weight"), ref.abs().sum(0), rtol=1e-5,
@@ -72,7 +74,7 @@ def test_splice_keeps_logits_and_effects_match_finite_differences(neox64):
     layer = 1
     pair = random_pair(neox64, layer, dtype=torch.float64)
     tokens = torch.randint(0, neox64.cfg.d_vocab, (2, 6), generator=torch.Generator().manual_seed(3))
-    eff = node_effects(neox64, pair, tokens, layer=layer, keep_tensors=True)
+    eff = node_effects(Replacement(neox64, {layer: pair}), tokens, keep_tensors=True)
     clean = neox64(tokens)
     torch.testing.assert_close(eff["logits"], clean, rtol=1e-10, atol=1e-10)
     from featcircuit.attribution import default_metric
@@ -123,9 +125,9 @@ def test_any_module_with_encode_decode(neox):
     layer = 1
     pair = random_pair(neox, layer, arch="topk")
     tokens, _ = random_resid(neox, layer, n=2)
-    ours = attribute_edges(neox, pair, tokens, layer=layer, progress=False)
-    theirs = attribute_edges(neox, (Foreign(pair.resid), Foreign(pair.mlp)), tokens, layer=layer,
+    ours = attribute_edges(Replacement(neox, {layer: pair}), tokens, progress=False)
+    theirs = attribute_edges(Replacement(neox, {layer: (Foreign(pair.resid), Foreign(pair.mlp))}), tokens,
                              progress=False)
     torch.testing.assert_close(theirs.to_dense(), ours.to_dense(), rtol=1e-5, atol=1e-6)
-    eff = node_effects(neox, (Foreign(pair.resid), Foreign(pair.mlp)), tokens, layer=layer)
+    eff = node_effects(Replacement(neox, {layer: (Foreign(pair.resid), Foreign(pair.mlp))}), tokens)
     torch.testing.assert_close(eff["logits"], neox(tokens), rtol=1e-5, atol=1e-5)

@@ -212,7 +212,7 @@ def test_one_layer_scope_equals_the_one_layer_context(neox):
     pair = random_pair(neox, 1, k=5)
     task = _task(neox)
     cx = CrossContext(Replacement(neox, {1: pair}, [1]), None, "patch", task=task)
-    ax = AblationContext(neox, pair, 1, None, "patch", task=task)
+    ax = AblationContext(Replacement(neox, {1: pair}), None, "patch", task=task)
     off = cx.offset[1]
     assert sorted((i, j + off) for i, j in ax.scope()) == sorted(cx.scope())
     assert cx.m_full == pytest.approx(ax.m_full, abs=1e-5)
@@ -398,7 +398,7 @@ def test_one_layer_ranking_equals_the_one_layer_estimates(neox):
     pair = random_pair(neox, 1, k=5)
     task = _task(neox)
     cx = CrossContext(Replacement(neox, {1: pair}, [1]), None, "patch", task=task)
-    ax = AblationContext(neox, pair, 1, None, "patch", task=task)
+    ax = AblationContext(Replacement(neox, {1: pair}), None, "patch", task=task)
     a, c = rank_edges(ax), rank_cross_edges(cx)
     off = cx.offset[1]
     ours = {(i, j - off): (x, y) for (i, j), x, y in zip(c.edges, c.abs.tolist(), c.net.tolist())}

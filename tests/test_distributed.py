@@ -13,6 +13,7 @@ import featcircuit.sharded_edges as SE
 import featcircuit.training as T
 from featcircuit.attribution import attribute_edges, default_metric
 from featcircuit.dictionary import load_pair
+from featcircuit.replacement import Replacement
 
 CFG = dict(width=2.0, k=4, tokens=800, epochs=2, batch_size=100, warmup_steps=3, ckpt_every=5,
            dead_tokens=300, n_ctx=16, shuffle_rows=250)
@@ -58,9 +59,10 @@ def _edges_worker(rank, world, init, model_dir, out):
     model = load_model(model_dir, device="cpu")
     tables = {}
     for with_metric in (False, True):
-        table = SE.attribute_edges_sharded(model, random_pair(model, 1), _tokens(model, n=10),
-                                          layer=1, batch_size=3, progress=False,
-                                          metric=default_metric if with_metric else None)
+        rep = Replacement(model, {1: random_pair(model, 1)})
+        table = SE.attribute_edges_sharded(rep, _tokens(model, n=10),
+                                           batch_size=3, progress=False,
+                                           metric=default_metric if with_metric else None)
         tables[str(with_metric)] = table.to_dict()
     if rank == 0:
         with open(out, "w") as f:
@@ -122,7 +124,7 @@ def test_sharded_edge_table_equals_one_process(neox, neox_dir, tmp_path):
     tables = json.loads(out.read_text())
     for with_metric in (False, True):
         two = tables[str(with_metric)]
-        one = attribute_edges(neox, random_pair(neox, 1), _tokens(neox, n=10), layer=1, batch_size=3,
+        one = attribute_edges(Replacement(neox, {1: random_pair(neox, 1)}), _tokens(neox, n=10), batch_size=3,
                               progress=False, metric=default_metric if with_metric else None).to_dict()
         assert two["n_tokens"] == one["n_tokens"] == 10 * 15
         for k in ("src", "dst", "count"):
@@ -136,9 +138,9 @@ def test_merge_of_token_halves_is_the_whole_table(neox):
     from helpers import random_pair
 
     pair, toks = random_pair(neox, 1), _tokens(neox, n=8)
-    kw = dict(layer=1, batch_size=4, progress=False, metric=default_metric)
-    whole = attribute_edges(neox, pair, toks, **kw)
-    parts = [attribute_edges(neox, pair, toks[i::3], **kw) for i in range(3)]
+    rep, kw = Replacement(neox, {1: pair}), dict(batch_size=4, progress=False, metric=default_metric)
+    whole = attribute_edges(rep, toks, **kw)
+    parts = [attribute_edges(rep, toks[i::3], **kw) for i in range(3)]
     merged = SE.merge_edge_tables(parts)
     assert merged.n_tokens == whole.n_tokens
     assert torch.equal(merged.src, whole.src) and torch.equal(merged.dst, whole.dst)

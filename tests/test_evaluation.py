@@ -6,6 +6,7 @@ import torch
 from featcircuit import UserError
 from featcircuit.dictionary import DictConfig, Dictionary, Pair
 from featcircuit.evaluation import evaluate_layers, evaluate_pair, evaluate_site
+from featcircuit.replacement import Replacement
 from featcircuit.sites import pair_sites, resolve_site
 from featcircuit.splicing import site_hooks
 
@@ -85,7 +86,7 @@ def test_each_layer_matches_evaluate_pair(neox):
     pairs = _pairs(neox, [0, 1])
     ev = evaluate_layers(neox, pairs, toks, progress=False)
     for row in ev["layers"]:
-        one = evaluate_pair(neox, pairs[row["layer"]], toks, row["layer"], progress=False)
+        one = evaluate_pair(Replacement(neox, {row["layer"]: pairs[row["layer"]]}), toks, progress=False)
         for site in ("resid", "mlp"):
             for k, v in one["sites"][site].items():
                 assert row["sites"][site][k] == pytest.approx(v, rel=1e-5, abs=1e-7), (site, k)

@@ -23,6 +23,7 @@ from featcircuit.features import (
     unembed,
 )
 from featcircuit.models import model_name
+from featcircuit.replacement import Replacement
 from featcircuit.sites import mlp_parts, pair_sites
 from helpers import TEXT, autograd_edges, random_pair, text_tokens
 
@@ -102,7 +103,7 @@ def lens_setup(own_neox):
 def test_detector_card_top_tokens_freq_and_lens(lens_setup, tmp_path):
     s = lens_setup
     model, tokens, target = s["model"], s["tokens"], s["target"]
-    (card,) = analyze_features(model, s["pair"], tokens, 0, "resid", [0], cache_dir=tmp_path)
+    (card,) = analyze_features(Replacement(model, {0: s["pair"]}), tokens, "resid", [0], cache_dir=tmp_path)
     n_target = int((tokens[:, 1:] == target).sum())
     assert card["n_active"] == n_target
     assert card["freq"] == pytest.approx(n_target / (tokens.shape[0] * (tokens.shape[1] - 1)))
@@ -136,10 +137,11 @@ def test_detector_card_top_tokens_freq_and_lens(lens_setup, tmp_path):
 def test_labels_for_and_collect_stats_agree_with_card(lens_setup, tmp_path):
     s = lens_setup
     model, tokens = s["model"], s["tokens"]
-    stats = collect_stats(model, s["pair"], tokens, 0, progress=False)
+    stats = collect_stats(Replacement(model, {0: s["pair"]}), tokens, progress=False)
     assert stats["resid"].lens_top[0, 0] == s["promote"]
     labels = labels_for([("resid", 0), ("mlp", 1)], stats, tokens, model.tokenizer, 0)
-    (card,) = analyze_features(model, s["pair"], tokens, 0, "resid", [0], removal=False, cache_dir=tmp_path)
+    (card,) = analyze_features(Replacement(model, {0: s["pair"]}), tokens, "resid", [0], removal=False,
+                               cache_dir=tmp_path)
     assert labels["resid0/0"] == card["label"]
     old = labels_for([("resid", 0)], stats, tokens, model.tokenizer, 0, lens=True)["resid0/0"]
     assert old == f"{card['label']} → {model.tokenizer.decode([s['promote']])!r}"
@@ -166,9 +168,10 @@ def test_unembed_matches_the_model_logits(neox):
 
 def test_mlp_direction_goes_through_w_out(neox):
     pair = random_pair(neox, 1)
-    d = feature_directions(neox, pair, 1, "mlp", [3, 5])
+    rep = Replacement(neox, {1: pair})
+    d = feature_directions(rep, "mlp", [3, 5])
     torch.testing.assert_close(d, pair.mlp.W_dec[[3, 5]] @ mlp_parts(neox, 1).W_out)
-    torch.testing.assert_close(feature_directions(neox, pair, 1, "resid", [2]), pair.resid.W_dec[[2]])
+    torch.testing.assert_close(feature_directions(rep, "resid", [2]), pair.resid.W_dec[[2]])
 
 
 def test_token_removal_previous_token_stub():
@@ -199,7 +202,7 @@ def test_bins_cover_the_range_and_histogram_counts():
     # activations skewed to small values: top-k alone would never show the low end
     vals = [0.07 + 0.1 * i for i in range(40)] + [8.0, 9.0, 10.0]
     idx = _synthetic_index(vals)
-    card = feature_card(None, None, idx, 0, n_bins=8, n_hist=10, removal=False,
+    card = feature_card(None, idx, 0, n_bins=8, n_hist=10, removal=False,
                         mask=torch.ones(50, dtype=torch.bool), lens_values=torch.linspace(-1, 1, 50))
     assert card["max_act"] == pytest.approx(10.0)
     edges = [(b["lo"], b["hi"]) for b in card["bins"]]
@@ -218,7 +221,7 @@ def test_bins_cover_the_range_and_histogram_counts():
     assert [ex["act"] for ex in card["top"][:3]] == pytest.approx([10.0, 9.0, 8.0])
     assert card["lens"]["top"][0]["id"] == 49 and card["lens"]["bottom"][0]["id"] == 0
     # deterministic: same seed, same examples
-    again = feature_card(None, None, idx, 0, n_bins=8, n_hist=10, removal=False,
+    again = feature_card(None, idx, 0, n_bins=8, n_hist=10, removal=False,
                          mask=torch.ones(50, dtype=torch.bool), lens_values=torch.linspace(-1, 1, 50))
     assert json.dumps(again) == json.dumps(card)
 
@@ -228,7 +231,7 @@ def test_index_is_cached_per_dictionary(neox, tmp_path, monkeypatch):
 
     tokens = text_tokens(neox)[:6]
     pair = random_pair(neox, 1)
-    a = feature_index(neox, pair, tokens, 1, "mlp", cache_dir=tmp_path)
+    a = feature_index(Replacement(neox, {1: pair}), tokens, "mlp", cache_dir=tmp_path)
     files = list(tmp_path.glob("*.pt"))
     assert len(files) == 1
     # the one pass matches a dense encode of the harvested activations
@@ -241,12 +244,12 @@ def test_index_is_cached_per_dictionary(neox, tmp_path, monkeypatch):
     assert torch.equal(p, nz[:, 0] * tokens.shape[1] + nz[:, 1] + 1)
     torch.testing.assert_close(v, dense[dense > 0])
     monkeypatch.setattr(F, "build_indexes", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rebuilt")))
-    b = feature_index(neox, pair, tokens, 1, "mlp", cache_dir=tmp_path)
+    b = feature_index(Replacement(neox, {1: pair}), tokens, "mlp", cache_dir=tmp_path)
     assert torch.equal(a.pos, b.pos) and torch.equal(a.val, b.val) and a.key == b.key
     with torch.no_grad():
         pair.mlp.b_enc[0] += 1.0  # another dictionary: another key, so a new pass
     with pytest.raises(AssertionError, match="rebuilt"):
-        feature_index(neox, pair, tokens, 1, "mlp", cache_dir=tmp_path)
+        feature_index(Replacement(neox, {1: pair}), tokens, "mlp", cache_dir=tmp_path)
 
 
 def test_unknown_feature_and_site_are_user_errors(neox, tmp_path):
@@ -255,9 +258,9 @@ def test_unknown_feature_and_site_are_user_errors(neox, tmp_path):
     pair = random_pair(neox, 1)
     tokens = text_tokens(neox)[:2]
     with pytest.raises(UserError, match="unknown feature mlp:9999"):
-        analyze_features(neox, pair, tokens, 1, "mlp", [9999], cache_dir=tmp_path)
+        analyze_features(Replacement(neox, {1: pair}), tokens, "mlp", [9999], cache_dir=tmp_path)
     with pytest.raises(UserError, match="unknown site"):
-        analyze_features(neox, pair, tokens, 1, "attn", [0], cache_dir=tmp_path)
+        analyze_features(Replacement(neox, {1: pair}), tokens, "attn", [0], cache_dir=tmp_path)
 
 
 def test_cli_prints_a_card(lens_setup, tmp_path, capsys, monkeypatch):
@@ -339,7 +342,7 @@ def test_quantile_groups_cover_the_activations_in_equal_parts():
 def test_card_examples_are_distinct_and_span_the_quantiles():
     vals = [0.07 + 0.1 * i for i in range(40)] + [8.0, 9.0, 10.0]
     idx = _synthetic_index(vals)
-    card = feature_card(None, None, idx, 0, n_top=4, n_quantiles=4, removal=False,
+    card = feature_card(None, idx, 0, n_top=4, n_quantiles=4, removal=False,
                         mask=torch.ones(50, dtype=torch.bool), lens_values=torch.linspace(-1, 1, 50))
     # without a tokenizer each row is a document: the best of each row first (10, 2.97, 1.47), then
     # filled up from rows already shown (9); shown largest first
@@ -386,10 +389,10 @@ def test_edge_evidence_matches_the_table_and_autograd(neox):
 
     tokens = text_tokens(neox)[:6]
     pair = random_pair(neox, 1)
-    table = attribute_edges(neox, pair, tokens, layer=1, progress=False)
+    table = attribute_edges(Replacement(neox, {1: pair}), tokens, progress=False)
     top = table.top(4, features_only=False)
     edges = list(zip(top.src.tolist(), top.dst.tolist()))
-    ev = edge_evidence(neox, pair, tokens, 1, edges, k=3, n_tokens_shown=10**6)
+    ev = edge_evidence(Replacement(neox, {1: pair}), tokens, edges, k=3, n_tokens_shown=10**6)
     hook = pair_sites(neox, 1)[0].hook
     x_all = harvest(neox, tokens, [hook], progress=False)[hook]
     parts = mlp_parts(neox, 1)
@@ -412,7 +415,7 @@ def test_edge_evidence_matches_the_table_and_autograd(neox):
             assert t["edge"] == pytest.approx(float(ref[0, j, col]), rel=1e-4, abs=1e-6)
             assert t["values"][t["index"]] == pytest.approx(t["edge"])
     with pytest.raises(Exception, match="unknown edge"):
-        edge_evidence(neox, pair, tokens, 1, [(0, 10**6)])
+        edge_evidence(Replacement(neox, {1: pair}), tokens, [(0, 10**6)])
 
 
 def test_stats_read_off_the_index_equal_codes_of_a_cached_forward(neox, tmp_path):
@@ -422,8 +425,8 @@ def test_stats_read_off_the_index_equal_codes_of_a_cached_forward(neox, tmp_path
     pair = random_pair(neox, 1, k=3, width=2)
     tokens = text_tokens(neox)[:6]
     k = 5
-    stats = collect_stats(neox, pair, tokens, 1, k=k, lens=0, progress=False, cache_dir=tmp_path,
-                          batch_size=4)
+    stats = collect_stats(Replacement(neox, {1: pair}), tokens, k=k, lens=0, progress=False,
+                          cache_dir=tmp_path, batch_size=4)
     _, cache = neox.run_with_cache(tokens)
     n_ctx = tokens.shape[1]
     for site, d in zip(pair_sites(neox, 1), (pair.resid, pair.mlp)):
@@ -455,7 +458,7 @@ def test_both_indexes_of_a_cold_cache_come_from_one_pass(neox, tmp_path, monkeyp
     calls = []
     real = acts.harvest
     monkeypatch.setattr(acts, "harvest", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
-    idx = feature_indexes(neox, pair, tokens, 1, cache_dir=tmp_path, batch_size=4)
+    idx = feature_indexes(Replacement(neox, {1: pair}), tokens, cache_dir=tmp_path, batch_size=4)
     assert len(calls) == 2 and all(len(h) == 2 for h in calls)  # 6 sequences in batches of 4, both hooks
     _, cache = neox.run_with_cache(tokens)
     n_ctx = tokens.shape[1]
@@ -469,10 +472,10 @@ def test_both_indexes_of_a_cold_cache_come_from_one_pass(neox, tmp_path, monkeyp
         torch.testing.assert_close(got.val, codes[row, f][order], rtol=1e-5, atol=1e-6)
         assert torch.equal(got.offsets[1:] - got.offsets[:-1], torch.bincount(f, minlength=d.W_dec.shape[0]))
     calls.clear()
-    again = feature_indexes(neox, pair, tokens, 1, cache_dir=tmp_path, batch_size=4)
+    again = feature_indexes(Replacement(neox, {1: pair}), tokens, cache_dir=tmp_path, batch_size=4)
     assert calls == [] and torch.equal(again["mlp"].pos, idx["mlp"].pos)  # read from the cache
     (tmp_path / next(p.name for p in tmp_path.iterdir() if "-resid-" in p.name)).unlink()
-    feature_indexes(neox, pair, tokens, 1, cache_dir=tmp_path, batch_size=4)
+    feature_indexes(Replacement(neox, {1: pair}), tokens, cache_dir=tmp_path, batch_size=4)
     assert len(calls) == 2 and all(len(h) == 1 for h in calls)  # only the missing site is rebuilt
 
 
@@ -481,13 +484,14 @@ def test_removals_in_shared_passes_equal_one_context_at_a_time(neox, tmp_path):
     contexts run alone through the model (feature_card's path: one forward per context)."""
     pair = random_pair(neox, 1)
     tokens = text_tokens(neox)[:4]
+    rep = Replacement(neox, {1: pair})
     for site in ("resid", "mlp"):
-        index = feature_index(neox, pair, tokens, 1, site, cache_dir=tmp_path)
+        index = feature_index(rep, tokens, site, cache_dir=tmp_path)
         feats = [f for f in range(index.d_sae) if len(index.acts(f)[0])][:6]
-        cards = analyze_features(neox, pair, tokens, 1, site, feats, cache_dir=tmp_path, removal_window=5)
+        cards = analyze_features(rep, tokens, site, feats, cache_dir=tmp_path, removal_window=5)
         assert len({c["removal"]["pos"] for c in cards}) > 1  # contexts of several lengths share a batch
         for f, card in zip(feats, cards):
-            alone = feature_card(neox, pair, index, f, removal=True, removal_window=5)["removal"]
+            alone = feature_card(rep, index, f, removal=True, removal_window=5)["removal"]
             got = card["removal"]
             assert {k: v for k, v in got.items() if k not in ("act", "effects")} == \
                    {k: v for k, v in alone.items() if k not in ("act", "effects")}
@@ -501,7 +505,7 @@ def test_removals_in_shared_passes_equal_one_context_at_a_time(neox, tmp_path):
         from featcircuit.cards import add_removals
 
         again = [dict(c, removal=None) for c in cards]
-        add_removals(neox, pair, index, again, 5, batch_size=4)
+        add_removals(rep, index, again, 5, batch_size=4)
         for a, b in zip(again, cards):
             assert a["removal"]["act"] == pytest.approx(b["removal"]["act"], rel=1e-5, abs=1e-6)
             for x, y in zip(a["removal"]["effects"], b["removal"]["effects"], strict=True):

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from featcircuit.replacement import Replacement
 from featcircuit.sites import pair_sites
 from helpers import Foreign, random_pair, text_tokens
 
@@ -27,21 +28,21 @@ def test_stats_cards_and_labels(neox, both, tmp_path):
     from featcircuit.stats import collect_stats
 
     pair, foreign, tokens = both
-    ours = collect_stats(neox, pair, tokens, LAYER, progress=False, cache_dir=tmp_path)
-    theirs = collect_stats(neox, foreign, tokens, LAYER, progress=False, cache_dir=tmp_path)
+    ours = collect_stats(Replacement(neox, {LAYER: pair}), tokens, progress=False, cache_dir=tmp_path)
+    theirs = collect_stats(Replacement(neox, {LAYER: foreign}), tokens, progress=False, cache_dir=tmp_path)
     for site in ("resid", "mlp"):
         torch.testing.assert_close(theirs[site].freq, ours[site].freq)
         torch.testing.assert_close(theirs[site].top_vals, ours[site].top_vals, rtol=1e-5, atol=1e-6)
         assert torch.equal(theirs[site].lens_top, ours[site].lens_top)
     feats = torch.nonzero(ours["mlp"].freq > 0).flatten()[:2].tolist()
-    ca = analyze_features(neox, pair, tokens, LAYER, "mlp", feats, cache_dir=tmp_path, removal_window=4)
-    cb = analyze_features(neox, foreign, tokens, LAYER, "mlp", feats, cache_dir=tmp_path, removal_window=4)
+    ca, cb = (analyze_features(Replacement(neox, {LAYER: p}), tokens, "mlp", feats, cache_dir=tmp_path,
+                               removal_window=4) for p in (pair, foreign))
     for a, b in zip(ca, cb):
         assert [x["token"] for x in a["lens"]["top"]] == [x["token"] for x in b["lens"]["top"]]
         assert [(t["seq"], t["pos"]) for t in a["top"]] == [(t["seq"], t["pos"]) for t in b["top"]]
         assert b["removal"]["act"] == pytest.approx(a["removal"]["act"], rel=1e-5)
-    la = label_pair(neox, pair, LAYER, tokens[:3], tokens[3:], cache_dir=tmp_path)
-    lb = label_pair(neox, foreign, LAYER, tokens[:3], tokens[3:], cache_dir=tmp_path)
+    la = label_pair(Replacement(neox, {LAYER: pair}), tokens[:3], tokens[3:], cache_dir=tmp_path)
+    lb = label_pair(Replacement(neox, {LAYER: foreign}), tokens[:3], tokens[3:], cache_dir=tmp_path)
     assert json.dumps(la, sort_keys=True) == json.dumps(lb, sort_keys=True)
 
 
@@ -52,16 +53,16 @@ def test_evaluation_evidence_ablation_and_steering(neox, both):
     from featcircuit.steer import Steering
 
     pair, foreign, tokens = both
-    qa = evaluate_pair(neox, pair, tokens, LAYER, progress=False)
-    qb = evaluate_pair(neox, foreign, tokens, LAYER, progress=False)
+    qa = evaluate_pair(Replacement(neox, {LAYER: pair}), tokens, progress=False)
+    qb = evaluate_pair(Replacement(neox, {LAYER: foreign}), tokens, progress=False)
     for site in ("resid", "mlp"):
         for k in ("l0", "variance_explained", "dead_frac"):
             assert qb["sites"][site][k] == pytest.approx(qa["sites"][site][k], rel=1e-5, abs=1e-6)
     assert qb["downstream"]["both"]["ce_spliced"] == pytest.approx(qa["downstream"]["both"]["ce_spliced"],
                                                                    rel=1e-5)
-    top = attribute_edges(neox, pair, tokens, layer=LAYER, progress=False).top(3)
+    top = attribute_edges(Replacement(neox, {LAYER: pair}), tokens, progress=False).top(3)
     edges = list(zip(top.src.tolist(), top.dst.tolist()))
-    ea, eb = (edge_evidence(neox, p, tokens, LAYER, edges, k=2) for p in (pair, foreign))
+    ea, eb = (edge_evidence(Replacement(neox, {LAYER: p}), tokens, edges, k=2) for p in (pair, foreign))
     assert [x["count"] for x in ea] == [x["count"] for x in eb]
     assert [x["sum"] for x in eb] == pytest.approx([x["sum"] for x in ea], rel=1e-5)
     site = pair_sites(neox, LAYER)[1]
@@ -82,8 +83,8 @@ def test_ablation_holds_the_mask_of_any_module(neox_dir):
     pair = random_pair(model, LAYER, dtype=torch.float64, k=3, width=2)
     foreign = (Foreign(pair.resid), Foreign(pair.mlp))
     tokens = text_tokens(model)[:4]
-    ca = AblationContext(model, pair, LAYER, tokens, "zero")
-    cb = AblationContext(model, foreign, LAYER, tokens, "zero")
+    ca = AblationContext(Replacement(model, {LAYER: pair}), tokens, "zero")
+    cb = AblationContext(Replacement(model, {LAYER: foreign}), tokens, "zero")
     scope = ca.scope()
     assert cb.scope() == scope
     cfgs = [Config.empty(), Config.keeping(scope[::3]), Config.removing(scope[::5])]

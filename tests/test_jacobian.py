@@ -14,6 +14,7 @@ from featcircuit import UserError
 from featcircuit.dictionary import DictConfig, Dictionary, Pair
 from featcircuit.evaluation import evaluate_pair
 from featcircuit.jacobian import JacobianStats, jacobian_stats, pair_jacobian, rms
+from featcircuit.replacement import Replacement
 from featcircuit.sites import mlp_parts, pair_sites
 
 CFG = {"width": 2.0, "k": 4, "tokens": 1200, "epochs": 2, "batch_size": 100, "warmup_steps": 3,
@@ -249,7 +250,7 @@ def test_evaluate_reports_the_jacobian(neox):
     R, M = _dicts(model, layer)
     R.cfg.site, M.cfg.site = "resid", "mlp"
     toks = _data(model, n=6, seed=5)
-    ev = evaluate_pair(model, Pair(R, M), toks, layer, progress=False)
+    ev = evaluate_pair(Replacement(model, {layer: Pair(R, M)}), toks, progress=False)
     jac = ev["jacobian"]
     parts = mlp_parts(model, layer)
     x = _resid(model, layer, n=6, seed=5)

@@ -14,6 +14,7 @@ import torch
 
 from featcircuit.errors import UserError
 from featcircuit.labels import atom_text, f1_distribution, fit_labels, label_text, rule_firing, token_contexts
+from featcircuit.replacement import Replacement
 from featcircuit.stats import FeatureIndex
 from helpers import text_tokens
 
@@ -265,7 +266,7 @@ def test_same_seed_retrain_gives_the_same_weights_and_labels(neox, tmp_path):
         for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
             assert torch.equal(getattr(getattr(a, site), name), getattr(getattr(b, site), name)), (site, name)
     half = len(tokens) // 2
-    la = label_pair(neox, a, 1, tokens[:half], tokens[half:], cache_dir=tmp_path / "a")
-    lb = label_pair(neox, b, 1, tokens[:half], tokens[half:], cache_dir=tmp_path / "b")
+    la = label_pair(Replacement(neox, {1: a}), tokens[:half], tokens[half:], cache_dir=tmp_path / "a")
+    lb = label_pair(Replacement(neox, {1: b}), tokens[:half], tokens[half:], cache_dir=tmp_path / "b")
     assert json.dumps(la, sort_keys=True) == json.dumps(lb, sort_keys=True)
     assert any(x["f1"] is not None for x in la["mlp"].values())

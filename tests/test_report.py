@@ -14,6 +14,7 @@ from featcircuit.evidence import edge_evidence, graph_edges
 from featcircuit.features import collect_stats, labels_for
 from featcircuit.graph import CircuitGraph
 from featcircuit.labels import label_pair
+from featcircuit.replacement import Replacement
 from featcircuit.report import write_report
 from helpers import CHROMIUM, browser, click_node, random_pair, screenshot_report, text_tokens
 
@@ -50,7 +51,7 @@ def report(neox, tmp_path_factory):
     all_tokens = text_tokens(neox)
     tokens = all_tokens[:8]
     pair = random_pair(neox, LAYER)
-    stats = collect_stats(neox, pair, tokens, LAYER, progress=False)
+    stats = collect_stats(Replacement(neox, {LAYER: pair}), tokens, progress=False)
     r = stats["resid"].freq.argsort(descending=True)[:3].tolist()
     m = stats["mlp"].freq.argsort(descending=True)[:3].tolist()
     src = [r[0], r[0], r[1], r[2], -1]
@@ -58,7 +59,8 @@ def report(neox, tmp_path_factory):
     w = [0.5, -0.3, 0.2, 0.1, 0.05]
     nodes = sorted({("resid", i) for i in src if i >= 0} | {("mlp", j) for j in dst})
     want = {site: [f for s, f in nodes if s == site] for site in ("resid", "mlp")}
-    scored = label_pair(neox, pair, LAYER, all_tokens[8:], tokens, features=want, cache_dir=out / "cache")
+    scored = label_pair(Replacement(neox, {LAYER: pair}), all_tokens[8:], tokens, features=want,
+                        cache_dir=out / "cache")
     labels = labels_for(nodes, stats, tokens, neox.tokenizer, LAYER, scored=scored)
     node_stats = {f"{s}{LAYER}/{f}": {**stats[s].node_stats(f), "effect": 0.01 * (k + 1),
                                       "label_f1": scored[s][f]["f1"]}
@@ -67,14 +69,14 @@ def report(neox, tmp_path_factory):
                                     delta=[0.01, None, 0.002, None, None], node_stats=node_stats,
                                     labels=labels, meta={"model": "tiny-neox", "layer": LAYER,
                                                          "tokens": int(tokens.numel())})
-    quality = evaluate_pair(neox, pair, tokens[:2], LAYER, progress=False)
+    quality = evaluate_pair(Replacement(neox, {LAYER: pair}), tokens[:2], progress=False)
     search = _search_result(len(w))
     fig = plt.figure(figsize=(3, 2))
     plt.plot([0, 1], [0, 1])
     fig.savefig(out / "faithfulness.png")
     plt.close(fig)
-    evidence = edge_evidence(neox, pair, tokens, LAYER, graph_edges(graph), k=3)
-    path = write_report(out, model=neox, pair=pair, tokens=tokens, layer=LAYER, graph=graph,
+    evidence = edge_evidence(Replacement(neox, {LAYER: pair}), tokens, graph_edges(graph), k=3)
+    path = write_report(out, rep=Replacement(neox, {LAYER: pair}), tokens=tokens, graph=graph,
                         quality=quality, search=search, stats=stats, cache_dir=out / "cache",
                         labels=scored, evidence=evidence)
     return {"path": path, "graph": graph, "out": out, "r": r, "m": m, "scored": scored, "stats": stats,
@@ -172,7 +174,7 @@ def test_report_without_dot_says_so(report, neox, monkeypatch, tmp_path):
 
     monkeypatch.setattr(R.shutil, "which", lambda name: None)
     pair = random_pair(neox, LAYER)
-    path = write_report(tmp_path, model=neox, pair=pair, tokens=text_tokens(neox)[:4], layer=LAYER,
+    path = write_report(tmp_path, rep=Replacement(neox, {LAYER: pair}), tokens=text_tokens(neox)[:4],
                         graph=report["graph"], quality=None, removal=False, cache_dir=tmp_path / "c")
     text = path.read_text()
     assert "<svg" not in text.split('id="panel"')[0].split('id="graph"')[1]

@@ -6,6 +6,7 @@ import torch
 import featcircuit.training as T
 from featcircuit import UserError
 from featcircuit.activations import harvest
+from featcircuit.replacement import Replacement
 from featcircuit.shards import CacheRows, MemoryRows, RowStream
 
 
@@ -116,7 +117,7 @@ def test_streamed_training_holds_a_bounded_number_of_rows(neox, tmp_path):
     # the streamed pair reconstructs held-out activations (it learned, from the windows)
     from featcircuit.evaluation import evaluate_pair
 
-    ev = evaluate_pair(neox, pair, data[:8], 1, progress=False)
+    ev = evaluate_pair(Replacement(neox, {1: pair}), data[:8], progress=False)
     for site in ("resid", "mlp"):
         assert ev["sites"][site]["variance_explained"] > 0.3, ev["sites"][site]
 

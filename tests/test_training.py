@@ -8,6 +8,7 @@ from featcircuit import UserError
 from featcircuit.dictionary import DictConfig, Dictionary, Pair, load_pair
 from featcircuit.evaluation import evaluate_pair
 from featcircuit.io import load_state
+from featcircuit.replacement import Replacement
 from featcircuit.sites import pair_sites
 
 CFG = dict(width=2.0, k=4, tokens=1200, epochs=2, batch_size=100, warmup_steps=3, ckpt_every=5,
@@ -24,7 +25,7 @@ def test_training_learns_and_saves(neox, tmp_path, arch):
     pair = T.train_pair(neox, 1, data, T.TrainConfig(architecture=arch, **CFG), out=tmp_path / "p",
                         progress=False)
     loaded = load_pair(tmp_path / "p", expect_model=neox.featcircuit_name, expect_layer=1)
-    ev = evaluate_pair(neox, loaded, data[:8], 1, progress=False)
+    ev = evaluate_pair(Replacement(neox, {1: loaded}), data[:8], progress=False)
     for site in ("resid", "mlp"):
         assert ev["sites"][site]["variance_explained"] > 0.3, (arch, site, ev["sites"][site])
         torch.testing.assert_close(getattr(loaded, site).W_enc, getattr(pair, site).W_enc)
@@ -74,7 +75,7 @@ def _identity(d_in: int, site: str, layer: int) -> Dictionary:
 def test_identity_pair_scores_perfectly(neox):
     r, m = pair_sites(neox, 1)
     pair = Pair(_identity(r.width, "resid", 1), _identity(m.width, "mlp", 1))
-    ev = evaluate_pair(neox, pair, _data(neox, n=6), 1, progress=False)
+    ev = evaluate_pair(Replacement(neox, {1: pair}), _data(neox, n=6), progress=False)
     for site in ("resid", "mlp"):
         assert ev["sites"][site]["variance_explained"] == pytest.approx(1.0, abs=1e-5)
         assert ev["sites"][site]["cos_sim"] == pytest.approx(1.0, abs=1e-5)
@@ -93,7 +94,7 @@ def test_zero_dictionary_recovers_zero(neox):
         z.W_enc.zero_()
         z.W_dec.zero_()
     pair = Pair(_identity(r.width, "resid", 1), z.eval())
-    ev = evaluate_pair(neox, pair, _data(neox, n=6), 1, progress=False)
+    ev = evaluate_pair(Replacement(neox, {1: pair}), _data(neox, n=6), progress=False)
     assert ev["downstream"]["mlp"]["recovered_vs_zero"] == pytest.approx(0.0, abs=1e-5)
     assert ev["sites"]["mlp"]["dead_frac"] == 1.0
 
