@@ -30,6 +30,8 @@ class ModuleDictionary(torch.nn.Module):
         with torch.no_grad():
             try:
                 d_sae = module.encode(torch.zeros(1, d_in, device=dev, dtype=dt)).shape[-1]
+            except torch.cuda.OutOfMemoryError:
+                raise
             except RuntimeError as e:  # a module for another width fails in its first matmul
                 from .errors import UserError
 

@@ -43,6 +43,7 @@ from .contexts import (
 )
 from .errors import UserError
 from .lens import LENS_RULE, feature_directions, lens_mask, unembed
+from .replacement import check_index, one_layer
 from .stats import DENSE_FREQ, LABEL_K, FeatureIndex, _site_dict, feature_index
 
 # ---- token removal ---------------------------------------------------------------------------
@@ -102,6 +103,9 @@ def feature_card(rep, index: FeatureIndex, f: int, *, n_top: int = 10, n_bins: i
     card's label, the rest its ``label_score``); ``docs``: :func:`featcircuit.contexts.doc_ids`
     of ``index.tokens`` (computed when None).
     """
+    if rep is not None:
+        rep = one_layer(rep, "feature_card")
+        check_index(rep, index, "feature_card")
     model = None if rep is None else rep.model
     tok = getattr(model, "tokenizer", None)
     site, layer = index.site, index.layer
@@ -214,6 +218,8 @@ def add_removals(rep, index: FeatureIndex, cards: list[dict], window: int | None
     """
     from .activations import harvest
 
+    rep = one_layer(rep, "add_removals")
+    check_index(rep, index, "add_removals")
     model = rep.model
     d, _ = _site_dict(rep, index.site)
     todo = [c for c in cards if c["n_active"]]

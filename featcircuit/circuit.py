@@ -71,6 +71,9 @@ def _context(rep, beh, ablation, errors) -> AblationContext:
 def find_circuit(rep, search_beh, eval_beh, cfg: CircuitConfig, progress: bool = True) -> dict:
     """Search on ``search_beh`` and score on ``eval_beh`` (a TaskPrompts or a token tensor) in a
     one-layer :class:`~featcircuit.replacement.Replacement`."""
+    from .replacement import one_layer
+
+    rep = one_layer(rep, "find_circuit")
     abl = _ablation(cfg, hasattr(search_beh, "clean"))
     layer = rep.layer
 

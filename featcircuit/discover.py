@@ -229,7 +229,9 @@ def target_decomposition(rep, tokens: torch.Tensor, j: int) -> dict:
     """
     from .activations import harvest
     from .attribution import grad_rows
+    from .replacement import one_layer
 
+    rep = one_layer(rep, "target_decomposition")
     r, m, parts = rep.resid_site, rep.mlp_site, rep.mlp_parts
     R, M = rep.pair.resid, rep.pair.mlp
     acts = harvest(rep.model, tokens, [r.hook, m.hook], progress=False)
@@ -338,6 +340,7 @@ def _run(cfg: DiscoverConfig, t0: float) -> dict:
     else:
         pair, pair_path = each_default_pair(model, [layer], cfg.progress)[layer]
     rep = Replacement(model, {layer: pair})  # the model and this layer's dictionaries, one object
+    rep.parts  # noqa: B018 -- the MLP weights the edges read: an unsupported MLP fails before any pass
     pair = rep.pair
     target = _parse_target(cfg.target, pair.mlp.W_dec.shape[0]) if cfg.target else None
     print(f"model {name}, layer {layer}: resid {r_site.hook} ({r_site.width}), mlp {m_site.hook} "

@@ -525,8 +525,10 @@ def label_pair(rep, train_tokens: Tensor, heldout_tokens: Tensor, *,
     Fitted on ``train_tokens`` (use the training split), scored on ``heldout_tokens``; both
     indexes come from :func:`featcircuit.stats.feature_index` (cached).
     """
+    from .replacement import one_layer
     from .stats import feature_indexes
 
+    rep = one_layer(rep, "label_pair")
     tok = getattr(rep.model, "tokenizer", None)
     tc, hc = token_contexts(train_tokens, tok), token_contexts(heldout_tokens, tok)
     sites = [s for s in ("resid", "mlp") if features is None or s in features]

@@ -84,11 +84,20 @@ class Replacement:
                     raise UserError(f"the {kind} dictionary of layer {L} takes width {d_in} but {s.hook} "
                                     f"has width {s.width}")
                 self.hooks[(kind, L)], self.site_of[(kind, L)] = s.hook, s
-        self.parts: dict[int, MLPParts] = {L: mlp_parts(model, L) for L in layers}
+        self._parts: dict[int, MLPParts] | None = None  # read when first needed (see parts)
         self.sites: list[SiteKey] = [s for L in layers for s in (("resid", L), ("mlp", L))]
         self.n_forward = 0  # forward passes over tokens (for the one-pass accounting)
 
     # ---- the one-layer view (resid(L) → mlp(L): attribution, ablation, stats, labels, report) --
+
+    @property
+    def parts(self) -> dict[int, MLPParts]:
+        """Each layer's MLP weights and input norm, read on first use: statistics, cards and labels
+        never need them, so a model whose MLP attribution does not support (a gated MLP, another
+        nonlinearity) still has them."""
+        if self._parts is None:
+            self._parts = {L: mlp_parts(self.model, L) for L in self.layers}
+        return self._parts
 
     @property
     def layer(self) -> int:
@@ -121,7 +130,7 @@ class Replacement:
     def site(self, kind: str) -> Site:
         """The one layer's ``resid`` or ``mlp`` site; a UserError naming the two for anything else."""
         if kind not in ("resid", "mlp"):
-            raise UserError(f"unknown site {kind!r}: a dictionary pair has sites 'resid' and 'mlp'")
+            raise UserError(f"unknown site {kind!r}: use resid or mlp")
         return self.site_of[(kind, self.layer)]
 
     def at(self, layer: int) -> Replacement:
@@ -285,3 +294,11 @@ def one_layer(rep, who: str) -> Replacement:
                         f"got {type(rep).__name__}")
     rep.layer  # noqa: B018 -- raises the one-layer UserError for a multi-layer replacement
     return rep
+
+
+def check_index(rep: Replacement, index, who: str) -> None:
+    """A UserError unless ``index`` (a FeatureIndex) was built from ``rep``'s layer and site hook."""
+    hook = rep.site(index.site).hook
+    if index.layer != rep.layer or index.hook != hook:
+        raise UserError(f"{who}: the feature index is of {index.site} layer {index.layer} ({index.hook}) but "
+                        f"the Replacement is layer {rep.layer} ({hook})")

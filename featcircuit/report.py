@@ -41,6 +41,7 @@ from typing import Any
 
 from .card_html import card_html, edges_html, plain_card
 from .cards import analyze_features
+from .errors import UserError
 from .exports import attribution_graph, neuronpedia_feature
 from .htmlbits import dense_badge, fmt_num, html_table
 from .io import atomic_write_text
@@ -284,7 +285,8 @@ def write_report(out_dir: str | Path, *, rep, tokens, graph, quality: Mapping | 
                  evidence: Sequence[Mapping] | None = None) -> Path:
     """Write ``report.html``, ``features.json`` and ``attribution_graph.json`` of ``graph``, the
     circuit of the one-layer :class:`~featcircuit.replacement.Replacement` ``rep``; returns the
-    HTML's path.
+    HTML's path. ``rep`` may be None when ``cards`` are given (the model's name and the layer are
+    then read from ``graph.meta``).
 
     ``labels``: scored labels ``{site: {feature: label}}`` (:func:`featcircuit.labels.label_pair`)
     for the cards; ``evidence``: :func:`featcircuit.evidence.edge_evidence` of the graph's edges,
@@ -293,7 +295,10 @@ def write_report(out_dir: str | Path, *, rep, tokens, graph, quality: Mapping | 
     from .models import model_name
     from .replacement import one_layer
 
-    rep = one_layer(rep, "write_report")
+    if rep is not None:
+        rep = one_layer(rep, "write_report")
+    elif cards is None:
+        raise UserError("write_report without a Replacement needs the cards (graph_cards) to show")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cards is None:
@@ -306,9 +311,10 @@ def write_report(out_dir: str | Path, *, rep, tokens, graph, quality: Mapping | 
         from .evidence import save_evidence
 
         save_evidence(evidence, out / "edge_evidence.json")
-    name = model_name(rep.model)
+    name = model_name(rep.model) if rep is not None else str(graph.meta.get("model", "model"))
+    layer = rep.layer if rep is not None else graph.meta.get("layer")
     atomic_write_text(out / "features.json", json.dumps(
-        {"modelId": name, "layer": rep.layer, "source": "featcircuit",
+        {"modelId": name, "layer": layer, "source": "featcircuit",
          "features": [neuronpedia_feature(c, name) for c in cards.values()]}, ensure_ascii=False))
     atomic_write_text(out / "attribution_graph.json", json.dumps(attribution_graph(graph, cards, evidence),
                                                                  indent=1))

@@ -62,7 +62,9 @@ def collect_stats(rep, tokens: Tensor, *, k: int = LABEL_K, batch_size: int = 16
     tokens need no second pass); ``cache_dir`` as for :func:`feature_index`.
     """
     from .lens import feature_directions, lens_mask, lens_top_ids
+    from .replacement import one_layer
 
+    rep = one_layer(rep, "collect_stats")
     model = rep.model
     mask = lens_mask(model, token_counts(tokens, model.W_U.shape[1])) if lens > 0 else None
     out = {}

@@ -67,3 +67,40 @@ def test_a_dictionary_of_another_width_is_refused_naming_both(neox):
         Replacement(neox, {1: mlp_for_resid})
     with pytest.raises(UserError, match=f"cannot encode vectors of width {d_model}"):
         Replacement(neox, {1: (Foreign(pair.mlp), Foreign(pair.mlp))})
+
+
+def test_the_mlp_slot_is_width_checked_too(neox):
+    pair = random_pair(neox, 1)
+    d_model, d_mlp = int(neox.cfg.d_model), int(neox.cfg.d_mlp)
+    with pytest.raises(UserError, match=f"mlp dictionary of layer 1 takes width {d_model} but "
+                                        f"blocks.1.mlp.hook_post has width {d_mlp}"):
+        Replacement(neox, {1: (pair.resid, pair.resid)})
+
+
+def test_an_index_of_another_layer_is_refused(neox, tmp_path):
+    """Cards read the index's activations and the replacement's dictionary: they must be one layer's."""
+    from featcircuit.cards import add_removals, feature_card
+    from featcircuit.stats import feature_index
+
+    pairs = {L: random_pair(neox, L, seed=L) for L in (1, 2)}
+    rep = Replacement(neox, pairs)
+    index = feature_index(rep.at(1), text_tokens(neox)[:2], "mlp", cache_dir=False)
+    f = next(f for f in range(index.d_sae) if len(index.acts(f)[0]))
+    with pytest.raises(UserError, match=r"feature_card: the feature index is of mlp layer 1 .* layer 2"):
+        feature_card(rep.at(2), index, f)
+    with pytest.raises(UserError, match=r"add_removals: the feature index is of mlp layer 1"):
+        add_removals(rep.at(2), index, [])
+    assert feature_card(rep.at(1), index, f, removal=False)["id"] == f"mlp1/{f}"
+
+
+def test_statistics_need_no_mlp_weights(neox, monkeypatch):
+    """An MLP attribution does not support (here: another nonlinearity) still has feature
+    statistics; attribution says what it does not support."""
+    from featcircuit.stats import feature_index
+
+    monkeypatch.setattr(neox.cfg, "act_fn", "solu_ln")
+    rep = Replacement(neox, {1: random_pair(neox, 1)})
+    tokens = text_tokens(neox)[:2]
+    assert feature_index(rep, tokens, "resid", cache_dir=False).n_tokens == tokens[:, 1:].numel()
+    with pytest.raises(UserError, match="MLP activation 'solu_ln' is not supported"):
+        attribute_edges(rep, tokens, progress=False)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from featcircuit.errors import UserError
 from featcircuit.evaluation import evaluate_pair
 from featcircuit.evidence import edge_evidence, graph_edges
 from featcircuit.features import collect_stats, labels_for
@@ -243,3 +244,13 @@ def test_screenshot_helper(report, tmp_path):
     log = screenshot_report(report["path"], tmp_path / "shot.png", node=node, width=1200, height=800)
     assert _severe(log) == [], log
     assert (tmp_path / "shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_from_given_cards_needs_no_model(report, tmp_path):
+    """With the cards already made, the page and exports need no model: its name and the layer
+    come from the graph's meta."""
+    path = write_report(tmp_path, rep=None, tokens=None, graph=report["graph"], quality=None, cards={})
+    feats = json.loads((tmp_path / "features.json").read_text())
+    assert path.is_file() and feats["modelId"] == "tiny-neox" and feats["layer"] == LAYER
+    with pytest.raises(UserError, match="needs the cards"):
+        write_report(tmp_path, rep=None, tokens=None, graph=report["graph"], quality=None)
