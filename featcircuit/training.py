@@ -251,6 +251,8 @@ def check_config(cfg: TrainConfig) -> None:
                         "(0 trains a plain pair)")
     if not (isinstance(cfg.jacobian_tokens, int) and cfg.jacobian_tokens >= 1):
         raise UserError(f"jacobian_tokens {cfg.jacobian_tokens!r} is invalid: expected an integer >= 1")
+    if isinstance(cfg.tokens, int) and isinstance(cfg.batch_size, int) and cfg.tokens < cfg.batch_size:
+        raise UserError(f"--tokens {cfg.tokens:,} is less than one batch of {cfg.batch_size:,}")
     if not (isinstance(cfg.shuffle_rows, int) and cfg.shuffle_rows >= 1):
         raise UserError(f"--shuffle-rows {cfg.shuffle_rows!r} is invalid: expected an integer >= 1")
     from . import distributed as D

@@ -108,6 +108,17 @@ def test_bad_training_inputs(neox):
         T.train_pair(neox, 5, _data(neox), T.TrainConfig(**CFG), progress=False)
 
 
+def test_fewer_tokens_than_a_batch_is_refused_before_the_cache_is_read(neox, tmp_path, monkeypatch):
+    """From an activation cache, a token budget below one batch used to cut zero rows and fail
+    deep in the statistics (IndexError); it is a one-line UserError before anything is read."""
+    import featcircuit.shards as S
+
+    monkeypatch.setattr(S.CacheRows, "__init__", lambda *a, **k: pytest.fail("the cache was read"))
+    with pytest.raises(UserError, match="--tokens 0 is less than one batch of 512"):
+        T.train_pair(neox, 1, None, T.TrainConfig(tokens=0, batch_size=512), acts_dir=tmp_path,
+                     progress=False)
+
+
 # ---- every layer from one harvest (train --layers, default_pairs) ------------------------------
 
 def _text_folder(path):
