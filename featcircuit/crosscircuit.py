@@ -210,7 +210,9 @@ def prompt_graph(rep: Replacement, tokens: torch.Tensor, metric, meta: dict, *, 
         kept_edges.append(e)
         acc += x
     used = {n for e in kept_edges for n in e}
-    tot_n = sum(infl[n] for n in used if n != out_id) or 1.0
+    # summed in a fixed order: a set's order follows the per-process string hash, and so would the
+    # last bits of every node's share
+    tot_n = sum(infl[n] for n in sorted(used) if n != out_id) or 1.0
     toks = [rep.model.tokenizer.decode([int(t)]) for t in tokens[0].tolist()]
     nodes = {}
     for n in used:

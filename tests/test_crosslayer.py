@@ -489,3 +489,31 @@ def test_cross_layer_bad_options_exit_2_before_loading(argv, msg, capsys, monkey
     assert main(["discover", *argv]) == 2
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1
+
+
+def test_prompt_graph_is_the_same_in_every_process(neox_dir, tmp_path):
+    """Same prompt, same weights → byte-identical graph in two processes with different string
+    hash seeds (a share summed over a set followed each process's hash order in its last bits)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from helpers import random_pair, text_tokens
+from featcircuit import load_model
+from featcircuit.crosscircuit import prompt_graph
+from featcircuit.replacement import Replacement
+m = load_model({str(neox_dir)!r}, device="cpu")
+rep = Replacement(m, {{L: random_pair(m, L, k=5, seed=L) for L in (0, 1)}})
+g = prompt_graph(rep, text_tokens(m, n_ctx=12)[:1], lambda lg: lg[0, -1, 3] - lg[0, -1, 5],
+                 {{"model": "tiny", "metric": "logit difference"}})
+print(json.dumps(sorted((n, d) for n, d in g.g.nodes(data=True))))
+"""
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONHASHSEED=str(seed))) for seed in (1, 2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert "influence" in runs[0].stdout and runs[0].stdout == runs[1].stdout
