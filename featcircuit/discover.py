@@ -341,8 +341,7 @@ def _run(cfg: DiscoverConfig, t0: float) -> dict:
         pair, pair_path = each_default_pair(model, [layer], cfg.progress)[layer]
     rep = Replacement(model, {layer: pair})  # the model and this layer's dictionaries, one object
     rep.parts  # noqa: B018 -- the MLP weights the edges read: an unsupported MLP fails before any pass
-    pair = rep.pair
-    target = _parse_target(cfg.target, pair.mlp.W_dec.shape[0]) if cfg.target else None
+    target = _parse_target(cfg.target, rep.width(("mlp", layer))) if cfg.target else None
     print(f"model {name}, layer {layer}: resid {r_site.hook} ({r_site.width}), mlp {m_site.hook} "
           f"({m_site.width}); dictionaries {pair_path}")
     corpus = load_tokens(cfg.data, model, n_tokens=cfg.tokens, split=cfg.split)

@@ -218,16 +218,15 @@ def evaluate_layers(model, pairs: Mapping[int, Pair], tokens: Tensor, *, batch_s
     layers = sorted(pairs)
     # one-layer replacements: the layers need not be contiguous here (no edges between them)
     reps = {layer: Replacement(model, {layer: pairs[layer]}) for layer in layers}
-    sites = {layer: (reps[layer].resid_site, reps[layer].mlp_site) for layer in layers}
-    pairs = {layer: reps[layer].pair for layer in layers}
-    flat = _site_rows(model, tokens, [s for pr in sites.values() for s in pr], batch_size)
+    flat = _site_rows(model, tokens, [s for rep in reps.values() for s in (rep.resid_site, rep.mlp_site)],
+                      batch_size)
     dicts, groups, per = {}, {}, []
-    for layer in layers:
-        r, m = sites[layer]
-        dicts[r.hook], dicts[m.hook] = pairs[layer].resid, pairs[layer].mlp
+    for layer, rep in reps.items():
+        r, m = rep.resid_site, rep.mlp_site
+        dicts[r.hook], dicts[m.hook] = rep.pair.resid, rep.pair.mlp
         per.append({"layer": layer,
                     "sites": {s.name: _stats_on_cpu(dicts[s.hook], flat[s.hook], device) for s in (r, m)},
-                    "jacobian": link_stats(reps[layer], flat[r.hook])})
+                    "jacobian": link_stats(rep, flat[r.hook])})
         groups.update({f"L{layer}/resid": [r.hook], f"L{layer}/mlp": [m.hook],
                        f"L{layer}/both": [r.hook, m.hook]})
     groups["all"] = list(dicts)
