@@ -7,7 +7,7 @@ at chosen ones:
 - **clamp**: ``a ← decode(c with c_j := v) + (a − decode(c))``, ``c = D.encode(a)``: the feature's
   code is set to ``v`` and the dictionary's error term is kept. ``decode`` is affine, so this is
   ``a + (v − c_j)·d_j`` exactly, which is how it is computed: clamping a feature to its own clean
-  code changes nothing, bit for bit.
+  code (encoded from the same activations) changes nothing, bit for bit.
 
 ``v`` is absolute, or a multiple of the feature's *typical activation* (its mean code where it
 fires, on held-out tokens: :func:`feature_activation`). :func:`steer` reports the change of a task's
@@ -139,7 +139,9 @@ class Steering:
             if not pos:
                 return act
             out = act.clone()
-            out[:, pos] = act[:, pos] + self.delta(act[:, pos])
+            # the codes of every row, then the chosen positions: a matmul's last bits depend on its
+            # shape on some CPUs, and a clamp to the code read from these activations must be a no-op
+            out[:, pos] = act[:, pos] + self.delta(act)[:, pos]
             return out
         return fn
 
@@ -167,7 +169,7 @@ class Steering:
                 return attn
             mid = held.pop("pre") + attn
             out = attn.clone()
-            out[:, pos] = attn[:, pos] + self.delta(mid[:, pos])
+            out[:, pos] = attn[:, pos] + self.delta(mid)[:, pos]  # every row encoded: see hook()
             return out
 
         return [(f"blocks.{layer}.hook_resid_pre", read), (f"blocks.{layer}.hook_attn_out", write)]
