@@ -124,6 +124,14 @@ class Scorer:
     def values(self, configs: list[Config]) -> list[float]:
         raise NotImplementedError
 
+    def with_errors(self, errors: str) -> Scorer:
+        """The same context with the error nodes in (``"ablated"``) or out of (``"kept"``) the scope."""
+        raise NotImplementedError
+
+    def is_error(self, src: int) -> bool:
+        """Whether source id ``src`` is an error node (the one-layer scope's ε_R is ``ERR``)."""
+        return src == ERR
+
     def distance(self, configs: list[Config]) -> list[float]:
         """``D = |m(config) − m(M)|``: how far each configuration is from the full model."""
         return [abs(v - self.m_full) for v in self.values(configs)]

@@ -35,7 +35,8 @@ class CircuitConfig:
     ablation: str = "auto"
     """zero | mean | patch | auto (patch for a task, zero for a corpus)"""
     errors: str = "kept"
-    """kept: error nodes stay clean; ablated: ε_R's edges are in scope (and candidates)"""
+    """kept: error nodes stay clean; ablated: the error nodes' edges are in scope (and candidates):
+    ε_R's for one layer, every site's across layers"""
     candidates: int = 128
     """edges handed from the ranking to the pruning search"""
     tau: float = 0.02
@@ -52,6 +53,11 @@ class CircuitConfig:
     skip: Callable[[Edge], bool] | None = None
     """edges never handed to the search (e.g. those touching dense features); they stay in the
     scope, so the circuit is scored with them ablated"""
+
+
+def other_errors(errors: str) -> str:
+    """The errors mode a run reports besides its own: kept ↔ ablated."""
+    return "ablated" if errors == "kept" else "kept"
 
 
 def _ablation(cfg: CircuitConfig, is_task: bool) -> str:
@@ -87,8 +93,8 @@ def find_circuit(rep, search_beh, eval_beh, cfg: CircuitConfig, progress: bool =
 
 
 def search_and_score(make: Callable, rank: Callable, search_beh, eval_beh, cfg: CircuitConfig, abl: str,
-                     scope_what: str, *, extra_orders: Callable | None = None, other_errors: bool = True,
-                     keep: dict | None = None, progress: bool = True) -> dict:
+                     scope_what: str, *, extra_orders: Callable | None = None, keep: dict | None = None,
+                     progress: bool = True) -> dict:
     """Rank, search and score with any context: ``make(behaviour, errors)`` builds one (an
     :class:`AblationContext`, a cross-layer context …), ``rank(ctx)`` gives its
     :class:`~featcircuit.search.EdgeRanking`; ``extra_orders(ctx)`` adds named orders; ``keep``
@@ -121,7 +127,7 @@ def search_and_score(make: Callable, rank: Callable, search_beh, eval_beh, cfg: 
     ev = make(eval_beh, cfg.errors)
     if keep is not None:
         keep.update(search=ctx, heldout=ev)
-    other = "ablated" if cfg.errors == "kept" else "kept"
+    other = other_errors(cfg.errors)
     by_delta = {(v["src"], v["dst"]): v["delta"] for v in res.visited}
     kept_set, cand_set = set(kept), set(cands)
     removed = sorted((e for e in cands if e not in kept_set), key=lambda e: -by_delta[e])
@@ -139,11 +145,10 @@ def search_and_score(make: Callable, rank: Callable, search_beh, eval_beh, cfg: 
     ep_search = end_points(ctx, kept)
     for f in sweep:
         f.update(size=len(f["kept"]), heldout=end_points(ev, f["kept"]))
-    out_other = {}
-    if other_errors:
-        # the held-out context again with the other errors mode: its forwards are shared
-        ev_other = ev.with_errors(other) if hasattr(ev, "with_errors") else make(eval_beh, other)
-        out_other[f"heldout_errors_{other}"] = end_points(ev_other, [e for e in kept if e[0] >= 0])
+    # the held-out context again with the other errors mode (its forwards shared); with errors
+    # kept, the circuit's error edges are no edges at all
+    ev_other = ev.with_errors(other)
+    out_other = {f"heldout_errors_{other}": end_points(ev_other, [e for e in kept if not ev.is_error(e[0])])}
     steps.update(1)
     steps.close()
     size = min(max(len(kept), 1), cur["scope_size"])  # an empty circuit is compared at one edge

@@ -3,8 +3,14 @@
 The scope S of a run of layers is every feature edge between adjacent sites — ``resid(L) →
 mlp(L)``, ``resid(L) → resid(L+1)``, ``mlp(L) → resid(L+1)`` — at the (target token, source
 token) pairs where the source carries something (``c = a − b ≠ 0``, ``b`` its patched or zero
-value) and the target is active. Error nodes stay clean (they are outside the scope), the first
-site's features are the scope's inputs, and the last sites feed the rest of the model.
+value) and the target is active. The first site's features are the scope's inputs, and the last
+sites feed the rest of the model.
+
+Error nodes are kept clean by default (outside the scope). With ``errors="ablated"`` (DESIGN §6:
+"report the errors-ablated variant too") each site's error ε is one more source node (global id
+``n_features + site index``): its edges into the next sites carry ``ε − ε_b`` (``ε_b`` its
+patched or zero value) at every non-BOS source position, and an ablated error edge makes its
+target read ``ε_b`` there. BOS is never ablated, as in the one-layer scope, which never reads it.
 
 A configuration (:class:`~featcircuit.ablation.Config` over global feature ids, see
 :meth:`CrossContext.gid`) says which edges into each target are kept. Sites are computed in
@@ -13,23 +19,29 @@ ablations) and, through each ablated edge, the source's ablation value ``b`` (AC
 semantics):
 
 - ``mlp(L)`` feature j at token t: ``x' = x_∅ + Σ_{kept i} c'_i·r_i`` at t, then LN2, ``W_in``,
-  σ and j's encoder, the clean TopK mask held (exact, as in the one-layer scope);
+  σ and j's encoder, the clean TopK mask held (exact, as in the one-layer scope); an error
+  entry adds ``(ε − ε_b)`` itself: its coefficient is 1 and its direction the error vector;
 - ``resid(L+1)`` feature k at t: ``pre' = pre_∅ + Σ_{kept (u,s)} J_uk(s,t)·c'_u(s)`` with
   ``J`` the unit edge through the skip path, ``W_out`` and attention with its pattern and LN
-  scale frozen at the clean run (:mod:`featcircuit.edges`), mask held;
+  scale frozen at the clean run (:mod:`featcircuit.edges`), mask held (an error's ``J`` is its
+  edge value and its ``c`` 1);
 - the change of the last sites enters the residual after the last chosen layer through the same
   frozen maps, and the forward restarts there through the real remaining blocks.
 
-With one layer the scope is the ``resid(L) → mlp(L)`` edges and this equals
-:class:`~featcircuit.ablation.AblationContext` with errors kept (a test checks it).
+With one layer the scope is the ``resid(L) → mlp(L)`` edges (and ε_R's, errors ablated) and
+this equals :class:`~featcircuit.ablation.AblationContext` in either errors mode (tests check it).
+Mean ablation is refused: ``a − mean`` is nonzero for almost every feature at every token, so
+the scope through attention (every source position × feature into every target) is dense.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
-from .ablation import Config, Edge, Scorer
+from .ablation import Config, Edge, Scorer, _check_errors
 from .adapters import held_code, reads_pre_acts
 from .edges import ERR, active_rows, coefficients, edges_into, out_grad
 from .errors import UserError
@@ -41,10 +53,15 @@ X_EMPTY_BYTES = 256 << 20  # above this, x_∅ per MLP row is not kept (configs 
 
 
 class _Entries:
-    """Token-level scope entries into one site: (target row, source site, feature, position, J, c)."""
+    """Token-level scope entries into one site: (target row, source site, feature, position, J, c).
+
+    An error entry has feature ``ERR``, ``c = 1`` and ``J`` its edge value; ``feat`` marks the
+    feature entries (an error's value never changes upstream, so only features read ``dcode``).
+    """
 
     def __init__(self, row, src_si, src, s, J, c, n):
         self.row, self.src_si, self.src, self.s, self.J, self.c, self.n = row, src_si, src, s, J, c, n
+        self.feat = src != ERR
         self.edge = torch.empty(0, dtype=torch.long)
         self.row_ptr = self.src_key = self.by_src = self.src_sorted = self.edge
 
@@ -53,16 +70,18 @@ class CrossContext(Scorer):
     """Clean (and corrupt) traces of one token set over a run of layers, and a scorer of configs."""
 
     def __init__(self, rep: Replacement, tokens: Tensor, ablation: str = "zero", *,
-                 corrupt: Tensor | None = None, task=None, metric=None, max_rows: int = 512):
+                 corrupt: Tensor | None = None, task=None, metric=None, errors: str = "kept",
+                 max_rows: int = 512):
         if ablation not in CROSS_ABLATIONS:
             raise UserError(f"ablation {ablation!r} is not supported across layers: use zero or patch "
                             "(mean ablation moves every feature at every token)")
+        _check_errors(errors)
         if task is not None:
             tokens, corrupt, metric = task.clean, task.corrupt, task.metric
         if ablation == "patch" and (corrupt is None or corrupt.shape != tokens.shape):
             raise UserError("patch ablation needs corrupt prompts of the clean prompts' shape "
                             "(a task, or --prompts with clean/corrupt pairs)")
-        self.rep, self.model, self.ablation = rep, rep.model, ablation
+        self.rep, self.model, self.ablation, self.errors = rep, rep.model, ablation, errors
         self.layer = rep.layers[-1]
         self.task, self.user_metric, self.max_rows = task, (None if task is not None else metric), max_rows
         dev = next(self.model.parameters()).device
@@ -79,6 +98,7 @@ class CrossContext(Scorer):
         widths = [rep.width(s) for s in self.sites]
         self.offset = [sum(widths[:i]) for i in range(len(widths))]
         self.n_features = sum(widths)
+        self.n_ids = self.n_features + len(self.sites)  # features, then one error node per site
         self.g_out = self._out_grad()
         with torch.no_grad():
             self._mlp_out = rep.decoder(("mlp", self.layer)) @ rep.parts[self.layer].W_out  # [m, d]
@@ -93,18 +113,40 @@ class CrossContext(Scorer):
             if self.task is None and self.user_metric is None:
                 self.clean_logp = logits[:, 1:].log_softmax(-1)
                 self.clean_p = self.clean_logp.exp()
+        self._end_points()
+
+    def _end_points(self) -> None:
         self._values: dict[Config, float] = {}
         self.m_full = self.values([Config.full()])[0]
         self.m_empty = self.values([Config.empty()])[0]
 
+    def with_errors(self, errors: str) -> CrossContext:
+        """The same context with the error nodes in (``"ablated"``) or out of (``"kept"``) the
+        scope, sharing its forwards: the same as building it anew with ``errors``."""
+        _check_errors(errors)
+        other = copy.copy(self)
+        other.errors = errors
+        with torch.no_grad():
+            other._build()
+        other._end_points()
+        return other
+
     # ---- ids ------------------------------------------------------------------------------
 
     def gid(self, site: SiteKey, feature: int) -> int:
-        """Global id of a feature: the site's offset plus the feature index."""
+        """Global id of a feature: the site's offset plus the feature index (the site's error
+        node, ``feature == ERR``: ``n_features`` plus the site's index)."""
+        if feature == ERR:
+            return self.n_features + self.si[site]
         return self.offset[self.si[site]] + int(feature)
 
+    def is_error(self, src: int) -> bool:
+        return self.n_features <= src < self.n_ids
+
     def node(self, gid: int) -> tuple[SiteKey, int]:
-        """(site, feature) of a global id."""
+        """(site, feature) of a global id (feature ``ERR`` for an error node)."""
+        if self.n_features <= gid < self.n_ids:
+            return self.sites[gid - self.n_features], ERR
         for i in range(len(self.sites) - 1, -1, -1):
             if gid >= self.offset[i]:
                 return self.sites[i], gid - self.offset[i]
@@ -150,18 +192,23 @@ class CrossContext(Scorer):
             for ch in edges_into(rep, tr, self.co, site):
                 # every target's Σ|e| over all its sources (errors, embedding too): influence's norm
                 self.in_abs.index_add_(0, self.offset[si] + ch.dst, ch.value.abs().double())
-                feat = (ch.src != ERR) & (ch.src_site[0] != "emb")
-                if not feat.any():
+                if ch.src_site[0] == "emb":
+                    continue
+                # errors join the scope when ablated, at non-BOS sources (BOS is never ablated)
+                take = (ch.src != ERR) | ((ch.s > 0) & (self.errors == "ablated"))
+                if not take.any():
                     continue
                 psi = self.si[ch.src_site]
-                seq, s, src = ch.seq[feat], ch.s[feat], ch.src[feat]
-                c = self.co.codes[ch.src_site][seq, s, src]
-                row = torch.searchsorted(rkey, (seq * ctx + ch.t[feat]) * m + ch.dst[feat])
+                seq, s, src = ch.seq[take], ch.s[take], ch.src[take]
+                err = src == ERR
+                c = torch.where(err, torch.ones((), dtype=ch.value.dtype),
+                                self.co.codes[ch.src_site][seq, s, src.clamp_min(0)])
+                row = torch.searchsorted(rkey, (seq * ctx + ch.t[take]) * m + ch.dst[take])
                 parts["row"].append(row)
                 parts["src_si"].append(torch.full_like(row, psi))
                 parts["src"].append(src)
                 parts["s"].append(s)
-                parts["J"].append(ch.value[feat] / c)
+                parts["J"].append(ch.value[take] / c)
                 parts["c"].append(c)
             dts = {"J": tr.acts[site].dtype, "c": tr.acts[site].dtype}
             cat = {key: torch.cat(v) if v else torch.zeros(0, dtype=dts.get(key, torch.long))
@@ -174,18 +221,18 @@ class CrossContext(Scorer):
             E.by_src = torch.argsort(E.src_key, stable=True)
             E.src_sorted = E.src_key[E.by_src]
             self.entries[si] = E
-            src_gid = torch.tensor(self.offset, dtype=torch.long)[E.src_si] + E.src
+            src_gid = torch.where(E.feat, torch.tensor(self.offset, dtype=torch.long)[E.src_si] + E.src,
+                                  self.n_features + E.src_si)
             dst_gid = self.offset[si] + k[E.row]
-            keys_all.append(dst_gid * self.n_features + src_gid)
+            keys_all.append(dst_gid * self.n_ids + src_gid)
             x_in = tr.acts[("resid", site[1])]
             if site[0] == "mlp" and len(n) * x_in.shape[-1] * x_in.element_size() <= X_EMPTY_BYTES:
                 # each row's input with every scope source ablated, x_∅ = x − Σ c·r: a config that
                 # keeps few edges then starts from it (one [rows, d] array per MLP site, capped)
-                D = rep.decoder(("resid", site[1]))
                 x0 = x_in[n, t].clone()
                 for e0 in range(0, len(E.row), 65536):  # bounded memory: [chunk, d]
-                    sl = slice(e0, e0 + 65536)
-                    x0.index_add_(0, E.row[sl], -E.c[sl, None] * D[E.src[sl]])
+                    sl = torch.arange(e0, min(e0 + 65536, len(E.row)))
+                    x0.index_add_(0, E.row[sl], -E.c[sl, None] * self._dirs(si, sl))
                 self.x_empty[si] = x0
             all_rows = torch.arange(len(n))
             self.empty_vals[si] = self._rows_values(si, all_rows, torch.zeros(0, dtype=torch.bool), {})
@@ -197,8 +244,8 @@ class CrossContext(Scorer):
             E = self.entries[si]
             E.edge = inv[o:o + len(E.row)]
             o += len(E.row)
-        self.edge_dst = self.edge_keys // self.n_features
-        self.edge_src = self.edge_keys % self.n_features
+        self.edge_dst = self.edge_keys // self.n_ids
+        self.edge_src = self.edge_keys % self.n_ids
         # rows of each target feature: rows are sorted by (n, t, k); group them by k
         self.rows_by_feat = {}
         for si, (n, t, k) in self.rows.items():
@@ -207,9 +254,23 @@ class CrossContext(Scorer):
             self.rows_by_feat[si] = (perm, torch.searchsorted(k[perm], bounds))
 
     def _src_key(self, psi: Tensor, n: Tensor, s: Tensor, u: Tensor) -> Tensor:
+        """One key per source (site, sequence, position, feature); −1 for errors, which no
+        upstream change reaches."""
         ctx = self.tokens.shape[1]
         m = max(self.rep.width(x) for x in self.sites)
-        return ((psi * len(self.tokens) + n) * ctx + s) * m + u
+        return torch.where(u == ERR, -1, ((psi * len(self.tokens) + n) * ctx + s) * m + u)
+
+    def _dirs(self, si: int, idx: Tensor) -> Tensor:
+        """The residual directions of the MLP site ``si``'s entries ``idx``: a feature's decoder
+        row, an error's vector ``ε − ε_b`` at its token."""
+        E = self.entries[si]
+        L = self.sites[si][1]
+        src = E.src[idx]
+        out = self.rep.decoder(("resid", L))[src.clamp_min(0)]
+        err = src == ERR
+        if err.any():
+            out[err] = self.co.errors[("resid", L)][E.n[idx[err]], E.s[idx[err]]]
+        return out
 
     def scope(self) -> list[Edge]:
         """Every edge (src gid, dst gid) of the scope, in (dst, src) order."""
@@ -223,7 +284,7 @@ class CrossContext(Scorer):
     def _kept(self, cfg: Config) -> Tensor:
         """Which scope edges ``cfg`` keeps (bool over edge ids)."""
         kept = torch.full((len(self.edge_keys),), cfg.default == "full", dtype=torch.bool)
-        G = self.n_features
+        G = self.n_ids
         keep_js = [j for j, kind, _ in cfg.targets if kind == "keep"]
         if keep_js:  # a keep-set target: every other incoming edge ablated
             kept[torch.isin(self.edge_dst, torch.tensor(keep_js))] = False
@@ -262,7 +323,7 @@ class CrossContext(Scorer):
         c = E.c[idx]
         cur = c.clone()
         for psi, dc in dcode.items():
-            sel = E.src_si[idx] == psi
+            sel = (E.src_si[idx] == psi) & E.feat[idx]
             if sel.any():
                 ii = idx[sel]
                 cur[sel] += dc[E.n[ii], E.s[ii], E.src[ii]]
@@ -282,15 +343,14 @@ class CrossContext(Scorer):
         local = torch.full((len(rows),), -1, dtype=torch.long)
         local[go] = torch.arange(len(go))
         L = site[1]
-        D = rep.decoder(("resid", L))
-        src = E.src[idx]
         carry = now != 0
         if si in self.x_empty and int(carry.sum()) < int(moved.sum()):  # fewer terms from x_∅ up
             on = carry & (local[r_loc] >= 0)
-            x = self.x_empty[si][rows[go]].index_add(0, local[r_loc[on]], now[on, None] * D[src[on]])
+            x = self.x_empty[si][rows[go]].index_add(0, local[r_loc[on]],
+                                                     now[on, None] * self._dirs(si, idx[on]))
         else:
             x = self.tr.acts[("resid", L)][n[rows[go]], t[rows[go]]].index_add(
-                0, local[r_loc[moved]], w[moved, None] * D[src[moved]])
+                0, local[r_loc[moved]], w[moved, None] * self._dirs(si, idx[moved]))
         M = rep.dictionary(site)
         kk = k[rows[go]]
         out = torch.empty(len(go), dtype=x.dtype)

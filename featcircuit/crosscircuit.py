@@ -26,11 +26,9 @@ from .replacement import Replacement
 
 def _make(rep: Replacement, abl: str):
     def make(beh, errors):
-        if errors != "kept":
-            raise UserError("--errors ablated is not supported across layers: error nodes stay clean")
         if hasattr(beh, "clean"):
-            return CrossContext(rep, None, abl, task=beh)
-        return CrossContext(rep, beh, abl)
+            return CrossContext(rep, None, abl, task=beh, errors=errors)
+        return CrossContext(rep, beh, abl, errors=errors)
     return make
 
 
@@ -43,7 +41,9 @@ def find_cross_circuit(rep: Replacement, search_beh, eval_beh, cfg: CircuitConfi
     L0, L1 = rep.layers[0], rep.layers[-1]
     what = (f"every feature edge between adjacent sites of layers {L0}-{L1} (resid→mlp, resid→resid "
             "through the skip path and frozen attention, mlp→resid) at the token pairs where the source "
-            "carries something and the target is active; error nodes kept clean")
+            "carries something and the target is active; " +
+            ("error nodes kept clean" if cfg.errors == "kept" else
+             "each site's error node is a source too (ablated at non-BOS positions)"))
 
     def infl_order(ctx: CrossContext) -> dict:
         inf = influence(ctx)
@@ -52,14 +52,14 @@ def find_cross_circuit(rep: Replacement, search_beh, eval_beh, cfg: CircuitConfi
         return {"influence (circuit-tracer)": [sc[k] for k in order]}
 
     return search_and_score(_make(rep, abl), rank_cross_edges, search_beh, eval_beh, cfg, abl, what,
-                            extra_orders=infl_order, other_errors=False, keep=keep, progress=progress)
+                            extra_orders=infl_order, keep=keep, progress=progress)
 
 
 def node_id(cx: CrossContext, gid: int, position: int | None = None) -> str:
-    """The graph id of a global feature id (``resid1/37``; with a position ``resid1/37@5``)."""
-    (site, L), f = cx.node(gid)
-    nid = f"{site}{L}/{f}"
-    return nid if position is None else f"{nid}@{position}"
+    """The graph id of a global id (``resid1/37``, an error node ``resid1/err``; with a position
+    ``resid1/37@5``)."""
+    site, f = cx.node(gid)
+    return _site_nid(site, f, position)
 
 
 def _site_nid(site, f: int, position: int | None = None) -> str:
@@ -94,6 +94,10 @@ def circuit_graph(cx: CrossContext, circuit: list[tuple[int, int]], deltas: dict
         if nid not in nodes:
             site, f = cx.node(gid)
             si = cx.si[site]
+            if f == ERR:  # an error node (errors ablated): its mean norm over non-BOS tokens
+                nodes[nid] = {"activation": float(cx.tr.errors[site][:, 1:].norm(dim=-1).mean()),
+                              "influence": inf.node.get(gid, 0.0) / total, "effect": None}
+                return nid
             act = cx.tr.codes[site][..., f]
             on = act != 0
             eff = None

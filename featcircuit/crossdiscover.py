@@ -30,7 +30,7 @@ def discover_layers(cfg) -> dict:
     from .behaviour import behaviour as _behaviour
     from .behaviour import parse_sweep as _parse_sweep
     from .checks import discover_out, staged_output
-    from .circuit import CircuitConfig
+    from .circuit import CircuitConfig, other_errors
     from .crosscircuit import circuit_graph, find_cross_circuit, prompt_graph
     from .exports import write_attribution_graph
     from .faithfulness import plot_curves
@@ -95,9 +95,11 @@ def discover_layers(cfg) -> dict:
         times["graphs"] = round(time.time() - t1, 1)
         ho = found["heldout"]
         summary["circuit"] = {
-            "scope": found["scope"], "ablation": found["ablation"], "size": ho["size"],
+            "scope": found["scope"], "ablation": found["ablation"], "errors": found["errors"],
+            "size": ho["size"],
             "m_full": ho["m_full"], "m_empty": ho["m_empty"], "m_circuit": ho["m_circuit"],
             "faithfulness": ho["faithfulness"], "completeness": ho["completeness"],
+            "errors_other_variant": found[f"heldout_errors_{other_errors(found['errors'])}"],
             "edge_types": _edge_types(ev, circuit),
             "baselines_at_size": {n: {"faithfulness": q["faithfulness"], "completeness": q["completeness"]}
                                   for n, q in found["at_circuit_size"].items()},
@@ -158,18 +160,20 @@ def _prompt_tokens(model, text: str) -> torch.Tensor:
 
 
 def _edge_types(cx, circuit) -> dict[str, int]:
-    """How many circuit edges of each type (resid→mlp, resid→resid, mlp→resid)."""
+    """How many circuit edges of each type (resid→mlp, resid→resid, mlp→resid; an error source
+    ``resid err→mlp``)."""
     out: dict[str, int] = {}
     for i, j in circuit:
         (a, _), _ = cx.node(i)
         (b, _), _ = cx.node(j)
-        key = f"{a}→{b}"
+        key = f"{a}{' err' if cx.is_error(i) else ''}→{b}"
         out[key] = out.get(key, 0) + 1
     return out
 
 
 def _print(summary: dict, found: dict | None) -> None:
     from .behaviour import fmt as _f
+    from .circuit import other_errors
 
     if summary.get("task"):
         p = summary["task"]
@@ -183,10 +187,14 @@ def _print(summary: dict, found: dict | None) -> None:
         return
     c = summary["circuit"]
     print(f"\n== circuit across layers {summary['layers'][0]}-{summary['layers'][-1]}: {c['ablation']} "
-          f"ablation, |S| = {c['scope']['size_heldout']:,} edges on held-out prompts ==")
+          f"ablation, errors {c['errors']}, |S| = {c['scope']['size_heldout']:,} edges on held-out "
+          "prompts ==")
     print(f"kept {c['size']} edges ({', '.join(f'{k} {v}' for k, v in c['edge_types'].items()) or 'none'}); "
           f"held-out m(M) {c['m_full']:.4g}, m(∅) {c['m_empty']:.4g}, m(C) {c['m_circuit']:.4g}; "
           f"faithfulness {_f(c['faithfulness'])}, completeness {_f(c['completeness'])}")
+    o = c["errors_other_variant"]
+    print(f"with errors {other_errors(c['errors'])}: m(∅) {o['m_empty']:.4g}, "
+          f"faithfulness {_f(o['faithfulness'])}, completeness {_f(o['completeness'])}")
     print(f"\n{'order':<28} {'F at |C|':>9} {'compl.':>7} {'CPR':>6} {'CMD':>6}")
     for n, q in c["baselines_at_size"].items():
         a = c["areas"][n]

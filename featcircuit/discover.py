@@ -206,8 +206,6 @@ def _check_cross_options(cfg: DiscoverConfig) -> None:
     if cfg.exclude_dense:
         raise UserError("--exclude-dense takes one layer's feature statistics: use --layer L without "
                         "--layers/--prompt")
-    if cfg.errors != "kept":
-        raise UserError("--errors ablated is not supported with --layers: error nodes stay clean across layers")
     if cfg.ablation == "mean":
         raise UserError("--ablation mean is not supported with --layers: use auto, patch (tasks) or zero")
     n = model_sizes(cfg.model)["n_layers"]

@@ -39,7 +39,7 @@ def code_grads(cx: CrossContext) -> dict[int, Tensor]:
             n, t, k = cx.rows[si]
             dc = torch.zeros_like(E.c)
             for psi, d in dcode.items():
-                sel = torch.nonzero(E.src_si == psi).flatten()
+                sel = torch.nonzero((E.src_si == psi) & E.feat).flatten()  # errors never change
                 if len(sel):
                     dc = dc.index_put((sel,), d[E.n[sel], E.s[sel], E.src[sel]], accumulate=True)
             code = tr.codes[site][n, t, k]
@@ -48,7 +48,7 @@ def code_grads(cx: CrossContext) -> dict[int, Tensor]:
             else:
                 L = site[1]
                 D = rep.decoder(("resid", L))
-                x = tr.acts[("resid", L)][n, t].index_add(0, E.row, dc[:, None] * D[E.src])
+                x = tr.acts[("resid", L)][n, t].index_add(0, E.row, dc[:, None] * D[E.src.clamp_min(0)])
                 M = rep.dictionary(site)
                 z = rep.parts[L].hidden(x)
                 z0 = None if reads_pre_acts(M) else tr.acts[site][n, t]  # a module's clean input
@@ -87,7 +87,7 @@ def rank_cross_edges(cx: CrossContext, grads: dict[int, Tensor] | None = None) -
 class Influence:
     """Feature-graph influence on the metric: per node (gid; out = −1) and per scope edge."""
 
-    node: dict[int, float]  # gid → influence (sources outside the scope: errors, emb omitted)
+    node: dict[int, float]  # gid → influence (sources outside the scope omitted: emb, kept errors)
     edge: Tensor  # [E scope edges] influence
     out_edges: dict[int, float]  # last-site gid → influence of its edge into the metric
     total_in: dict[int, float]  # target gid → Σ|e| over all its sources (errors, emb included)
@@ -96,7 +96,7 @@ class Influence:
 @torch.no_grad()
 def influence(cx: CrossContext) -> Influence:
     """circuit-tracer's influence of every node and scope edge on the metric (exact coefficients)."""
-    G = cx.n_features
+    G = cx.n_ids  # features, then the error nodes (sources in the scope when errors are ablated)
     # |e| per scope edge and every target's total |incoming| (errors and embedding included)
     w_edge = torch.zeros(len(cx.edge_keys), dtype=torch.float64)
     for si, E in cx.entries.items():
@@ -146,7 +146,7 @@ def prune_by_influence(cx: CrossContext, inf: Influence, node_share: float = 0.8
             break
         keep.add(g)
         acc += v
-    kept_nodes = torch.zeros(cx.n_features, dtype=torch.bool)
+    kept_nodes = torch.zeros(cx.n_ids, dtype=torch.bool)
     if keep:
         kept_nodes[torch.tensor(sorted(keep))] = True
     vals = inf.edge * (kept_nodes[cx.edge_src] & kept_nodes[cx.edge_dst])

@@ -127,19 +127,21 @@ def label_table(runs: dict[str, dict]) -> str:
 def cross_table(runs: dict[str, dict], layers: str) -> str:
     """Per task: the cross-layer circuit's size, held-out F and completeness, against the cheap orders."""
     rows = [f"| task (layers {layers}) | scope \\|S\\| | edges | edge types | m(M) | m(∅) | F | "
-            "completeness | best cheap order at equal size (F) | random (F) | stages (s) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "completeness | best cheap order at equal size (F) | random (F) | errors ablated: m(∅), F | "
+            "stages (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, s in runs.items():
         c = s["circuit"]
         base = {k: v for k, v in c["baselines_at_size"].items() if k not in ("search", "random")}
         bn = max(base, key=lambda k: base[k]["faithfulness"] if base[k]["faithfulness"] is not None else -1e9)
         types = ", ".join(f"{k} {v}" for k, v in c["edge_types"].items()) or "—"
         st = ", ".join(f"{k} {v:g}" for k, v in s["seconds"].items())
+        ea = c["errors_other_variant"]
         rows.append(f"| `{n}` | {c['scope']['size_heldout']:,} | {c['size']} | {types} | {c['m_full']:.3g} | "
                     f"{c['m_empty']:.3g} | {f3(c['faithfulness'])} | {f3(c['completeness'])} | {bn} "
                     f"{f3(base[bn]['faithfulness'])} | "
                     f"{f3(c['baselines_at_size']['random']['faithfulness'])} | "
-                    f"{st} |")
+                    f"{ea['m_empty']:.3g}, {f3(ea['faithfulness'])} | {st} |")
     return "\n".join(rows)
 
 

@@ -208,56 +208,73 @@ def _task(model, n=4, ctx=7):
     return TaskPrompts("t", clean, corrupt, torch.full((n,), 3), torch.full((n,), 5))
 
 
-def test_one_layer_scope_equals_the_one_layer_context(neox):
+@pytest.mark.parametrize("ablation", ["patch", "zero"])
+@pytest.mark.parametrize("errors", ["kept", "ablated"])
+def test_one_layer_scope_equals_the_one_layer_context(neox, errors, ablation):
+    """On one layer the cross-layer scope is the one-layer scope: the same edges (ε_R's among them
+    when errors are ablated, as the resid site's error node), end points and configurations."""
     pair = random_pair(neox, 1, k=5)
     task = _task(neox)
-    cx = CrossContext(Replacement(neox, {1: pair}, [1]), None, "patch", task=task)
-    ax = AblationContext(Replacement(neox, {1: pair}), None, "patch", task=task)
+    cx = CrossContext(Replacement(neox, {1: pair}, [1]), None, ablation, task=task, errors=errors)
+    ax = AblationContext(Replacement(neox, {1: pair}), None, ablation, task=task, errors=errors)
     off = cx.offset[1]
-    assert sorted((i, j + off) for i, j in ax.scope()) == sorted(cx.scope())
+
+    def gid(e):
+        i, j = e
+        return (cx.gid(("resid", 1), i), j + off)
+    assert sorted(map(gid, ax.scope())) == sorted(cx.scope())
+    n_err = sum(i == ERR for i, _ in ax.scope())
+    assert (n_err > 0) == (errors == "ablated")
     assert cx.m_full == pytest.approx(ax.m_full, abs=1e-5)
     assert cx.m_empty == pytest.approx(ax.m_empty, abs=1e-5)
-    sub = ax.scope()[::3]
-    for a_cfg, c_cfg in ((Config.keeping(sub), Config.keeping([(i, j + off) for i, j in sub])),
-                         (Config.removing(sub), Config.removing([(i, j + off) for i, j in sub]))):
+    if errors == "ablated":  # ε_R moves the metric: the two modes' ∅ differ
+        assert abs(cx.m_empty - cx.with_errors("kept").m_empty) > 1e-4
+    errs = [e for e in ax.scope() if e[0] == ERR]
+    sub = ax.scope()[::3] + errs[:3]
+    for a_cfg, c_cfg in ((Config.keeping(sub), Config.keeping(list(map(gid, sub)))),
+                         (Config.removing(sub), Config.removing(list(map(gid, sub)))),
+                         (Config.removing(errs), Config.removing(list(map(gid, errs))))):
         assert cx.values([c_cfg])[0] == pytest.approx(ax.values([a_cfg])[0], abs=1e-5)
 
 
-def test_removing_an_edge_propagates_like_the_frozen_replacement_model(model64):
-    """Ablating one resid(0)→resid(1) edge: the metric equals two forwards through the model's own
-    modules (attention/LN1 frozen inside the layers, every site spliced with its clean mask and
-    error): one gives the target's input with the source at its ablation value, the other runs
-    the replacement model with that one target changed and everything downstream recomputed."""
+def test_with_errors_equals_building_anew(model64):
     rep = _rep(model64, [0, 1])
     task = _task(model64)
-    cx = CrossContext(rep, None, "zero", task=task)
-    tr = cx.tr
-    lo = cx.offset[2]
-    E = cx.entries[2]
-    best = int(torch.argmax((E.J * E.c).abs() * (E.src_si == 0)))
-    i, v = int(E.src[best]), int(cx.edge_dst[E.edge[best]])
-    k = v - lo
-    ours = cx.values([Config.removing([(cx.gid(("resid", 0), i), v)])])[0]
+    kept = CrossContext(rep, None, "patch", task=task)
+    abl = CrossContext(rep, None, "patch", task=task, errors="ablated")
+    other = kept.with_errors("ablated")
+    assert other.scope() == abl.scope() and len(abl.scope()) > len(kept.scope())
+    assert (other.m_full, other.m_empty) == (abl.m_full, abl.m_empty)
+    back = abl.with_errors("kept")
+    assert back.scope() == kept.scope() and (back.m_full, back.m_empty) == (kept.m_full, kept.m_empty)
+    assert kept.errors == "kept" and kept.m_empty != abl.m_empty  # the source context is untouched
 
-    frozen = _freeze(model64, tr, rep.attn_layers())
-    R0 = rep.dictionary(("resid", 0))
+
+def _removal_reference(model, rep, tr, task, src, drop, dst, k) -> float:
+    """The metric with target feature ``k`` of site ``dst`` reading source site ``src`` as
+    ``drop(act)`` (every other target reading its sources clean), through the model's own modules:
+    one forward gives the target's input with that source changed (the other source of a resid
+    target held clean, attention/LN1 frozen), the other runs the replacement model (every site
+    spliced with its clean mask and error) with that one target changed and everything downstream
+    recomputed."""
+    frozen = _freeze(model, tr, rep.attn_layers())
     got = {}
-    without_i = lambda act, hook=None: act - tr.codes[("resid", 0)][..., i:i + 1] * R0.W_dec[i]  # noqa: E731
-    drop = [*site_hooks(rep.hooks[("resid", 0)], without_i),
-            *site_hooks(rep.hooks[("mlp", 0)], lambda act, hook=None: tr.acts[("mlp", 0)]),
-            *site_hooks(rep.hooks[("resid", 1)], lambda act, hook=None: got.setdefault("x1", act))]
-    model64.run_with_hooks(tr.tokens, fwd_hooks=frozen + drop)
-    T = rep.dictionary(("resid", 1))
+    held = [s for s in ((("resid", 0), ("mlp", 0)) if dst == ("resid", 1) else ()) if s != src]
+    model.run_with_hooks(tr.tokens, fwd_hooks=frozen + [
+        *site_hooks(rep.hooks[src], lambda act, hook=None: drop(act)),
+        *[h for s in held for h in site_hooks(rep.hooks[s], lambda act, hook=None, s=s: tr.acts[s])],
+        *site_hooks(rep.hooks[dst], lambda act, hook=None: got.setdefault("x", act))])
     masks = {s: tr.codes[s] != 0 for s in rep.sites}
+    new_k = torch.relu(rep.dictionary(dst).pre_acts(got["x"]))[..., k] * masks[dst][..., k]
 
     def splice(site):
         d = rep.dictionary(site)
 
         def hook(act, hook=None):
             codes = torch.relu(d.pre_acts(act)) * masks[site]
-            if site == ("resid", 1):
+            if site == dst:
                 codes = codes.clone()
-                codes[..., k] = torch.relu(T.pre_acts(got["x1"]))[..., k] * masks[site][..., k]
+                codes[..., k] = new_k
             n, c, m = codes.shape
             out = d.decode(codes.reshape(n * c, m)).view(n, c, -1) + tr.errors[site]
             out[:, 0] = act[:, 0]
@@ -265,30 +282,115 @@ def test_removing_an_edge_propagates_like_the_frozen_replacement_model(model64):
         return hook
 
     hooks = frozen + [h for s in rep.sites for h in site_hooks(rep.hooks[s], splice(s))]
-    ref = float(task.metric(model64.run_with_hooks(tr.tokens, fwd_hooks=hooks)))
+    with torch.no_grad():
+        return float(task.metric(model.run_with_hooks(tr.tokens, fwd_hooks=hooks)))
+
+
+def test_removing_an_edge_propagates_like_the_frozen_replacement_model(model64):
+    """Ablating one resid(0)→resid(1) edge: the metric equals the frozen replacement model's with
+    that target reading the source feature at 0 (:func:`_removal_reference`)."""
+    rep = _rep(model64, [0, 1])
+    task = _task(model64)
+    cx = CrossContext(rep, None, "zero", task=task)
+    tr = cx.tr
+    E = cx.entries[2]
+    best = int(torch.argmax((E.J * E.c).abs() * (E.src_si == 0)))
+    i, v = int(E.src[best]), int(cx.edge_dst[E.edge[best]])
+    ours = cx.values([Config.removing([(cx.gid(("resid", 0), i), v)])])[0]
+    R0 = rep.dictionary(("resid", 0))
+    without_i = lambda act: act - tr.codes[("resid", 0)][..., i:i + 1] * R0.W_dec[i]  # noqa: E731
+    ref = _removal_reference(model64, rep, tr, task, ("resid", 0), without_i, ("resid", 1), v - cx.offset[2])
     assert abs(ref - cx.m_full) > 1e-6, "the chosen edge must matter"
     assert ours == pytest.approx(ref, rel=1e-7, abs=1e-9)
 
 
+@pytest.mark.parametrize("src, dst", [(("resid", 0), ("resid", 1)), (("mlp", 0), ("resid", 1)),
+                                      (("resid", 0), ("mlp", 0))])
+def test_removing_an_error_edge_propagates_like_the_frozen_replacement_model(model64, src, dst):
+    """Errors ablated: removing one error node's edge makes that target read the source's error
+    at its ablation value (0; BOS never ablated) — through attention, W_out, or the MLP's own
+    nonlinearity — and everything downstream follows (:func:`_removal_reference`)."""
+    rep = _rep(model64, [0, 1])
+    task = _task(model64)
+    cx = CrossContext(rep, None, "zero", task=task, errors="ablated")
+    tr = cx.tr
+    di = cx.si[dst]
+    E = cx.entries[di]
+    sel = ~E.feat & (E.src_si == cx.si[src])
+    assert sel.any() and not (E.s[sel] == 0).any(), "error entries exist, none at BOS"
+    v = int(cx.edge_dst[E.edge[int(torch.argmax((E.J * E.c).abs() * sel))]])
+    ours = cx.values([Config.removing([(cx.gid(src, ERR), v)])])[0]
+    err = tr.errors[src].clone()
+    err[:, 0] = 0  # BOS keeps its error
+    ref = _removal_reference(model64, rep, tr, task, src, lambda act: act - err, dst, v - cx.offset[di])
+    assert abs(ref - cx.m_full) > 1e-6, "the chosen edge must matter"
+    assert ours == pytest.approx(ref, rel=1e-7, abs=1e-9)
+
+
+def _rep_last_mlp0(model):
+    """Layers 0-1 with mlp(0)'s most often active feature moved to the last index: an error entry
+    reading a code at index −1 (``ERR``) instead of its own value would then read that feature."""
+    rep = _rep(model, [0, 1])
+    codes = rep.trace(_task(model).clean).codes[("mlp", 0)]
+    f = int((codes != 0).flatten(0, 1).sum(0).argmax())
+    d = rep.dictionary(("mlp", 0))
+    perm = torch.arange(d.W_enc.shape[1])
+    perm[f], perm[-1] = perm[-1].item(), f
+    with torch.no_grad():
+        d.W_enc.copy_(d.W_enc[:, perm])
+        d.b_enc.copy_(d.b_enc[perm])
+        d.W_dec.copy_(d.W_dec[perm])
+    return Replacement(model, {L: rep.pairs[L] for L in (0, 1)}, [0, 1])
+
+
+def test_error_sources_never_read_a_feature_s_change(model64):
+    """Errors ablated, error edges kept: removing an edge into mlp(0)'s last feature changes that
+    feature only; the mlp(0) error entries at the same tokens keep their clean value (as in the
+    frozen replacement model), they do not pick up the feature's change."""
+    rep = _rep_last_mlp0(model64)
+    task = _task(model64)
+    cx = CrossContext(rep, None, "zero", task=task, errors="ablated")
+    tr = cx.tr
+    last = rep.width(("mlp", 0)) - 1
+    E = cx.entries[cx.si[("mlp", 0)]]
+    into = (cx.rows[cx.si[("mlp", 0)]][2][E.row] == last) & E.feat
+    best = int(torch.argmax((E.J * E.c).abs() * into))
+    i = int(E.src[best])
+    E1 = cx.entries[cx.si[("resid", 1)]]
+    on = tr.codes[("mlp", 0)][..., last] != 0
+    assert (~E1.feat & (E1.src_si == cx.si[("mlp", 0)]) & on[E1.n, E1.s]).any(), "the case must arise"
+    ours = cx.values([Config.removing([(cx.gid(("resid", 0), i), cx.gid(("mlp", 0), last))])])[0]
+    R0 = rep.dictionary(("resid", 0))
+    without_i = lambda act: act - tr.codes[("resid", 0)][..., i:i + 1] * R0.W_dec[i]  # noqa: E731
+    ref = _removal_reference(model64, rep, tr, task, ("resid", 0), without_i, ("mlp", 0), last)
+    assert abs(ref - cx.m_full) > 1e-6, "the chosen edge must matter"
+    assert ours == pytest.approx(ref, rel=1e-7, abs=1e-9)
+
+
+@pytest.mark.parametrize("errors", ["kept", "ablated"])
 @pytest.mark.parametrize("x_empty_kept", [True, False])
-def test_empty_scope_is_every_target_reading_ablated_sources(model64, x_empty_kept, monkeypatch):
-    """m(∅): each site's targets read their sources at the ablation value (zero): the last sites'
-    codes come from a forward with the previous sites' codes zeroed, then the output. Both ways
-    to an MLP row's input (up from a stored x_∅, down from x) are checked."""
+def test_empty_scope_is_every_target_reading_ablated_sources(model64, x_empty_kept, errors, monkeypatch):
+    """m(∅): each site's targets read their sources at the ablation value (zero; with errors
+    ablated the sources' errors too, BOS's kept): the last sites' codes come from a forward with
+    the previous sites' codes zeroed, then the output. Both ways to an MLP row's input (up from a
+    stored x_∅, down from x) are checked."""
     import featcircuit.crossablation as CA
 
     if not x_empty_kept:
         monkeypatch.setattr(CA, "X_EMPTY_BYTES", 0)
     rep = _rep(model64, [0, 1])
     task = _task(model64)
-    cx = CrossContext(rep, None, "zero", task=task)
+    cx = CrossContext(rep, None, "zero", task=task, errors=errors)
     tr = cx.tr
     frozen = _freeze(model64, tr, rep.attn_layers())
     masks = {s: tr.codes[s] != 0 for s in rep.sites}
     got = {}
 
-    def zeroed(site):  # the source's features at their ablation value 0, its error kept
-        return lambda act, hook=None: tr.errors[site] + _bias(rep.dictionary(site), act)
+    def zeroed(site):  # the source's features at their ablation value 0, its error kept or zeroed
+        err = tr.errors[site].clone()
+        if errors == "ablated":
+            err[:, 1:] = 0
+        return lambda act, hook=None: err + _bias(rep.dictionary(site), act)
 
     model64.run_with_hooks(tr.tokens, fwd_hooks=frozen + [
         *site_hooks(rep.hooks[("resid", 0)], zeroed(("resid", 0))),
@@ -349,14 +451,16 @@ def test_splicing_the_mid_residual_reaches_the_next_block(gpt2):
 # ---- gradients, ranking and influence ----------------------------------------------------------
 
 
-def test_code_gradients_match_finite_differences_through_the_model(model64):
+@pytest.mark.parametrize("errors", ["kept", "ablated"])
+def test_code_gradients_match_finite_differences_through_the_model(model64, errors):
     """∂m/∂code at a resid(1) and an mlp(0) row: a nudge of the code in the replacement model
-    run through the model's own modules (frozen attention, spliced sites, masks held)."""
+    run through the model's own modules (frozen attention, spliced sites, masks held). The mlp(0)
+    row is one of its last feature's: error entries at its token must not carry the nudge."""
     from featcircuit.influence import code_grads
 
-    rep = _rep(model64, [0, 1])
+    rep = _rep_last_mlp0(model64)
     task = _task(model64)
-    cx = CrossContext(rep, None, "zero", task=task)
+    cx = CrossContext(rep, None, "zero", task=task, errors=errors)
     grads = code_grads(cx)
     tr = cx.tr
     masks = {s: tr.codes[s] != 0 for s in rep.sites}
@@ -384,7 +488,8 @@ def test_code_gradients_match_finite_differences_through_the_model(model64):
     assert base == pytest.approx(cx.m_full, abs=1e-9)
     for site in (("resid", 1), ("mlp", 0)):
         g = grads[cx.si[site]]
-        row = int(torch.argmax(g.abs()))
+        last = cx.rows[cx.si[site]][2] == rep.width(site) - 1
+        row = int(torch.argmax(g.abs() * (last if site[0] == "mlp" else 1)))
         eps = 1e-5
         fd = (metric_with(site, row, eps) - metric_with(site, row, -eps)) / (2 * eps)
         assert abs(g[row]) > 1e-6
@@ -473,10 +578,44 @@ def test_cross_circuit_graphs_and_export_on_a_tiny_model(neox, tmp_path):
     g.save_json(tmp_path / "graph.json")
 
 
+def test_discover_layers_with_errors_ablated_end_to_end(neox_dir, tmp_path, monkeypatch, capsys):
+    """``discover --layers 0-1 --errors ablated`` on prompt pairs: the error nodes' edges are in
+    the scope and the search's candidates; the summary reports the errors-kept variant too, and
+    any error edge of the circuit is drawn from an ``…/err`` node."""
+    import json
+
+    import featcircuit.pairs
+    from featcircuit.cli import main
+    from featcircuit.graph import CircuitGraph
+
+    monkeypatch.setattr(featcircuit.pairs, "default_pair",
+                        lambda m, L, **k: (random_pair(m, int(L), k=5, seed=int(L)), tmp_path))
+    p = tmp_path / "prompts.jsonl"
+    lines = [{"clean": f"def f{i}(a, b):\n    return a", "corrupt": f"def f{i}(b, a):\n    return a",
+              "answer": " +", "wrong": " a"} for i in range(8)]
+    p.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out"
+    assert main(["discover", "--model", str(neox_dir), "--layers", "0-1", "--prompts", str(p), "--errors",
+                 "ablated", "--candidates", "40", "--tau", "0.001", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "errors ablated" in printed and "with errors kept: m(∅)" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    c = summary["circuit"]
+    assert c["errors"] == "ablated" and "error node is a source" in c["scope"]["what"]
+    kept_variant = c["errors_other_variant"]
+    assert kept_variant["m_empty"] != c["m_empty"]  # the errors move the metric
+    n_err_edges = sum(v for k, v in c["edge_types"].items() if " err→" in k)
+    assert n_err_edges > 0, "error edges reach the circuit on these prompts (seeded)"
+    g = CircuitGraph.load_json(out / "graph.json").g
+    err_out = {u for u, v in g.edges if u.endswith("/err") and v != "out"}
+    assert {u.split("/")[0] for u in err_out} <= {"resid0", "mlp0", "resid1"} and err_out
+    assert sum(1 for u, v in g.edges if u in err_out and v != "out") == n_err_edges
+    assert kept_variant["size"] == c["size"] - n_err_edges  # with errors kept they are no edges
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["--layers", "0,2", "--task", "quote"], "not contiguous"),
     (["--layers", "1-9", "--task", "quote"], "out of range"),
-    (["--layers", "0-1", "--task", "quote", "--errors", "ablated"], "--errors ablated"),
     (["--layers", "0-1", "--task", "quote", "--ablation", "mean"], "--ablation mean"),
     (["--prompt", "def f", "--task", "quote"], "--prompt"),
     (["--prompt", "   "], "--prompt is empty"),
