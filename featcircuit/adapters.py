@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .dictionary import Dictionary, Pair
 
-COT_ELEMS = 1 << 24  # cotangent elements per batched backward (64 MiB in float32): bounds its memory
+COT_ELEMS = 1 << 24  # cotangent + gradient elements per batched backward (64 MiB in float32)
 
 
 class ModuleDictionary(torch.nn.Module):
@@ -72,7 +72,7 @@ class ModuleDictionary(torch.nn.Module):
                 return c.scatter_(2, idx[:, s0:s1].T[..., None], 1.0)
 
             if self.batched is not False and k > 1:
-                step = max(1, COT_ELEMS // max(1, T * m))
+                step = max(1, COT_ELEMS // max(1, T * (m + z.shape[-1])))
                 try:
                     cols = [torch.vmap(lambda c: vjp(c)[0])(cots(s0, min(s0 + step, k)))
                             for s0 in range(0, k, step)]

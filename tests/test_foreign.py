@@ -179,7 +179,7 @@ def test_encoder_columns_of_any_module_are_its_jacobian_rows(cls, batched, chunk
     import featcircuit.adapters as A
 
     if chunk is not None:
-        monkeypatch.setattr(A, "COT_ELEMS", chunk * 6 * 9)  # 40 slots of [6 rows, 9 features] per chunk
+        monkeypatch.setattr(A, "COT_ELEMS", chunk * 6 * (9 + 5))  # 40 slots of [6 rows, 9 + 5] per chunk
     d, m, T = 5, 9, 6
     ae = cls(d, m, seed=3)
     md = A.ModuleDictionary(ae, d)
