@@ -656,3 +656,54 @@ print(json.dumps(sorted((n, d) for n, d in g.g.nodes(data=True))))
     for r in runs:
         assert r.returncode == 0, r.stderr[-2000:]
     assert "influence" in runs[0].stdout and runs[0].stdout == runs[1].stdout
+
+
+def test_planted_cross_layer_chain_is_recovered(neox_dir):
+    """A hand-set mechanism across layers 0-1: only resid0/i → resid1/k (skip path and frozen
+    attention) and resid1/k → mlp1/j carry anything downstream (every other decoder row zeroed, so
+    no other feature moves the output). The pair scores F = 1, completeness 0; everything else
+    F = 0; the ranking puts it first and the search keeps exactly it."""
+    from featcircuit.circuit import CircuitConfig
+    from featcircuit.crosscircuit import find_cross_circuit
+    from featcircuit.faithfulness import end_points
+
+    model = load_model(str(neox_dir), device="cpu", dtype=torch.float64)
+    pairs = {L: random_pair(model, L, dtype=torch.float64, k=6, width=4, seed=L) for L in (0, 1)}
+    tokens = _tokens(model, n=3, ctx=8, seed=9)
+    probe = CrossContext(Replacement(model, pairs, [0, 1]), tokens, "zero")
+
+    def strongest(si, src_si, src=None):
+        """(source feature, target feature) of the largest Σ|e| edge into site si from src_si."""
+        E = probe.entries[si]
+        sel = (E.src_si == src_si) & E.feat & (True if src is None else E.src == src)
+        w = torch.zeros(len(probe.edge_keys), dtype=torch.float64)
+        w.index_add_(0, E.edge[sel], (E.J * E.c)[sel].abs())
+        e = int(w.argmax())
+        return probe.node(int(probe.edge_src[e]))[1], probe.node(int(probe.edge_dst[e]))[1]
+
+    i, k = strongest(2, 0)  # resid0 → resid1
+    _, j = strongest(3, 2, k)  # resid1/k → mlp1
+    with torch.no_grad():
+        for (L, kind), keep in (((0, "resid"), i), ((0, "mlp"), None), ((1, "resid"), k), ((1, "mlp"), j)):
+            D = getattr(pairs[L], kind).W_dec
+            dead = torch.ones(D.shape[0], dtype=torch.bool)
+            if keep is not None:
+                dead[keep] = False
+            D[dead] = 0
+    rep = Replacement(model, pairs, [0, 1])
+    cx = CrossContext(rep, tokens, "zero")
+    A = (cx.gid(("resid", 0), i), cx.gid(("resid", 1), k))
+    B = (cx.gid(("resid", 1), k), cx.gid(("mlp", 1), j))
+    scope = cx.scope()
+    assert A in scope and B in scope and len(scope) > 10
+    ep = end_points(cx, [A, B])
+    assert ep["faithfulness"] == pytest.approx(1.0, abs=1e-9) and abs(cx.gap) > 1e-6
+    assert ep["completeness"] == pytest.approx(0.0, abs=1e-9)
+    rest = [e for e in scope if e not in (A, B)]
+    assert end_points(cx, rest)["faithfulness"] == pytest.approx(0.0, abs=1e-9)
+    assert 1e-6 < end_points(cx, [A])["faithfulness"] < 1 - 1e-6  # each half alone explains part
+    found = find_cross_circuit(rep, tokens, tokens, CircuitConfig(ablation="zero", candidates=10, tau=1e-6,
+                                                                  rank_by="abs"), progress=False)
+    assert set(map(tuple, found["candidates"][:2])) == {A, B}
+    assert {tuple(e) for e in found["circuit"]} == {A, B}
+    assert found["heldout"]["faithfulness"] == pytest.approx(1.0, abs=1e-9)
