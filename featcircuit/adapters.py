@@ -4,9 +4,7 @@ Attribution needs decoder rows ``r_i`` and, for active MLP features, the encoder
 ``∂f_j/∂z``. Our :class:`~featcircuit.dictionary.Dictionary` has them as weights; for any other
 module (a SAELens SAE, a dictionary_learning AutoEncoder, your own) the decoder is read off by
 decoding the basis vectors (it must be affine, as every sparse dictionary's is), and encoder
-gradients come from ``torch.func.vjp`` on ``encode``: one forward, then the backward for many
-features at once (``torch.vmap`` over one-hot cotangents), or one backward per feature slot for a
-module whose backward ``vmap`` cannot batch (an ``autograd.Function`` without a vmap rule, …).
+gradients come from ``torch.func.vjp`` on ``encode``.
 """
 
 from __future__ import annotations
@@ -15,8 +13,6 @@ import torch
 from torch import Tensor
 
 from .dictionary import Dictionary, Pair
-
-COT_ELEMS = 1 << 24  # cotangent + gradient elements per batched backward (64 MiB in float32)
 
 
 class ModuleDictionary(torch.nn.Module):
@@ -45,7 +41,6 @@ class ModuleDictionary(torch.nn.Module):
             W = module.decode(torch.eye(d_sae, device=dev, dtype=dt)) - b
         self.register_buffer("W_dec", W)  # [d_sae, d_in]
         self.register_buffer("b_dec", b)
-        self.batched: bool | None = None  # whether vmap batches the module's backward (None: untried)
 
     def encode(self, x: Tensor) -> Tensor:
         """The wrapped module's codes."""
@@ -56,33 +51,15 @@ class ModuleDictionary(torch.nn.Module):
         return self.module.decode(codes)
 
     def enc_cols(self, z: Tensor, idx: Tensor) -> Tensor:
-        """``∂f_j/∂z`` for the features ``idx [T, k]`` of each row: ``[T, k, d_in]``.
-
-        Slot s's cotangent is one-hot at ``idx[:, s]`` on every row; the slots' backwards run
-        batched under ``vmap`` (in chunks of :data:`COT_ELEMS`), or one by one where the module's
-        backward cannot be batched (found on the first call, then remembered).
-        """
-        T, k = idx.shape
-        m = self.W_dec.shape[0]
+        """``∂f_j/∂z`` for the features ``idx [T, k]`` of each row: ``[T, k, d_in]``."""
         with torch.enable_grad():
             vjp = torch.func.vjp(self.module.encode, z.detach())[1]
-
-            def cots(s0: int, s1: int) -> Tensor:  # [s1 − s0, T, m]: slot s one-hot at idx[:, s]
-                c = torch.zeros(s1 - s0, T, m, device=z.device, dtype=z.dtype)
-                return c.scatter_(2, idx[:, s0:s1].T[..., None], 1.0)
-
-            if self.batched is not False and k > 1:
-                step = max(1, COT_ELEMS // max(1, T * (m + z.shape[-1])))
-                try:
-                    cols = [torch.vmap(lambda c: vjp(c)[0])(cots(s0, min(s0 + step, k)))
-                            for s0 in range(0, k, step)]
-                    self.batched = True
-                    return torch.cat(cols, 0).transpose(0, 1)
-                except RuntimeError:
-                    if self.batched:  # it batched before: this is a real failure, not a missing rule
-                        raise
-                    self.batched = False
-            return torch.stack([vjp(cots(s, s + 1)[0])[0] for s in range(k)], 1)
+            cols = []
+            for s in range(idx.shape[1]):
+                cot = torch.zeros(z.shape[0], self.W_dec.shape[0], device=z.device, dtype=z.dtype)
+                cot.scatter_(1, idx[:, s:s + 1], 1.0)
+                cols.append(vjp(cot)[0])
+        return torch.stack(cols, 1)
 
 
 def reads_pre_acts(M) -> bool:

@@ -31,8 +31,7 @@ STEERS = [  # (what the table says, the extra flags): one feature, three interve
     ("`--scale 10` (all positions)", ["--scale", "10"]),
 ]
 STEER_FEATURE, STEER_TASK, STEER_PROMPT = "mlp2/0", "is-not-none", "    if value is not"
-BENCHES = ["bench_harvest.py", "bench_attribution.py", "bench_training.py", "bench_sparse_grad.py",
-           "bench_foreign.py"]
+BENCHES = ["bench_harvest.py", "bench_attribution.py", "bench_training.py", "bench_sparse_grad.py"]
 
 
 def default_pair_dir(layer: int) -> str:
