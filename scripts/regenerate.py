@@ -128,8 +128,9 @@ def cross_table(runs: dict[str, dict], layers: str) -> str:
     """Per task: the cross-layer circuit's size, held-out F and completeness, against the cheap orders."""
     rows = [f"| task (layers {layers}) | scope \\|S\\| | edges | edge types | m(M) | m(∅) | F | "
             "completeness | best cheap order at equal size (F) | random (F) | errors ablated: m(∅), F | "
-            "stages (s) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "fewest edges with F ≥ 0.7 (τ sweep) | stages (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    small = []
     for n, s in runs.items():
         c = s["circuit"]
         base = {k: v for k, v in c["baselines_at_size"].items() if k not in ("search", "random")}
@@ -137,12 +138,32 @@ def cross_table(runs: dict[str, dict], layers: str) -> str:
         types = ", ".join(f"{k} {v}" for k, v in c["edge_types"].items()) or "—"
         st = ", ".join(f"{k} {v:g}" for k, v in s["seconds"].items())
         ea = c["errors_other_variant"]
+        pts = [(c["size"], c["faithfulness"])] + [(f["size"], f["faithfulness"]) for f in c["tau_sweep"]]
+        ok = sorted((sz, f) for sz, f in pts if f is not None and f >= 0.7)
+        fewest = f"{ok[0][0]} (F {ok[0][1]:.3f})" if ok else "none"
+        if ok and ok[0][0] <= 100:
+            small.append(f"`{n}` ({ok[0][0]} edges, F {ok[0][1]:.3f})")
         rows.append(f"| `{n}` | {c['scope']['size_heldout']:,} | {c['size']} | {types} | {c['m_full']:.3g} | "
                     f"{c['m_empty']:.3g} | {f3(c['faithfulness'])} | {f3(c['completeness'])} | {bn} "
                     f"{f3(base[bn]['faithfulness'])} | "
                     f"{f3(c['baselines_at_size']['random']['faithfulness'])} | "
-                    f"{ea['m_empty']:.3g}, {f3(ea['faithfulness'])} | {st} |")
+                    f"{ea['m_empty']:.3g}, {f3(ea['faithfulness'])} | {fewest} | {st} |")
+    rows.append("\nCircuits of at most 100 edges with held-out F ≥ 0.7 (the run's circuit or a τ-sweep "
+                f"point): {', '.join(small) if small else 'none'}.")
     return "\n".join(rows)
+
+
+def errors_line(s: dict, args) -> str:
+    """The cross-layer run with every site's error node in the scope, against its errors-kept F."""
+    c = s["circuit"]
+    types = ", ".join(f"{k} {v}" for k, v in c["edge_types"].items()) or "none"
+    o = c["errors_other_variant"]
+    return (f"With the error nodes in the scope, `discover --layers {args.layers} --task {args.timing_task} "
+            f"--errors ablated --tau {CROSS_TAU} --candidates {CROSS_CANDIDATES}` (|S| = "
+            f"{c['scope']['size_heldout']:,} on held-out prompts): {c['size']} edges ({types}); m(M) "
+            f"{c['m_full']:.3g}, m(∅) {c['m_empty']:.3g}, F {f3(c['faithfulness'])}, completeness "
+            f"{f3(c['completeness'])}; the same circuit's feature edges with errors kept: m(∅) "
+            f"{o['m_empty']:.3g}, F {f3(o['faithfulness'])}.\n\n")
 
 
 def timing_line(s: dict, one: dict, args) -> str:
@@ -204,6 +225,10 @@ def main() -> None:
         jobs[f"cross-{n}"] = ["discover", "--layers", args.layers, "--task", n, "--tau", CROSS_TAU,
                               "--candidates", CROSS_CANDIDATES, "--tau-sweep", CROSS_SWEEP,
                               "--out", str(OUT / f"cross-{n}"), "--force"]
+    if args.timing_task in cross:  # the same task with the error nodes in the scope (and candidates)
+        jobs["cross-errors"] = ["discover", "--layers", args.layers, "--task", args.timing_task,
+                                "--errors", "ablated", "--tau", CROSS_TAU, "--candidates", CROSS_CANDIDATES,
+                                "--out", str(OUT / "cross-errors"), "--force"]
     # the timed runs go alone, after the others, on every core: their seconds are a quiet machine's
     timed = {"cross-timing": ["discover", "--layers", args.timing_layers, "--task", args.timing_task,
                               "--tau", CROSS_TAU, "--candidates", CROSS_CANDIDATES,
@@ -276,7 +301,10 @@ def main() -> None:
         for ext in ("svg", "png"):
             run(["render", str(first / "graph.json"), "-o", str(DOCS / f"circuit-cross.{ext}")])
         shutil.copyfile(first / "attribution_graph.json", DOCS / "attribution_graph-cross.json")
+    errors_run = (json.loads((OUT / "cross-errors" / "summary.json").read_text())
+                  if "cross-errors" in jobs else None)
     res = {"layer": args.layer, "tasks": tasks, "runs": runs, "cross_layer": cross_runs,
+           "cross_errors_ablated": errors_run,
            "cross_timing": timing, "one_layer_timing": one_timing,
            "seconds": round(time.time() - t0, 1),
            "discover_seconds": {k: v["seconds"]["total"] for k, v in runs.items()}}
@@ -316,6 +344,7 @@ def main() -> None:
                              "\n\n```\n"
                              + printed[f"cross-{best}"].replace(str(Path.home()), "~").replace(
                                  str(ROOT) + "/", "").strip() + "\n```\n\n"
+                             + (errors_line(errors_run, args) if errors_run else "")
                              + timing_line(timing, one_timing, args))
     readme.write_text(text)
     print(f"updated {readme} (blocks: tasks, circuits, baselines, labels, sweep, timing, crosslayer) in "
