@@ -207,7 +207,8 @@ def _check_cross_options(cfg: DiscoverConfig) -> None:
         raise UserError("--exclude-dense takes one layer's feature statistics: use --layer L without "
                         "--layers/--prompt")
     if cfg.ablation == "mean":
-        raise UserError("--ablation mean is not supported with --layers: use auto, patch (tasks) or zero")
+        raise UserError("--ablation mean is not supported with --layers: use auto, patch (tasks) or zero "
+                        "(a − mean is nonzero for nearly every feature at every token: the scope would be dense)")
     n = model_sizes(cfg.model)["n_layers"]
     if cfg.layers is not None:
         ls = parse_layers(n if n is not None else 10**6, cfg.layers)
