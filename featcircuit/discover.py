@@ -602,7 +602,9 @@ def _print(summary, quality, table, graph, cfg, layer, perf, found, expl) -> Non
         best = max((n for n in c["baselines_at_size"] if n != "search"),
                    key=lambda n: c["baselines_at_size"][n]["faithfulness"] or -1e9)
         fs, fb = c["faithfulness"], c["baselines_at_size"][best]["faithfulness"]
-        if fs is not None and fb is not None:
+        if c["size"] == 0:
+            print("the search kept no edge: there is no circuit to compare with the cheap orders")
+        elif fs is not None and fb is not None:
             print(f"the search {'beats' if fs > fb else 'does NOT beat'} the best cheap order ({best}, "
                   f"{fb:.3f}) at equal size on held-out prompts")
         for f in c["tau_sweep"]:

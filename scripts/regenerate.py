@@ -86,8 +86,10 @@ def baseline_table(runs: dict[str, dict]) -> str:
         b = c["baselines_at_size"]
         fs = b["search"]["faithfulness"]
         beats = fs is not None and all((b[o]["faithfulness"] or -1e9) < fs for o in orders if o != "search")
+        # an empty circuit has no size to compare at (the curves' first point is one edge)
+        verdict = "n/a (no edge kept)" if c["size"] == 0 else "yes" if beats else "**no**"
         rows.append(f"| {name} | {c['size']} | " + " | ".join(f3(b[o]["faithfulness"]) for o in orders)
-                    + f" | {'yes' if beats else '**no**'} |")
+                    + f" | {verdict} |")
     rows.append("")
     rows.append("| behaviour | " + " | ".join(f"CPR / CMD: {o}" for o in orders) + " |")
     rows.append("|---|" + "---|" * len(orders))
