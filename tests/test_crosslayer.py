@@ -231,9 +231,12 @@ def test_one_layer_scope_equals_the_one_layer_context(neox, errors, ablation):
         assert abs(cx.m_empty - cx.with_errors("kept").m_empty) > 1e-4
     errs = [e for e in ax.scope() if e[0] == ERR]
     sub = ax.scope()[::3] + errs[:3]
+    i0, j0 = ax.scope()[0]  # a keep-set target under a full default: j0 reads i0 alone, all else clean
+    mixed = (Config("full", ((j0, "keep", frozenset({i0})),)),
+             Config("full", ((gid((i0, j0))[1], "keep", frozenset({gid((i0, j0))[0]})),)))
     for a_cfg, c_cfg in ((Config.keeping(sub), Config.keeping(list(map(gid, sub)))),
                          (Config.removing(sub), Config.removing(list(map(gid, sub)))),
-                         (Config.removing(errs), Config.removing(list(map(gid, errs))))):
+                         (Config.removing(errs), Config.removing(list(map(gid, errs)))), mixed):
         assert cx.values([c_cfg])[0] == pytest.approx(ax.values([a_cfg])[0], abs=1e-5)
 
 
