@@ -55,7 +55,7 @@ def discover_layers(cfg) -> dict:
         task, beh_search, beh_eval, perf = _behaviour(cfg, model)
     pairs = {L: p for L, (p, _) in each_default_pair(model, layers, cfg.progress).items()}
     rep = Replacement(model, pairs, layers)
-    rep.parts  # noqa: B018 -- the MLP weights the edges read: an unsupported MLP fails before any pass
+    rep.check_mlps()  # an MLP the edges cannot read fails here, before any pass
     print(f"model {name}, layers {layers[0]}-{layers[-1]}: {len(rep.sites)} sites "
           f"({', '.join(f'{k}{L}' for k, L in rep.sites)}), dictionaries from the default cache")
     times = {"setup_and_pairs": round(time.time() - t0, 1)}

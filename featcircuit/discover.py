@@ -308,7 +308,7 @@ def _run(cfg: DiscoverConfig, t0: float) -> dict:
     """The pipeline after the options are checked (module docstring, steps 1–5)."""
     from .attribution import attribute_edges
     from .checks import discover_out, staged_output
-    from .circuit import CircuitConfig, find_circuit
+    from .circuit import CircuitConfig, find_circuit, other_errors
     from .data import load_tokens
     from .dictionary import load_pair
     from .faithfulness import plot_curves
@@ -339,7 +339,7 @@ def _run(cfg: DiscoverConfig, t0: float) -> dict:
     else:
         pair, pair_path = each_default_pair(model, [layer], cfg.progress)[layer]
     rep = Replacement(model, {layer: pair})  # the model and this layer's dictionaries, one object
-    rep.parts  # noqa: B018 -- the MLP weights the edges read: an unsupported MLP fails before any pass
+    rep.check_mlps()  # an MLP the edges cannot read fails here, before any pass
     target = _parse_target(cfg.target, rep.width(("mlp", layer))) if cfg.target else None
     print(f"model {name}, layer {layer}: resid {r_site.hook} ({r_site.width}), mlp {m_site.hook} "
           f"({m_site.width}); dictionaries {pair_path}")
@@ -416,7 +416,7 @@ def _run(cfg: DiscoverConfig, t0: float) -> dict:
             "size": ho["size"], "m_full": ho["m_full"], "m_empty": ho["m_empty"], "m_circuit": ho["m_circuit"],
             "faithfulness": ho["faithfulness"], "completeness": ho["completeness"],
             "cpr": found["curves"]["orders"]["search"]["cpr"], "cmd": found["curves"]["orders"]["search"]["cmd"],
-            "errors_other_variant": {k: v for k, v in found[f"heldout_errors_{'ablated' if found['errors'] == 'kept' else 'kept'}"].items()},
+            "errors_other_variant": dict(found[f"heldout_errors_{other_errors(found['errors'])}"]),
             "on_search_tokens": found["search_tokens_end_points"],
             "baselines_at_size": {n: {"faithfulness": p["faithfulness"], "completeness": p["completeness"]}
                                   for n, p in found["at_circuit_size"].items()},
@@ -556,6 +556,7 @@ def _report_search(found: dict | None) -> dict | None:
 
 
 def _print(summary, quality, table, graph, cfg, layer, perf, found, expl) -> None:
+    from .circuit import other_errors
     from .evaluation import format_quality
     from .graph import format_table
 
@@ -592,7 +593,7 @@ def _print(summary, quality, table, graph, cfg, layer, perf, found, expl) -> Non
               f"faithfulness {_f(c['faithfulness'])}, completeness {_f(c['completeness'])}, "
               f"CPR {_f(c['cpr'])}, CMD {_f(c['cmd'])}")
         o = c["errors_other_variant"]
-        print(f"with errors {'ablated' if found['errors'] == 'kept' else 'kept'}: m(∅) {o['m_empty']:.4g}, "
+        print(f"with errors {other_errors(found['errors'])}: m(∅) {o['m_empty']:.4g}, "
               f"faithfulness {_f(o['faithfulness'])}, completeness {_f(o['completeness'])}")
         print(f"\n{'order':<22} {'F at |C|':>9} {'compl.':>7} {'CPR':>6} {'CMD':>6}")
         for n, p in c["baselines_at_size"].items():

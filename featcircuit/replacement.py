@@ -99,6 +99,11 @@ class Replacement:
             self._parts = {L: mlp_parts(self.model, L) for L in self.layers}
         return self._parts
 
+    def check_mlps(self) -> None:
+        """Read every chosen layer's MLP weights now: a UserError before any pass for an MLP that
+        attribution does not support (the one-layer statistics and labels never need them)."""
+        self.parts  # noqa: B018 -- reading them is the check
+
     @property
     def layer(self) -> int:
         """The one chosen layer; a UserError when this replacement holds several (use :meth:`at`)."""
